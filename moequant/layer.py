@@ -136,7 +136,16 @@ class FusedMoE(nn.Module):
         )
 
     def route(self, hidden_states: torch.Tensor, router_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-k weights and global expert ids for each token, with this layer's routing settings."""
+        """Top-k weights and global expert ids for each token, with this layer's routing settings.
+        The plain softmax/sigmoid top-k runs as one Triton launch on the Triton backend."""
+        plain = not self.use_grouped_topk and self.custom_routing_function is None and self.e_score_correction_bias is None
+        if plain and self.resolved_backend(hidden_states) == "triton":
+            from moequant.kernels.topk import fused_topk
+
+            if router_logits.dim() != 2 or router_logits.shape != (hidden_states.shape[0], self.global_num_experts):
+                raise ValueError(f"router_logits must be [T, {self.global_num_experts}] with T = {hidden_states.shape[0]}, "
+                                 f"got {tuple(router_logits.shape)}")
+            return fused_topk(router_logits, self.top_k, self.renormalize, self.scoring_func, self.routed_scaling_factor)
         return self.select_experts(
             hidden_states, router_logits, self.top_k, self.use_grouped_topk, self.renormalize,
             topk_group=self.topk_group, num_expert_group=self.num_expert_group,
@@ -173,7 +182,8 @@ class FusedMoE(nn.Module):
         if self.resolved_backend(x) == "triton":
             out = self.quant_method.apply_triton(self, x, topk_weights, local_ids)
         else:
-            out = self.quant_method.apply_reference(self, x, topk_weights, local_ids).to(x.dtype)
+            compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+            out = self.quant_method.apply_reference(self, x, topk_weights, local_ids, compute).to(x.dtype)
         if self.reduce_results and self.tp_size * self.ep_size > 1:
             all_reduce_(out)
         return out

@@ -38,22 +38,23 @@ def moe_align_ref(topk_ids: torch.Tensor, num_experts: int, block_m: int):
     S = ids.numel()
     device = ids.device
     P = padded_capacity(S, num_experts, block_m)
-    valid = ids >= 0
-    key = torch.where(valid, ids, torch.full_like(ids, num_experts))
-    counts = torch.bincount(key, minlength=num_experts + 1)[:num_experts]
+    # bin E collects dropped slots; no op below waits on the host, so this twin is CUDA-graph safe
+    key = torch.where(ids >= 0, ids, torch.full_like(ids, num_experts))
+    counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=device).scatter_add_(0, key, torch.ones_like(key))
+    counts[num_experts] = 0
     padded = (counts + block_m - 1) // block_m * block_m
     pstart = torch.cumsum(padded, 0) - padded
     start = torch.cumsum(counts, 0) - counts
     order = torch.sort(key, stable=True).indices
     sk = key[order]
-    keep = sk < num_experts
-    order, sk = order[keep], sk[keep]
-    rank = torch.arange(order.numel(), device=device) - start[sk]
-    sorted_ids = torch.full((P,), S, dtype=torch.int32, device=device)
-    sorted_ids[pstart[sk] + rank] = order.to(torch.int32)
+    rank = torch.arange(S, device=device) - start[sk]
+    dest = torch.where(sk < num_experts, pstart[sk] + rank, torch.full_like(sk, P))  # dropped slots land past the end
+    sorted_ids = torch.full((P + 1,), S, dtype=torch.int32, device=device)
+    sorted_ids.scatter_(0, dest, order.to(torch.int32))
+    sorted_ids = sorted_ids[:P]
     nblocks = P // block_m
     block_start = torch.arange(nblocks, device=device) * block_m
-    pend = torch.cumsum(padded, 0)
+    pend = torch.cumsum(padded[:num_experts], 0)
     expert_ids = torch.searchsorted(pend, block_start, right=True)
     expert_ids = torch.where(expert_ids < num_experts, expert_ids, torch.full_like(expert_ids, -1)).to(torch.int32)
     total = padded.sum().reshape(1).to(torch.int32)

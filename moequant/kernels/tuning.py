@@ -1,13 +1,14 @@
 """Block sizes for the grouped expert GEMMs: one place, a heuristic plus an optional generated cache.
 
-The cache (written by `benchmarks/bench_moe.py --tune`) is JSON at moequant/kernels/configs/<device>.json:
+The cache (written by `benchmarks/tune_moe.py` on the GPU) is JSON at moequant/kernels/configs/<device>.json:
 {"version": 1, "device": name, "configs": {"<kernel>,E=<E>,N=<N>,K=<K>": {"<M>": {BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
-num_warps, num_stages}}}}; the entry with the nearest M (tokens) is used. M tokens, E experts, N output cols, K reduction.
+num_warps, num_stages}}}}; the entry with the nearest M (tokens, on a log scale) is used. M tokens, E experts, N output cols, K reduction.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 import json
 import os
 import re
@@ -77,6 +78,6 @@ def get_config(kernel: str, M: int, E: int, N: int, K: int, gated: bool, device:
     if device.type == "cuda" and not interpret:
         table = _load_cache(torch.cuda.get_device_name(device)).get(cache_key(kernel, E, N, K))
         if table:
-            best = min(table, key=lambda m: abs(int(m) - M))
+            best = min(table, key=lambda m: abs(math.log2(int(m)) - math.log2(max(M, 1))))
             return GemmConfig(**table[best])
     return heuristic_config(M, E, N, K, gated, interpret)

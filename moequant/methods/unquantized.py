@@ -18,14 +18,14 @@ class UnquantizedFusedMoEMethod(FusedMoEMethodBase):
     def create_weights(self, layer) -> None:
         E, H, I = self.moe.num_local_experts, self.moe.hidden_size, self.moe.intermediate_size_per_partition
         dt = self.moe.params_dtype
-        if dt not in (torch.float32, torch.float16, torch.bfloat16):
-            raise ValueError(f"unquantized MoE needs params_dtype fp32, fp16 or bf16, got {dt}")
+        if dt not in (torch.float64, torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(f"unquantized MoE needs params_dtype fp64 (reference only), fp32, fp16 or bf16, got {dt}")
         self.register(layer, "w13_weight", torch.empty(E, 2 * I, H, dtype=dt), LoadSpec("stacked"))
         self.register(layer, "w2_weight", torch.empty(E, H, I, dtype=dt), LoadSpec("stacked"))
         self.create_bias(layer)
 
     def dequantize_expert(self, layer, e: int):
-        return layer.w13_weight[e].float(), layer.w2_weight[e].float()
+        return layer.w13_weight[e], layer.w2_weight[e]
 
     def quantize_dense(self, layer, w13, w2) -> None:
         layer.w13_weight.data.copy_(w13)

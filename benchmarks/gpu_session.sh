@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# One batched GPU call (the lent H100/H200 has no network): install carried wheels, print the environment, run the GPU
+# tests, tune the kernels, run the benchmark. Everything lands under $OUT (logs, tuning cache, benchmark JSON).
+# Usage there: bash benchmarks/gpu_session.sh [tests] [tune] [bench] [extra pytest args via PYTEST_ARGS]
+set -uo pipefail
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site:$PWD || exit 1
+else
+  export PYTHONPATH=$PWD
+fi
+export PYTHONUNBUFFERED=1
+python3 - <<'PY' | tee "$OUT/env.txt"
+import torch, triton, datetime
+print("card", torch.cuda.get_device_name(), "| torch", torch.__version__, "| triton", triton.__version__,
+      "| cuda", torch.version.cuda, "| date", datetime.date.today())
+PY
+steps=${*:-tests tune bench}
+for step in $steps; do
+  case $step in
+    tests) timeout 300 python3 -m pytest -q -x -m gpu ${PYTEST_ARGS:-} tests 2>&1 | tee "$OUT/gpu_tests.log" | tail -30 ;;
+    tune)  timeout 300 python3 benchmarks/tune_moe.py ${TUNE_ARGS:-} --out "$OUT" 2>&1 | tee "$OUT/tune.log" | grep -v rejected | tail -40
+           cp "$OUT"/*.json moequant/kernels/configs/ 2>/dev/null ;;
+    bench) timeout 400 python3 benchmarks/bench_moe.py ${BENCH_ARGS:-} --out "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" | tail -60 ;;
+  esac
+done

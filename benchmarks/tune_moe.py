@@ -1,0 +1,117 @@
+"""Sweep block sizes of the grouped expert GEMMs on this GPU and write the tuning cache moequant reads.
+
+For each shape (the benchmark's) and token count M, each of GEMM1 (w13, gated) and GEMM2 (w2) is timed alone in a CUDA
+graph for every candidate config of its regime; the fastest is written to moequant/kernels/configs/<device>.json
+(see moequant/kernels/tuning.py for the format). Shape legend: M tokens, E experts, K top-k, H hidden, I intermediate.
+
+    python benchmarks/tune_moe.py [--shapes qwen3-30b,...] [--ms 1,8,...] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import itertools
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.bench_moe import GPU_MS, GPU_SHAPES, SHAPES  # noqa: E402  (one list of shapes for both scripts)
+
+
+def candidates(M: int, E: int, K: int):
+    """Configs worth timing for this many slots per expert (the heuristic's regimes, widened)."""
+    from moequant.kernels.tuning import GemmConfig
+
+    per_expert = M * K / E
+    if per_expert <= 4 or M <= 8:
+        grid = itertools.product([16], [16, 32, 64, 128], [128, 256], [1], [4], [3, 4, 5])
+    elif per_expert <= 64:
+        grid = itertools.product([16, 32, 64], [64, 128], [64, 128], [8], [4], [3, 4])
+    else:
+        grid = itertools.product([64, 128], [64, 128, 256], [64], [8], [4, 8], [3, 4])
+    return [GemmConfig(*c) for c in grid]
+
+
+def time_config(run) -> float:
+    import triton.testing
+
+    try:
+        run()
+        torch.cuda.synchronize()
+        return triton.testing.do_bench_cudagraph(run, rep=30, return_mode="median") * 1e3
+    except Exception as exc:  # a config the compiler or the chip rejects (shared memory, registers)
+        print(f"    rejected: {type(exc).__name__}: {str(exc)[:120]}", file=sys.stderr)
+        return float("inf")
+
+
+def tune_shape(name: str, ms, dtype=torch.bfloat16) -> dict:
+    from moequant.kernels.align import moe_align
+    from moequant.kernels.moe_gemm import grouped_gemm
+    from moequant.kernels.tuning import cache_key
+
+    sh = SHAPES[name]
+    E, K, H, I = sh.E, sh.K, sh.H, sh.I
+    dev = "cuda"
+    w13 = torch.randn(E, 2 * I, H, device=dev, dtype=dtype) * 0.02
+    w2 = torch.randn(E, H, I, device=dev, dtype=dtype) * 0.02
+    out = {cache_key("w13", E, I, H): {}, cache_key("w2", E, H, I): {}}
+    for M in ms:
+        x = torch.randn(M, H, device=dev, dtype=dtype)
+        ids = torch.stack([torch.randperm(E, device=dev)[:K] for _ in range(M)]).int()
+        w = torch.rand(M * K, device=dev)
+        inter = torch.randn(M * K, I, device=dev, dtype=dtype)
+        y = torch.empty(M * K, H, device=dev, dtype=dtype)
+        for gemm, key in (("w13", cache_key("w13", E, I, H)), ("w2", cache_key("w2", E, H, I))):
+            best, best_t = None, float("inf")
+            for cfg in candidates(M, E, K):
+                route = moe_align(ids, E, cfg.BLOCK_M)
+                if gemm == "w13":
+                    run = lambda: grouped_gemm(x, w13, inter, route, cfg, gated=True, a_row_div=K)
+                else:
+                    run = lambda: grouped_gemm(inter, w2, y, route, cfg, gated=False, a_row_div=1, topk_weights=w)
+                t = time_config(run)
+                if t < best_t:
+                    best, best_t = cfg, t
+            print(f"{name:18s} M={M:5d} {gemm}: {best_t:9.1f} us  {best}", flush=True)
+            out[key][str(M)] = best.launch_kwargs()
+        del x, inter, y
+    del w13, w2
+    torch.cuda.empty_cache()
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shapes", default=",".join(GPU_SHAPES))
+    p.add_argument("--ms", default=",".join(map(str, GPU_MS)))
+    p.add_argument("--out", default=None, help="folder for the cache (default: moequant/kernels/configs)")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("tune_moe.py needs a CUDA GPU", file=sys.stderr)
+        return 2
+    from moequant.kernels.tuning import CACHE_VERSION, CONFIG_DIR, device_slug
+
+    device = torch.cuda.get_device_name()
+    folder = Path(args.out) if args.out else CONFIG_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{device_slug(device)}.json"
+    data = json.loads(path.read_text()) if path.is_file() else {"version": CACHE_VERSION, "configs": {}}
+    for name in args.shapes.split(","):
+        data["configs"].update(tune_shape(name, [int(m) for m in args.ms.split(",")]))
+    import triton
+
+    data.update(device=device, torch=torch.__version__, triton=triton.__version__,
+                date=datetime.date.today().isoformat(), version=CACHE_VERSION)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+    tmp.replace(path)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
