@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One batched GPU call (the lent H100/H200 has no network): install carried wheels, print the environment, run the GPU
 # tests, tune the kernels, run the benchmark. Everything lands under $OUT (logs, tuning cache, benchmark JSON).
-# Usage there: bash benchmarks/gpu_session.sh [tests] [tune] [bench] [extra pytest args via PYTEST_ARGS]
+# Usage there: bash benchmarks/gpu_session.sh [tests] [tune] [bench]; PYTEST_ARGS (default '-m gpu tests'), PYTEST_K,
+# TUNE_ARGS and BENCH_ARGS pass options on.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 if [ -d .whl ]; then
@@ -19,9 +20,9 @@ PY
 steps=${*:-tests tune bench}
 for step in $steps; do
   case $step in
-    tests) timeout 300 python3 -m pytest -q -x -m gpu ${PYTEST_ARGS:-} tests 2>&1 | tee "$OUT/gpu_tests.log" | tail -30 ;;
-    tune)  timeout 300 python3 benchmarks/tune_moe.py ${TUNE_ARGS:-} --out "$OUT" 2>&1 | tee "$OUT/tune.log" | grep -v rejected | tail -40
-           cp "$OUT"/*.json moequant/kernels/configs/ 2>/dev/null ;;
+    tests) timeout 300 python3 -m pytest -q ${PYTEST_ARGS:--m gpu tests} ${PYTEST_K:+-k "$PYTEST_K"} 2>&1 | tee "$OUT/gpu_tests.log" | tail -30 ;;
+    tune)  timeout 450 python3 benchmarks/tune_moe.py ${TUNE_ARGS:-} 2>&1 | tee "$OUT/tune.log" | grep -v rejected | tail -40
+           cp moequant/kernels/configs/*.json "$OUT"/ ;;
     bench) timeout 400 python3 benchmarks/bench_moe.py ${BENCH_ARGS:-} --out "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" | tail -60 ;;
   esac
 done

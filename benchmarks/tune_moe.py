@@ -27,12 +27,12 @@ def candidates(M: int, E: int, K: int):
     from moequant.kernels.tuning import GemmConfig
 
     per_expert = M * K / E
-    if per_expert <= 4 or M <= 8:
-        grid = itertools.product([16], [16, 32, 64, 128], [128, 256], [1], [4], [3, 4, 5])
+    if per_expert <= 4 or M <= 8:  # bandwidth-bound: narrow N tiles for more programs, deep K pipelines
+        grid = itertools.product([16], [16, 32, 64, 128], [128, 256], [1], [4], [3, 4])
     elif per_expert <= 64:
-        grid = itertools.product([16, 32, 64], [64, 128], [64, 128], [8], [4], [3, 4])
-    else:
-        grid = itertools.product([64, 128], [64, 128, 256], [64], [8], [4, 8], [3, 4])
+        grid = itertools.product([32, 64], [64, 128], [64, 128], [8], [4], [3, 4])
+    else:  # tensor-core-bound
+        grid = itertools.product([64, 128], [64, 128, 256], [64, 128], [8], [4, 8], [3, 4])
     return [GemmConfig(*c) for c in grid]
 
 

@@ -60,8 +60,8 @@ def fused_experts(x, w13, w2, topk_weights, topk_ids, *, activation="silu", w13_
     if T == 0:
         return torch.zeros(0, H, dtype=x.dtype, device=x.device)
     S = T * K
-    cfg1 = get_config("w13", T, E, I, H, gated=True, device=x.device)
-    cfg2 = get_config("w2", T, E, H, I, gated=False, device=x.device)
+    cfg1 = get_config("w13", T, E, I, H, gated=True, device=x.device, top_k=K)
+    cfg2 = get_config("w2", T, E, H, I, gated=False, device=x.device, top_k=K)
     topk_weights = topk_weights.reshape(-1).float().contiguous()
     route1 = moe_align(topk_ids, E, cfg1.BLOCK_M)
     route2 = route1 if cfg2.BLOCK_M == cfg1.BLOCK_M else moe_align(topk_ids, E, cfg2.BLOCK_M)

@@ -34,23 +34,21 @@ class GemmConfig:
         return asdict(self)
 
 
-def heuristic_config(M: int, E: int, N: int, K: int, gated: bool, interpret: bool = False) -> GemmConfig:
-    """Decode (few slots per expert): small BM, wide K tiles, deep pipeline (bandwidth-bound).
-    Prefill: large square tiles (tensor-core-bound). The gated GEMM1 carries two accumulators, so its BN is halved."""
+def heuristic_config(M: int, E: int, N: int, K: int, gated: bool, top_k: int = 1,
+                     interpret: bool = False) -> GemmConfig:
+    """By token slots per expert s = M*top_k/E. Decode (s <= 4): BM 16, narrow N tiles (more programs streaming
+    weights), BK 128: bandwidth-bound. Prefill (s > 64): 128 x 128 tiles, 8 warps: tensor-core-bound.
+    Read off the H200 sweep of benchmarks/tune_moe.py."""
     if interpret:
         return GemmConfig(16, 32, 32, 1, 4, 1)
-    per_expert = M * 1.0 / max(E, 1)
-    if per_expert <= 4 or M <= 32:
-        cfg = GemmConfig(16, 64, 128, 1, 4, 4)
-    elif per_expert <= 32:
-        cfg = GemmConfig(32, 64, 128, 8, 4, 4)
-    elif per_expert <= 128:
-        cfg = GemmConfig(64, 128, 64, 8, 4, 4)
-    else:
-        cfg = GemmConfig(128, 128, 64, 8, 8, 4)
-    if gated and cfg.BLOCK_N >= 128:
-        cfg = GemmConfig(cfg.BLOCK_M, cfg.BLOCK_N // 2, cfg.BLOCK_K, cfg.GROUP_M, cfg.num_warps, cfg.num_stages)
-    return cfg
+    s = M * top_k / max(E, 1)
+    if s <= 4:
+        return GemmConfig(16, 128 if N >= 8192 else 32 if gated else 64, 128, 1, 4, 4 if gated else 3)
+    if s <= 16:
+        return GemmConfig(32, 64, 128, 8, 4, 3)
+    if s <= 64:
+        return GemmConfig(64, 64 if gated else 128, 64, 8, 4, 3)
+    return GemmConfig(128, 128, 64, 8, 8, 4 if gated else 3)
 
 
 def device_slug(name: str) -> str:
@@ -72,7 +70,8 @@ def cache_key(kernel: str, E: int, N: int, K: int) -> str:
     return f"{kernel},E={E},N={N},K={K}"
 
 
-def get_config(kernel: str, M: int, E: int, N: int, K: int, gated: bool, device: torch.device) -> GemmConfig:
+def get_config(kernel: str, M: int, E: int, N: int, K: int, gated: bool, device: torch.device,
+               top_k: int = 1) -> GemmConfig:
     """Tuned config for (kernel, E, N, K) at the nearest M when the cache has one, else the heuristic."""
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
     if device.type == "cuda" and not interpret:
@@ -80,4 +79,4 @@ def get_config(kernel: str, M: int, E: int, N: int, K: int, gated: bool, device:
         if table:
             best = min(table, key=lambda m: abs(math.log2(int(m)) - math.log2(max(M, 1))))
             return GemmConfig(**table[best])
-    return heuristic_config(M, E, N, K, gated, interpret)
+    return heuristic_config(M, E, N, K, gated, top_k, interpret)

@@ -1,0 +1,88 @@
+"""The benchmark driver's code path on the CPU: `--device cpu` runs the tiny shape (E=4, K=2, H=64, I=32, M in {1, 8})
+through the reference path, without graphs or card measurements, and writes the JSON the GPU run writes."""
+
+import json
+
+import pytest
+import torch
+
+from benchmarks import bench_moe
+
+META_KEYS = {"card", "torch", "triton", "cuda", "date", "copy_bandwidth_GBps", "dense_bf16_TFLOPs", "dense_fp8_TFLOPs",
+             "rows"}
+ROW_KEYS = {"shape", "E", "K", "H", "I", "scheme", "M", "compute_dtype", "replicas", "graph_us", "eager_us",
+            "expert_bytes", "bytes", "GBps", "pct_copy_bw", "TFLOPs", "pct_dense", "speedup_vs_unquantized", "rel_err",
+            "err_tokens"}
+
+
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "cpu.json"
+    rc = bench_moe.main(["--device", "cpu", "--out", str(out)])
+    return rc, out, json.loads(out.read_text())
+
+
+def test_dry_run_writes_every_field(dry_run):
+    rc, _, data = dry_run
+    assert rc == 0
+    assert set(data) == META_KEYS
+    assert data["card"] == "cpu" and data["copy_bandwidth_GBps"] is None and data["dense_bf16_TFLOPs"] is None
+    assert [(r["shape"], r["scheme"], r["M"]) for r in data["rows"]] == [("tiny", "unquantized", 1), ("tiny", "unquantized", 8)]
+    for r in data["rows"]:
+        assert set(r) == ROW_KEYS, set(r) ^ ROW_KEYS
+        assert (r["E"], r["K"], r["H"], r["I"]) == (4, 2, 64, 32)
+        assert r["graph_us"] is None and r["eager_us"] > 0  # no graphs on the CPU
+        assert r["compute_dtype"] == "bf16"
+        assert r["pct_copy_bw"] is None and r["pct_dense"] is None  # nothing measured to compare with
+        assert r["speedup_vs_unquantized"] == 1.0  # unquantized against itself
+        # bf16 output against the fp32 reference: rounding only (~4e-3 at most)
+        assert 0 <= r["rel_err"] < 1e-2
+        assert r["err_tokens"] == r["M"]
+
+
+def test_bytes_count_distinct_experts(dry_run):
+    _, _, data = dry_run
+    per_expert = 3 * 64 * 32 * 2  # w13 + w2 of one expert in bf16
+    for r in data["rows"]:
+        experts = r["expert_bytes"] / per_expert
+        # M=1, K=2 touches exactly 2 experts; M=8 touches between 2 and all 4
+        assert experts == 2 if r["M"] == 1 else 2 <= experts <= 4, experts
+        assert experts == int(experts)
+        act = 2 * r["M"] * 64 * 2 + r["M"] * 4 * 4  # x in + out (bf16), router logits (fp32)
+        assert r["bytes"] == r["expert_bytes"] + act
+        assert r["TFLOPs"] == pytest.approx(2 * r["M"] * 2 * 3 * 64 * 32 / (r["eager_us"] * 1e-6) / 1e12)
+
+
+def test_merge_replaces_same_key_and_keeps_others(dry_run, tmp_path):
+    _, out, data = dry_run
+    path = tmp_path / "merge.json"
+    path.write_text(json.dumps(dict(data, rows=data["rows"] + [dict(data["rows"][0], M=3, eager_us=-1.0)])))
+    assert bench_moe.main(["--device", "cpu", "--ms", "1", "--out", str(path)]) == 0
+    rows = json.loads(path.read_text())["rows"]
+    assert [r["M"] for r in rows] == [1, 3, 8]  # M=1 replaced (not duplicated), M=3 and M=8 kept
+    assert rows[1]["eager_us"] == -1.0
+
+
+def test_merge_refuses_another_card(tmp_path):
+    path = tmp_path / "other.json"
+    path.write_text(json.dumps({"card": "NVIDIA H100 80GB HBM3", "rows": []}))
+    with pytest.raises(SystemExit, match="H100"):
+        bench_moe.main(["--device", "cpu", "--ms", "1", "--out", str(path)])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message printed without CUDA")
+def test_no_cuda_is_a_clear_message():
+    with pytest.raises(SystemExit, match="CUDA is not available"):
+        bench_moe.main(["--ms", "1"])
+
+
+@pytest.mark.parametrize("argv", [["--schemes", "no-such-scheme"], ["--ms", "0"], ["--device", "cpu", "--shapes",
+                                                                                    "mixtral-8x7b"]])
+def test_bad_flags_are_rejected(argv):
+    with pytest.raises(SystemExit) as exc:
+        bench_moe.parse_args(argv)
+    assert exc.value.code == 2  # argparse's usage error, not a traceback
+
+
+def test_card_slug():
+    assert bench_moe.card_slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
