@@ -41,7 +41,7 @@ def moe_align_ref(topk_ids: torch.Tensor, num_experts: int, block_m: int):
     # bin E collects dropped slots; no op below waits on the host, so this twin is CUDA-graph safe
     key = torch.where(ids >= 0, ids, torch.full_like(ids, num_experts))
     counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=device).scatter_add_(0, key, torch.ones_like(key))
-    counts[num_experts] = 0
+    counts = counts * (torch.arange(num_experts + 1, device=device) < num_experts)  # the dropped bin holds nothing
     padded = (counts + block_m - 1) // block_m * block_m
     pstart = torch.cumsum(padded, 0) - padded
     start = torch.cumsum(counts, 0) - counts
