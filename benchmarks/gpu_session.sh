@@ -23,6 +23,7 @@ for step in $steps; do
     tests) timeout 300 python3 -m pytest -q ${PYTEST_ARGS:--m gpu tests} ${PYTEST_K:+-k "$PYTEST_K"} 2>&1 | tee "$OUT/gpu_tests.log" | tail -30 ;;
     tune)  timeout 450 python3 benchmarks/tune_moe.py ${TUNE_ARGS:-} 2>&1 | tee "$OUT/tune.log" | grep -v rejected | tail -40
            cp moequant/kernels/configs/*.json "$OUT"/ ;;
+    profile) for m in ${PROFILE_MS:-1 4096}; do timeout 120 python3 benchmarks/profile_forward.py --m $m ${PROFILE_ARGS:-} 2>&1 | tee -a "$OUT/profile.log" | tail -16; done ;;
     bench) timeout 400 python3 benchmarks/bench_moe.py ${BENCH_ARGS:-} --out "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" | tail -60 ;;
   esac
 done

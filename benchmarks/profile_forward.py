@@ -1,0 +1,51 @@
+"""Per-kernel GPU time of one FusedMoE forward (torch profiler), to see where a decode step's time goes.
+
+    python benchmarks/profile_forward.py --shape qwen3-30b-a3b --m 1 [--scheme unquantized]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.bench_moe import SHAPES  # noqa: E402
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shape", default="qwen3-30b-a3b", choices=sorted(SHAPES))
+    p.add_argument("--m", type=int, default=1)
+    p.add_argument("--scheme", default="unquantized")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("profile_forward.py needs a CUDA GPU", file=sys.stderr)
+        return 2
+    import moequant
+
+    sh = SHAPES[args.shape]
+    with torch.device("cuda"):
+        layer = moequant.FusedMoE(sh.E, sh.K, sh.H, sh.I, params_dtype=torch.bfloat16, quant_config=args.scheme)
+        layer.load_dense_weights(torch.randn(sh.E, 2 * sh.I, sh.H, dtype=torch.bfloat16) * 0.02,
+                                 torch.randn(sh.E, sh.H, sh.I, dtype=torch.bfloat16) * 0.02)
+        xs = [torch.randn(args.m, sh.H, dtype=torch.bfloat16) for _ in range(8)]
+        ls = [torch.randn(args.m, sh.E) for _ in range(8)]
+    for x, lg in zip(xs, ls):
+        layer(x, lg)
+    torch.cuda.synchronize()
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for x, lg in zip(xs, ls):
+            layer(x, lg)
+        torch.cuda.synchronize()
+    print(f"{args.shape} M={args.m} scheme={args.scheme}: GPU time per kernel over 8 forwards")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
