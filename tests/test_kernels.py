@@ -186,3 +186,12 @@ def test_fused_topk_ties_go_to_the_lower_index():
     logits = torch.tensor([[1.0, 3.0, 3.0, 0.0, 3.0]])
     _, ids = fused_topk(logits.to(DEVICE), 2, True)
     assert ids.cpu().tolist() == [[1, 2]]
+
+
+@pytest.mark.parametrize("T,K,H", [(1, 8, 2048), (7, 3, 33), (0, 2, 16)])
+def test_moe_sum_matches_twin(T, K, H):
+    from moequant.kernels.moe_gemm import moe_sum
+    from moequant.kernels.reference import moe_sum_ref
+
+    y = torch.randn(T * K, H, generator=torch.Generator().manual_seed(H)).to(torch.float16)
+    assert torch.equal(moe_sum(y.to(DEVICE), T, K).cpu(), moe_sum_ref(y, T, K))

@@ -31,7 +31,7 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int):
     ids = topk_ids.reshape(-1)
     if ids.dtype != torch.int32:
         ids = ids.to(torch.int32)
-    chunk = max(16, min(32, triton.next_power_of_2(nb)))
+    chunk = max(16, min(64 if S > SORT_SLOTS else 32, triton.next_power_of_2(nb)))
     if S <= SORT_SLOTS:
         sorted_ids = torch.empty(P, dtype=torch.int32, device=device)
         scratch = torch.empty(2 * e_bins, dtype=torch.int32, device=device)
@@ -47,6 +47,6 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int):
     sorted_ids = torch.full((P,), S, dtype=torch.int32, device=device)
     align_count_kernel[(triton.cdiv(S, block),)](ids, counts, S, num_experts, BLOCK=block, E_BINS=e_bins)
     align_offsets_kernel[(1,)](counts, cursor, expert_ids, total, num_experts, nb,
-                               BLOCK_M=block_m, E_BINS=e_bins, CHUNK=chunk)
+                               BLOCK_M=block_m, E_BINS=e_bins, CHUNK=chunk, num_warps=8)
     align_scatter_kernel[(triton.cdiv(S, block),)](ids, cursor, sorted_ids, S, BLOCK=block)
     return sorted_ids, expert_ids, total

@@ -7,8 +7,10 @@ x [T, H], w13 [E, 2I, H], w2 [E, H, I], topk_weights fp32 [T, K], topk_ids int32
 from __future__ import annotations
 
 import torch
+import triton
 
 from moequant.kernels._moe_gemm_kernel import moe_gemm_kernel
+from moequant.kernels._moe_sum_kernel import moe_sum_kernel
 from moequant.kernels.align import moe_align
 from moequant.kernels.tuning import get_config
 
@@ -27,7 +29,7 @@ def grouped_gemm(a, b, c, routing, cfg, *, gated: bool, a_row_div: int, activati
     K = b.shape[2]
     S = c.shape[0]
     P = sorted_ids.numel()
-    grid = (triton_cdiv(P, cfg.BLOCK_M) * triton_cdiv(N, cfg.BLOCK_N),)
+    grid = (triton.cdiv(P, cfg.BLOCK_M) * triton.cdiv(N, cfg.BLOCK_N),)
     dummy = c
     moe_gemm_kernel[grid](
         a, b, c, bias if bias is not None else dummy, topk_weights if topk_weights is not None else dummy,
@@ -40,10 +42,6 @@ def grouped_gemm(a, b, c, routing, cfg, *, gated: bool, a_row_div: int, activati
         **cfg.launch_kwargs(),
     )
     return c
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return (a + b - 1) // b
 
 
 def fused_experts(x, w13, w2, topk_weights, topk_ids, *, activation="silu", w13_bias=None, w2_bias=None,
@@ -73,4 +71,15 @@ def fused_experts(x, w13, w2, topk_weights, topk_ids, *, activation="silu", w13_
     y = new(S, H, dtype=x.dtype, device=x.device)
     grouped_gemm(inter, w2, y, route2, cfg2, gated=False, a_row_div=1, bias=w2_bias,
                  topk_weights=None if apply_router_weight_on_input else topk_weights)
-    return y.view(T, K, H).sum(1)
+    return moe_sum(y, T, K)
+
+
+def moe_sum(y: torch.Tensor, T: int, K: int) -> torch.Tensor:
+    """out [T, H] = sum over the K slots of each token of y [T*K, H] (fp32 accumulation). Twin: moe_sum_ref."""
+    H = y.shape[1]
+    out = torch.empty(T, H, dtype=y.dtype, device=y.device)
+    if T:
+        block = min(1024, triton.next_power_of_2(H))
+        moe_sum_kernel[(T, triton.cdiv(H, block))](y, out, H, y.stride(0), out.stride(0), TOP_K=K, BLOCK_H=block,
+                                                   num_warps=4)
+    return out

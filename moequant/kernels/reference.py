@@ -61,6 +61,11 @@ def moe_align_ref(topk_ids: torch.Tensor, num_experts: int, block_m: int):
     return sorted_ids, expert_ids, total
 
 
+def moe_sum_ref(y: torch.Tensor, T: int, K: int) -> torch.Tensor:
+    """out [T, H] = sum_k y[t*K + k] in fp32, cast back to y's dtype."""
+    return y.float().view(T, K, y.shape[1]).sum(1).to(y.dtype)
+
+
 def padded_capacity(num_slots: int, num_experts: int, block_m: int) -> int:
     """Most padded slots moe_align can produce: every non-empty expert adds at most BM - 1 padding slots."""
     cap = num_slots + min(num_experts, num_slots) * (block_m - 1)
