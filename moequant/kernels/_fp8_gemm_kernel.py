@@ -1,0 +1,150 @@
+"""Triton body of the fp8 x fp8 grouped expert GEMM (launcher: fp8_gemm.py).
+
+Each program computes a [BM, BN] tile for one block of BM token slots that all belong to expert e:
+  C[slot, n] = epilogue( sum_k A[slot // A_ROW_DIV, k] * sa * B[e, n, k] * sb )      A, B e4m3fn, sum in fp32
+A scales (A_SCALE): 0 one per tensor [1]; 1 one per row [rows]; 2 one per row and 128 columns [rows, K/128].
+B scales (B_SCALE): 0 one per expert [E]; 1 one per output row [E, N_b]; 2 one per 128x128 block [E, N_b/128, K/128].
+Per-tensor / per-row scales multiply the fp32 accumulator in the epilogue; group / block scales multiply each K-step's
+partial dot (BLOCK_K divides 128) before it is added. Tensor-core partial sums are promoted to the fp32 accumulator
+every IMPRECISE_ACC products (Hopper's fp8 MMA otherwise keeps a narrower accumulator over the whole K loop).
+GEMM1 (GATED): B = w13 [E, 2N, K]; gate rows n, up rows N + n; epilogue act(gate, up); OUT_AMAX atomically folds the
+tile's max |C| into amax_ptr[0] (1: per tensor) or its rows' into amax_ptr[slot] (2: per row), for the dynamic
+quantization of C. GEMM2: bias and routing weight.
+A_HP: A arrives in high precision and each tile is quantized here, as the quantizer kernel would, bit for bit:
+per tensor with the scale a_scale_ptr[0] or (A_FROM_AMAX) max(a_scale_ptr[0], EPS) / 448; per row with
+max(a_scale_ptr[row], EPS) / 448, a_scale_ptr holding the row amax that GEMM1 folded in (OUT_AMAX 2).
+Shape legend: S token slots, P padded slots, E experts, N output columns, K reduction dim.
+"""
+
+import triton
+import triton.language as tl
+
+from moequant.kernels._fp8_act_quant_kernel import _quant, _scale
+from moequant.kernels._moe_gemm_kernel import gated_act, tile_coords
+
+
+@triton.jit
+def _k_step(a, b, acc, sa_k, sb_k, PER_STEP: tl.constexpr, IMPRECISE_ACC: tl.constexpr):
+    if PER_STEP:
+        return acc + tl.dot(a, b) * sa_k[:, None] * sb_k[None, :]
+    return tl.dot(a, b, acc, max_num_imprecise_acc=IMPRECISE_ACC)
+
+
+@triton.jit
+def fp8_moe_gemm_kernel(
+    a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, c_ptr, amax_ptr, bias_ptr, topk_w_ptr,
+    sorted_ids_ptr, expert_ids_ptr, total_ptr,
+    N, K, S, P_total,
+    stride_am, stride_ak, stride_as_m, stride_as_k,
+    stride_be, stride_bn, stride_bk, stride_bs_e, stride_bs_n, stride_bs_k,
+    stride_cm, stride_cn, stride_bias_e, stride_bias_n,
+    A_ROW_DIV: tl.constexpr, GATED: tl.constexpr, ACTIVATION: tl.constexpr,
+    MUL_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    A_SCALE: tl.constexpr, B_SCALE: tl.constexpr, OUT_AMAX: tl.constexpr, IMPRECISE_ACC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    A_HP: tl.constexpr = False, A_FROM_AMAX: tl.constexpr = False, EPS: tl.constexpr = 1e-10,
+    EMULATE_CAST: tl.constexpr = False,
+):
+    pid_m, pid_n = tile_coords(P_total, N, BLOCK_M, BLOCK_N, GROUP_M)
+    if pid_m * BLOCK_M >= tl.load(total_ptr):
+        return
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    slots = tl.load(sorted_ids_ptr + offs_m)
+    row_ok = slots < S
+    a_rows = (slots // A_ROW_DIV).to(tl.int64)
+    e = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+    PER_STEP: tl.constexpr = (A_SCALE == 2) or (B_SCALE == 2)
+
+    a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :] * stride_ak
+    b_ptrs = b_ptr + e * stride_be + offs_n[None, :].to(tl.int64) * stride_bn + offs_k[:, None] * stride_bk
+    bs_row = b_scale_ptr + e * stride_bs_e
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if GATED:
+        acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        up_off = N * stride_bn
+    # per-K-step scales (identity unless PER_STEP)
+    sa_k = tl.full((BLOCK_M,), 1.0, tl.float32)
+    sb_k = tl.full((BLOCK_N,), 1.0, tl.float32)
+    sb_up_k = tl.full((BLOCK_N,), 1.0, tl.float32)
+    if A_HP:  # A in fp16/bf16/fp32, quantized to fp8 tile by tile here (decode: saves the quantizer's launch)
+        if A_SCALE == 1:  # per row, from the row amax GEMM1's epilogue left in a_scale_ptr
+            sa_q = _scale(tl.load(a_scale_ptr + a_rows * stride_as_m, mask=row_ok, other=1.0), EPS)
+            sa_q2 = sa_q[:, None]
+        else:
+            if A_FROM_AMAX:
+                sa_q = _scale(tl.load(a_scale_ptr), EPS)
+            else:
+                sa_q = tl.load(a_scale_ptr)
+            sa_q2 = sa_q
+    for k0 in range(0, tl.cdiv(K, BLOCK_K)):
+        k_ok = offs_k < K - k0 * BLOCK_K
+        kb = (k0 * BLOCK_K) // 128
+        if A_SCALE == 2:
+            sa_k = tl.load(a_scale_ptr + a_rows * stride_as_m + kb * stride_as_k, mask=row_ok, other=0.0)
+        if B_SCALE == 2:
+            sb_k = tl.load(bs_row + (offs_n // 128) * stride_bs_n + kb * stride_bs_k, mask=col_ok, other=0.0)
+            if GATED:
+                sb_up_k = tl.load(bs_row + ((N + offs_n) // 128) * stride_bs_n + kb * stride_bs_k, mask=col_ok,
+                                  other=0.0)
+        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        if A_HP:
+            a = _quant(a.to(tl.float32), sa_q2, EMULATE_CAST)
+        b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = _k_step(a, b, acc, sa_k, sb_k, PER_STEP, IMPRECISE_ACC)
+        if GATED:
+            b_up = tl.load(b_ptrs + up_off, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            acc_up = _k_step(a, b_up, acc_up, sa_k, sb_up_k, PER_STEP, IMPRECISE_ACC)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+
+    # epilogue scales: per tensor / per row of A, per expert / per channel of B
+    if A_HP:
+        acc = acc * sa_q2
+        if GATED:
+            acc_up = acc_up * sa_q2
+    elif A_SCALE == 0:
+        sa = tl.load(a_scale_ptr)
+        acc = acc * sa
+        if GATED:
+            acc_up = acc_up * sa
+    elif A_SCALE == 1:
+        sa = tl.load(a_scale_ptr + a_rows * stride_as_m, mask=row_ok, other=0.0)
+        acc = acc * sa[:, None]
+        if GATED:
+            acc_up = acc_up * sa[:, None]
+    if B_SCALE == 0:
+        sb = tl.load(bs_row)
+        acc = acc * sb
+        if GATED:
+            acc_up = acc_up * sb
+    elif B_SCALE == 1:
+        acc = acc * tl.load(bs_row + offs_n * stride_bs_n, mask=col_ok, other=0.0)[None, :]
+        if GATED:
+            acc_up = acc_up * tl.load(bs_row + (N + offs_n) * stride_bs_n, mask=col_ok, other=0.0)[None, :]
+
+    # routing weight on GEMM1 (weight on the input) scales before the bias; on GEMM2 after it
+    if MUL_WEIGHT:
+        w = tl.load(topk_w_ptr + slots, mask=row_ok, other=0.0).to(tl.float32)
+        if GATED:
+            acc = acc * w[:, None]
+            acc_up = acc_up * w[:, None]
+    if HAS_BIAS:
+        bias_row = bias_ptr + e * stride_bias_e
+        acc += tl.load(bias_row + offs_n * stride_bias_n, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        if GATED:
+            acc_up += tl.load(bias_row + (N + offs_n) * stride_bias_n, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    if MUL_WEIGHT:
+        if not GATED:
+            acc = acc * w[:, None]
+    if GATED:
+        acc = gated_act(acc, acc_up, ACTIVATION)
+    ok = row_ok[:, None] & col_ok[None, :]
+    if OUT_AMAX == 1:  # per tensor
+        tl.atomic_max(amax_ptr, tl.max(tl.max(tl.where(ok, tl.abs(acc), 0.0), axis=1), axis=0))
+    elif OUT_AMAX == 2:  # per row (token slot)
+        tl.atomic_max(amax_ptr + slots, tl.max(tl.where(ok, tl.abs(acc), 0.0), axis=1), mask=row_ok)
+    c_ptrs = c_ptr + slots.to(tl.int64)[:, None] * stride_cm + offs_n[None, :] * stride_cn
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=ok)

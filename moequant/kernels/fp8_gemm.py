@@ -1,0 +1,231 @@
+"""Launchers of the fp8 fused MoE: quantize x -> align -> GEMM1 (+gated activation, fp32 out) -> quantize the
+activation -> GEMM2 (+routing weight) -> sum over K. Kernels: _fp8_gemm_kernel.py, _fp8_act_quant_kernel.py;
+torch twins: quantize/fp8_math.act_quant_ref and the method's dequantized reference path.
+
+T tokens, K top-k, S = T*K slots, E experts (local), H hidden, I intermediate (per rank), G = 128.
+x [T, H] (fp16/bf16/fp32), w13 fp8 [E, 2I, H], w2 fp8 [E, H, I]; weight scales by `Fp8Layout.weight`:
+tensor [E] | channel [E, 2I] and [E, H] | block [E, 2I/G, H/G] and [E, H/G, I/G] (fp32).
+GEMM1 writes its activation in fp32, so the activation is rounded once (to fp8), as in the reference. Launches:
+x's quantizer (which also zeroes the amax buffer GEMM1's epilogue folds into), GEMM1, the activation's quantizer
+(skipped for <= FUSE_A2_SLOTS slots with per-tensor / per-token scales: GEMM2 then quantizes its A tiles itself),
+GEMM2, the sum: as many launches as the bf16 path plus one when decoding.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from moequant.kernels._fp8_act_quant_kernel import fp8_act_quant_kernel
+from moequant.kernels._fp8_gemm_kernel import fp8_moe_gemm_kernel
+from moequant.kernels.align import moe_align
+from moequant.kernels.moe_gemm import _ACT_CODE, moe_sum
+from moequant.kernels.tuning import GemmConfig, _load_cache, cache_key
+from moequant.quantize.fp8_math import ACT_EPS, BLOCK, FP8_DTYPE
+
+_A_CODE = {"tensor": 0, "token": 1, "group": 2}
+_B_CODE = {"tensor": 0, "channel": 1, "block": 2}
+_QUANT_BLOCK = 1024
+_ROW_BLOCK = 8192  # per-token quantization holds up to this many columns of a row in one tile
+# MOEQUANT_FP8_FAST_ACCUM=1 keeps Hopper's narrow fp8 MMA accumulator over the whole K loop (Triton's default, faster,
+# less exact); by default partial sums are promoted to fp32 every 128 products
+FAST_ACCUM = os.environ.get("MOEQUANT_FP8_FAST_ACCUM") == "1"
+FUSE_A2_SLOTS = 64  # up to this many token slots GEMM2 quantizes its input itself (per tensor / per token)
+ONE_PROGRAM = 1 << 14  # dynamic per-tensor quantization of a padded x up to this many elements: one program
+
+
+@dataclass(frozen=True)
+class Fp8Layout:
+    """weight: "tensor" | "channel" | "block" scales; act: "tensor" | "token" | "group" activation scales."""
+
+    weight: str
+    act: str
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# --- activation quantization -------------------------------------------------------------------------------------
+def act_quant(x: torch.Tensor, granularity: str, scale: torch.Tensor | None = None,
+              amax: torch.Tensor | None = None, zero: torch.Tensor | None = None,
+              zero_per_row: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [T, C] -> (q fp8 [T, C], scales fp32 [1] | [T] | [T, C/G]); twin: fp8_math.act_quant_ref.
+    tensor: static `scale` [1]; or dynamic: with `amax` [1] already holding max|x| (e.g. from GEMM1's epilogue),
+    else one program for a small x (<= ONE_PROGRAM elements padded), else an amax launch then the quantize launch.
+    zero: an fp32 buffer the kernel sets to 0 on the way (the next amax accumulator; saves a memset): row r of x
+    clears entries [r*zero_per_row, (r+1)*zero_per_row), so [1] with 1, or [T*K] per slot with K."""
+    T, C = x.shape
+    if granularity == "tensor" and zero_per_row != 1:
+        raise ValueError("act_quant: per-tensor quantization zeroes a single amax entry (zero_per_row=1)")
+    q = torch.empty(T, C, dtype=FP8_DTYPE, device=x.device)
+    if T == 0:
+        if zero is not None:
+            zero.zero_()
+        return q, torch.ones(1 if granularity == "tensor" else T, device=x.device)
+    x = x if x.stride(1) == 1 else x.contiguous()
+    block = min(_QUANT_BLOCK, triton.next_power_of_2(C))
+    kw = dict(EPS=ACT_EPS, EMULATE_CAST=_interpret(), ZERO=zero is not None,
+              ZERO_N=zero.numel() if zero is not None else 1, ZERO_PER_ROW=zero_per_row,
+              ZERO_BLOCK=triton.next_power_of_2(zero_per_row))
+    z = zero if zero is not None else q
+
+    def launch(grid, s, a, mode, dynamic, stride_s=0, blk=block, zero_kw=kw, **extra):
+        fp8_act_quant_kernel[grid](x, q, s, a, z, T, C, x.stride(0), q.stride(0), stride_s, MODE=mode,
+                                   DYNAMIC=dynamic, BLOCK=blk, **zero_kw, **extra)
+
+    if granularity == "tensor":
+        grid = (T, triton.cdiv(C, block))
+        if scale is not None:
+            s = scale.reshape(1).float()
+            launch(grid, s, s, 0, False)
+            return q, s
+        s = torch.empty(1, dtype=torch.float32, device=x.device)
+        if amax is not None:
+            launch(grid, s, amax, 0, True)
+        elif triton.next_power_of_2(T) * triton.next_power_of_2(C) <= ONE_PROGRAM:
+            launch((1,), s, s, 4, True, blk=triton.next_power_of_2(C), BLOCK_T=triton.next_power_of_2(T),
+                   num_warps=8)
+        else:
+            amax = torch.zeros(1, dtype=torch.float32, device=x.device)
+            launch(grid, s, amax, 3, True, zero_kw={**kw, "ZERO": False})
+            launch(grid, s, amax, 0, True)
+        return q, s
+    if granularity == "token":
+        s = torch.empty(T, dtype=torch.float32, device=x.device)
+        row_block = min(_ROW_BLOCK, triton.next_power_of_2(C))
+        launch((T,), s, s, 1, True, stride_s=1, blk=row_block, num_warps=8 if row_block >= 4096 else 4)
+        return q, s
+    if granularity == "group":
+        if C % BLOCK:
+            raise ValueError(f"per-group fp8 activation quantization needs the width ({C}) to be a multiple of {BLOCK}")
+        s = torch.empty(T, C // BLOCK, dtype=torch.float32, device=x.device)
+        launch((T, C // BLOCK), s, s, 2, True, stride_s=s.stride(0), blk=BLOCK)
+        return q, s
+    raise ValueError(f"unknown activation granularity {granularity!r}; expected 'tensor', 'token' or 'group'")
+
+
+# --- block sizes --------------------------------------------------------------------------------------------------
+def fp8_config(kernel: str, M: int, E: int, N: int, K: int, gated: bool, device: torch.device, top_k: int,
+               block_scales: bool) -> GemmConfig:
+    """The tuned cache's entry for kernel ("w13-fp8" / "w2-fp8", "-block" appended for block scales) at the nearest
+    M, else a heuristic by slots per expert s = M*top_k/E: decode (s <= 4) streams weights with BM 16 and 256-byte
+    rows of B per K-step; prefill uses 128 x 128 tiles. Block scales need BLOCK_K to divide 128."""
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    if interpret:
+        return GemmConfig(16, 32, 32, 1, 4, 1)
+    key = kernel + ("-block" if block_scales else "")
+    if device.type == "cuda":
+        import math
+
+        table = _load_cache(torch.cuda.get_device_name(device)).get(cache_key(key, E, N, K))
+        if table:
+            best = min(table, key=lambda m: abs(math.log2(int(m)) - math.log2(max(M, 1))))
+            return GemmConfig(**table[best])
+    bk = 128 if block_scales else 256
+    s = M * top_k / max(E, 1)
+    if s <= 4:
+        return GemmConfig(16, 64 if N >= 4096 else 32, bk, 1, 4, 4 if gated else 5)
+    if s <= 16:
+        return GemmConfig(32, 64, 128, 8, 4, 4)
+    if s <= 64:
+        return GemmConfig(64, 64 if gated else 128, 128, 8, 4, 4)
+    return GemmConfig(128, 128, 128, 8, 8, 3 if gated else 4)
+
+
+# --- the grouped GEMM ---------------------------------------------------------------------------------------------
+def fp8_grouped_gemm(a, a_scale, b, b_scale, c, routing, cfg, layout: Fp8Layout, *, gated: bool, a_row_div: int,
+                     activation: str = "silu", bias=None, topk_weights=None, out_amax=None,
+                     amax_per_row: bool = False, a_from_amax: bool = False) -> torch.Tensor:
+    """c[slot] = epilogue(sa * a[slot // a_row_div] @ (sb * b[expert(slot)]).T) for every routed slot.
+    An `a` that is not fp8 is quantized tile by tile in the kernel (act "tensor": scale a_scale, or from the amax
+    a_scale with a_from_amax; act "token": per row from the row amax in a_scale), exactly as act_quant would.
+    out_amax: fold max |c| into out_amax[0], or with amax_per_row each slot's into out_amax[slot]."""
+    sorted_ids, expert_ids, total = routing
+    N = b.shape[1] // 2 if gated else b.shape[1]
+    K = b.shape[2]
+    S = c.shape[0]
+    P = sorted_ids.numel()
+    if layout.weight == "block" or layout.act == "group":
+        if BLOCK % cfg.BLOCK_K:
+            raise ValueError(f"block/group fp8 scales need BLOCK_K to divide {BLOCK}, got {cfg.BLOCK_K}")
+    a_hp = a.dtype != FP8_DTYPE
+    if a_hp and layout.act not in ("tensor", "token"):
+        raise ValueError(f"in-kernel activation quantization supports per-tensor and per-token scales, "
+                         f"not {layout.act!r}")
+    grid = (triton.cdiv(P, cfg.BLOCK_M) * triton.cdiv(N, cfg.BLOCK_N),)
+    a_s = a_scale if a_scale.dim() == 2 else a_scale.view(-1, 1)
+    bs = b_scale if b_scale.dim() == 3 else b_scale.view(b_scale.shape[0], -1, 1)
+    dummy = c
+    fp8_moe_gemm_kernel[grid](
+        a, a_scale, b, b_scale, c, out_amax if out_amax is not None else a_scale,
+        bias if bias is not None else dummy, topk_weights if topk_weights is not None else dummy,
+        sorted_ids, expert_ids, total,
+        N, K, S, P,
+        a.stride(0), a.stride(1), a_s.stride(0), a_s.stride(1),
+        b.stride(0), b.stride(1), b.stride(2), bs.stride(0), bs.stride(1), bs.stride(2),
+        c.stride(0), c.stride(1),
+        bias.stride(0) if bias is not None else 0, bias.stride(1) if bias is not None else 0,
+        A_ROW_DIV=a_row_div, GATED=gated, ACTIVATION=_ACT_CODE[activation],
+        MUL_WEIGHT=topk_weights is not None, HAS_BIAS=bias is not None,
+        A_SCALE=_A_CODE[layout.act], B_SCALE=_B_CODE[layout.weight],
+        OUT_AMAX=0 if out_amax is None else 2 if amax_per_row else 1,
+        IMPRECISE_ACC=None if FAST_ACCUM else min(cfg.BLOCK_K, 128),
+        A_HP=a_hp, A_FROM_AMAX=a_from_amax, EPS=ACT_EPS, EMULATE_CAST=_interpret(),
+        **cfg.launch_kwargs(),
+    )
+    return c
+
+
+def fused_experts_fp8(x, w13, w2, w13_scale, w2_scale, topk_weights, topk_ids, layout: Fp8Layout, *,
+                      a13_scale=None, a2_scale=None, activation="silu", w13_bias=None, w2_bias=None,
+                      apply_router_weight_on_input=False, has_remote_experts=False) -> torch.Tensor:
+    """out[t] = sum_k w[t,k] * (W2[e] q2(act(W13[e] q1(x[t]) + b13[e])) + b2[e]), e = topk_ids[t,k], with W the
+    dequantized fp8 weights and q1, q2 the fp8 activation quantizers (static scales a13_scale / a2_scale [1] for
+    act="tensor" when given, else dynamic). No host synchronisation (CUDA-graph safe)."""
+    T, H = x.shape
+    E, two_i, _ = w13.shape
+    I = two_i // 2
+    K = topk_ids.shape[1]
+    if w13.dtype != FP8_DTYPE or w2.dtype != FP8_DTYPE:
+        raise ValueError(f"fused_experts_fp8 needs {FP8_DTYPE} weights, got {w13.dtype} and {w2.dtype}")
+    if T == 0:
+        return torch.zeros(0, H, dtype=x.dtype, device=x.device)
+    S = T * K
+    blocky = layout.weight == "block" or layout.act == "group"
+    cfg1 = fp8_config("w13-fp8", T, E, I, H, True, x.device, K, blocky)
+    cfg2 = fp8_config("w2-fp8", T, E, H, I, False, x.device, K, blocky)
+    topk_weights = topk_weights.reshape(-1).float().contiguous()
+    route1 = moe_align(topk_ids, E, cfg1.BLOCK_M)
+    route2 = route1 if cfg2.BLOCK_M == cfg1.BLOCK_M else moe_align(topk_ids, E, cfg2.BLOCK_M)
+
+    dyn_tensor = layout.act == "tensor" and a2_scale is None
+    # few slots: GEMM2 quantizes GEMM1's fp32 activation itself (one launch less; re-reading A is cheap here)
+    fuse2 = S <= FUSE_A2_SLOTS and layout.act in ("tensor", "token")
+    # GEMM1's epilogue folds max|act| (per tensor, or per slot when GEMM2 quantizes per token) into amax;
+    # x's quantizer zeroes it first (no memset launch)
+    amax = None
+    if dyn_tensor:
+        amax = torch.empty(1, dtype=torch.float32, device=x.device)
+    elif fuse2 and layout.act == "token":
+        amax = torch.empty(S, dtype=torch.float32, device=x.device)
+    per_row = amax is not None and layout.act == "token"
+    xq, xs = act_quant(x, layout.act, a13_scale, zero=amax, zero_per_row=K if per_row else 1)
+    new = torch.zeros if has_remote_experts else torch.empty
+    inter = new(S, I, dtype=torch.float32, device=x.device)
+    fp8_grouped_gemm(xq, xs, w13, w13_scale, inter, route1, cfg1, layout, gated=True, a_row_div=K,
+                     activation=activation, bias=w13_bias,
+                     topk_weights=topk_weights if apply_router_weight_on_input else None, out_amax=amax,
+                     amax_per_row=per_row)
+    if fuse2:
+        iq, is_ = inter, (a2_scale if a2_scale is not None else amax)
+    else:
+        iq, is_ = act_quant(inter, layout.act, a2_scale, amax=amax if dyn_tensor else None)
+    y = new(S, H, dtype=x.dtype, device=x.device)
+    fp8_grouped_gemm(iq, is_, w2, w2_scale, y, route2, cfg2, layout, gated=False, a_row_div=1, bias=w2_bias,
+                     topk_weights=None if apply_router_weight_on_input else topk_weights,
+                     a_from_amax=dyn_tensor)
+    return moe_sum(y, T, K)
