@@ -1,0 +1,137 @@
+"""Launchers of the int4/int8 weight-only fused MoE: align -> GEMM1 (+gated activation) -> GEMM2 (+routing weight)
+-> sum over K, with packed integer weights dequantized in registers (see _int_gemm_kernel). No dequantized copy of
+the weights and no permuted copy of the activations is ever made.
+
+T tokens, K top-k, S = T*K slots, E experts (local), H hidden, I intermediate (per rank), G group size, PW = 32 / b.
+x [T, H]; IntWeights: packed int32 [E, N, K/PW], scale [E, N, groups], zero_point int8 [E, N, groups] or None,
+g_idx int32 [E, K] (sorted act-order groups) and sort_idx int32 [E, K] or None.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from moequant.kernels._int_gemm_kernel import int_moe_gemm_kernel
+from moequant.kernels.align import moe_align
+from moequant.kernels.moe_gemm import _ACT_CODE, _dot_precision, moe_sum
+from moequant.kernels.tuning import get_config
+
+
+@dataclass(frozen=True)
+class IntLayout:
+    """bits 4|8; group_size None = per channel; act_order: sort_idx present (and maybe uneven groups)."""
+
+    bits: int
+    group_size: int | None
+    symmetric: bool = True
+    act_order: bool = False
+
+
+@dataclass(frozen=True)
+class IntWeights:
+    """One GEMM's weights in kernel layout. uniform_groups: after the act-order sort, g_idx[k] == k // G (so the
+    kernel reads scales by k // G and only gathers activations); decided once at load time."""
+
+    packed: torch.Tensor
+    scale: torch.Tensor
+    zero_point: torch.Tensor | None = None
+    g_idx: torch.Tensor | None = None
+    sort_idx: torch.Tensor | None = None
+    uniform_groups: bool = True
+
+
+def _config(kernel, T, E, N, K, gated, device, top_k, layout: IntLayout):
+    cfg = get_config(kernel, T, E, N, K, gated=gated, device=device, top_k=top_k)
+    pw = 32 // layout.bits
+    bk = max(triton.next_power_of_2(cfg.BLOCK_K), 16 * pw // 2, 32)  # [BK/PW, BN] word tiles; BK >= 16 for tl.dot
+    G = layout.group_size
+    if G is not None and bk % G and G % bk:
+        bk = G
+    return dataclasses.replace(cfg, BLOCK_K=bk) if bk != cfg.BLOCK_K else cfg
+
+
+def split_k_for(S: int, E: int, N: int, K: int, cfg, device: torch.device) -> int:
+    """K slices for GEMM2 of few-token batches: double until the programs fill the SMs twice; slices >= 4 K blocks.
+    Tiles are estimated from min(S, E) active experts (no host sync)."""
+    if device.type != "cuda" or S * 1.0 / max(E, 1) > 4:
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    tiles = min(S, E) * triton.cdiv(N, cfg.BLOCK_N)
+    split = 1
+    while split < 8 and tiles * split < 2 * sms and triton.cdiv(K, cfg.BLOCK_K) >= 8 * split:
+        split *= 2
+    return split
+
+
+def int_grouped_gemm(a, w: IntWeights, c, routing, cfg, layout: IntLayout, *, gated: bool, a_row_div: int,
+                     activation: str = "silu", bias=None, topk_weights=None, split_k: int = 1) -> torch.Tensor:
+    """c[slot] = epilogue(a[slot // a_row_div][:, sort_idx] @ dequant(w[expert(slot)]).T); see _int_gemm_kernel."""
+    sorted_ids, expert_ids, total = routing
+    pw = 32 // layout.bits
+    N = w.packed.shape[1] // 2 if gated else w.packed.shape[1]
+    K = w.packed.shape[2] * pw
+    S = c.shape[0]
+    P = sorted_ids.numel()
+    if split_k > 1 and (gated or c.dtype != torch.float32):
+        raise ValueError("int MoE: split-K needs the non-gated GEMM and an fp32 (zeroed) output")
+    grid = (triton.cdiv(P, cfg.BLOCK_M) * triton.cdiv(N, cfg.BLOCK_N), split_k)
+    dummy = c
+    zp, gi, si = w.zero_point, w.g_idx, w.sort_idx
+    gidx = layout.act_order and not w.uniform_groups
+    int_moe_gemm_kernel[grid](
+        a, w.packed, w.scale, zp if zp is not None else dummy, gi if gidx else dummy, si if si is not None else dummy,
+        c, bias if bias is not None else dummy, topk_weights if topk_weights is not None else dummy,
+        sorted_ids, expert_ids, total,
+        N, K, S, P, w.scale.shape[2],
+        a.stride(0), a.stride(1), w.packed.stride(0), w.packed.stride(1), w.packed.stride(2),
+        w.scale.stride(0), w.scale.stride(1), w.scale.stride(2),
+        *(zp.stride() if zp is not None else (0, 0, 0)), si.stride(0) if si is not None else 0,
+        c.stride(0), c.stride(1),
+        bias.stride(0) if bias is not None else 0, bias.stride(1) if bias is not None else 0,
+        A_ROW_DIV=a_row_div, GATED=gated, ACTIVATION=_ACT_CODE[activation],
+        BITS=layout.bits, GROUP=layout.group_size or 0, GIDX=gidx, SORTED=si is not None, HAS_ZP=zp is not None,
+        MUL_WEIGHT=topk_weights is not None, HAS_BIAS=bias is not None, DOT_PRECISION=_dot_precision(a.dtype),
+        SPLIT_K=split_k, **cfg.launch_kwargs(),
+    )
+    return c
+
+
+def fused_experts_int(x, w13: IntWeights, w2: IntWeights, topk_weights, topk_ids, layout: IntLayout, *,
+                      activation="silu", w13_bias=None, w2_bias=None, apply_router_weight_on_input=False,
+                      has_remote_experts=False, split_k: int | None = None) -> torch.Tensor:
+    """out[t] = sum_k w[t,k] * (W2[e] act(W13[e] x[t] + b13[e]) + b2[e]), W = dequantized int weights.
+    split_k: K slices of GEMM2 (None: split_k_for's choice, 1 off the GPU)."""
+    T, H = x.shape
+    E, two_i, _ = w13.packed.shape
+    I = two_i // 2
+    K = topk_ids.shape[1]
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"int MoE: x must be fp16, bf16 or fp32, got {x.dtype}")
+    if w13.packed.dtype != torch.int32 or w2.packed.dtype != torch.int32:
+        raise ValueError("int MoE: packed weights must be int32")
+    if T == 0:
+        return torch.zeros(0, H, dtype=x.dtype, device=x.device)
+    S = T * K
+    tag = f"int{layout.bits}"
+    cfg1 = _config(f"w13-{tag}", T, E, I, H, True, x.device, K, layout)
+    cfg2 = _config(f"w2-{tag}", T, E, H, I, False, x.device, K, layout)
+    topk_weights = topk_weights.reshape(-1).float().contiguous()
+    route1 = moe_align(topk_ids, E, cfg1.BLOCK_M)
+    route2 = route1 if cfg2.BLOCK_M == cfg1.BLOCK_M else moe_align(topk_ids, E, cfg2.BLOCK_M)
+    new = torch.zeros if has_remote_experts else torch.empty
+    inter = new(S, I, dtype=x.dtype, device=x.device)
+    int_grouped_gemm(x, w13, inter, route1, cfg1, layout, gated=True, a_row_div=K, activation=activation,
+                     bias=w13_bias, topk_weights=topk_weights if apply_router_weight_on_input else None)
+    if split_k is None:
+        split_k = split_k_for(S, E, H, I, cfg2, x.device)
+    if split_k > 1:
+        y = torch.zeros(S, H, dtype=torch.float32, device=x.device)
+    else:
+        y = new(S, H, dtype=x.dtype, device=x.device)
+    int_grouped_gemm(inter, w2, y, route2, cfg2, layout, gated=False, a_row_div=1, bias=w2_bias,
+                     topk_weights=None if apply_router_weight_on_input else topk_weights, split_k=split_k)
+    return moe_sum(y, T, K).to(x.dtype)
