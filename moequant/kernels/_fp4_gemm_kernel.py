@@ -1,0 +1,142 @@
+"""Triton body of the fp4 grouped expert GEMM (launcher: fp4_gemm.py). Weights stay packed in memory.
+
+# S token slots, P padded slots, E experts, N output columns, K reduction dim, G scale group (16 nvfp4, 32 mxfp4)
+B packed uint8 [E, N, K/2]: byte j of a row holds element 2j (low nibble) and 2j+1 (high nibble). The A tile is read as
+its even and odd columns, so each byte tile [BK/2, BN] is dequantized in registers into two tiles (low, high):
+  C[slot, n] = epilogue( s2[e] * a_scale * sum_j (A[slot, 2j] * lo[j, n] + A[slot, 2j+1] * hi[j, n]) ),
+  lo/hi = e2m1(nibble) * block_scale[e, n, 2j // G] (exact in bf16/fp16: <= 6 significant bits); the [BK/G, BN]
+  scale tile is decoded once and broadcast over its G/2 bytes. BLOCK_K must be a multiple of G (the launcher ensures it).
+Block scales: SCALE_KIND 0 = fp8 e4m3 bits (read as uint8, decoded here), 1 = E8M0 (2^(s-127)).
+s2: nvfp4's second-level scale per expert (HAS_S2); a_scale: nvfp4's activation scale (1 / input global scale, HAS_ASCALE).
+GEMM1 (GATED): gate rows n and up rows N + n, epilogue act(gate, up). GEMM2: bias and routing weight.
+"""
+
+import triton
+import triton.language as tl
+
+from moequant.kernels._moe_gemm_kernel import gated_act, tile_coords
+
+
+@triton.jit
+def e2m1_value(nib):
+    """fp32 value / 2^14 of a 4-bit e2m1 code (sign bit 3, exponent bits 2-1, mantissa bit 0), by placing the code in
+    an fp16's sign/exponent/mantissa bits: fp16 (s, e, m) = (1 + m/2) 2^(e-15) (e > 0) or (m/2) 2^-14 (e = 0) is the
+    e2m1 value times 2^-14 in both cases. Callers fold 2^14 into the block scale."""
+    bits = ((nib & 8) << 12) | ((nib & 7) << 9)
+    return bits.to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def pow2(ex):
+    """2.0 ** ex (fp32) for int32 ex in [-126, 127], built from the exponent bits (exact; no exp2 approximation)."""
+    return ((ex + 127) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def block_scale_value(s, SCALE_KIND: tl.constexpr):
+    """fp32 value of a block scale byte: fp8 e4m3fn ((1 + m/8) 2^(e-7), subnormal m 2^-9 at e = 0) or E8M0
+    (2^(s-127); s = 0, i.e. 2^-127, reads as 0)."""
+    s = s.to(tl.int32)
+    if SCALE_KIND == 0:
+        ex = (s >> 3) & 15
+        mt = (s & 7).to(tl.float32)
+        mag = tl.where(ex == 0, mt * 0.001953125, (8.0 + mt) * pow2(tl.maximum(ex, 1) - 10))
+        return tl.where((s & 128) != 0, -mag, mag)
+    else:
+        return tl.where(s == 0, 0.0, pow2(s - 127))
+
+
+@triton.jit
+def _dequant_tile(b_ptrs, s_ptrs, b_mask, s_mask, SCALE_KIND: tl.constexpr, GROUP: tl.constexpr,
+                  HALF_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Bytes [BK/2, BN] + block scales [BK/G, BN] -> fp32 (lo, hi) [BK/2, BN]; each scale decoded once."""
+    b = tl.load(b_ptrs, mask=b_mask, other=0).to(tl.int32)
+    sc = block_scale_value(tl.load(s_ptrs, mask=s_mask, other=0), SCALE_KIND) * 16384.0  # 2^14: see e2m1_value
+    sc = sc[:, None, :]
+    lo = tl.reshape(e2m1_value(b & 15), (HALF_K // (GROUP // 2), GROUP // 2, BLOCK_N)) * sc
+    hi = tl.reshape(e2m1_value(b >> 4), (HALF_K // (GROUP // 2), GROUP // 2, BLOCK_N)) * sc
+    return tl.reshape(lo, (HALF_K, BLOCK_N)), tl.reshape(hi, (HALF_K, BLOCK_N))
+
+
+@triton.jit
+def fp4_moe_gemm_kernel(
+    a_ptr, b_ptr, bs_ptr, s2_ptr, ascale_ptr, c_ptr, bias_ptr, topk_w_ptr,
+    sorted_ids_ptr, expert_ids_ptr, total_ptr,
+    N, K, S, P_total,
+    stride_am, stride_ak, stride_be, stride_bn, stride_bk, stride_se, stride_sn, stride_sk,
+    stride_s2e, stride_s2j, stride_cm, stride_cn, stride_bias_e, stride_bias_n,
+    A_ROW_DIV: tl.constexpr, GATED: tl.constexpr, ACTIVATION: tl.constexpr, SCALE_KIND: tl.constexpr,
+    GROUP: tl.constexpr, HAS_S2: tl.constexpr, HAS_ASCALE: tl.constexpr,
+    MUL_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    pid_m, pid_n = tile_coords(P_total, N, BLOCK_M, BLOCK_N, GROUP_M)
+    if pid_m * BLOCK_M >= tl.load(total_ptr):
+        return
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    slots = tl.load(sorted_ids_ptr + offs_m)
+    row_ok = slots < S
+    e = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = offs_n < N
+    HALF_K: tl.constexpr = BLOCK_K // 2
+    offs_j = tl.arange(0, HALF_K)  # byte index within the K block
+    NUM_G: tl.constexpr = BLOCK_K // GROUP  # scale groups per K block (BLOCK_K is a multiple of GROUP)
+    offs_g = tl.arange(0, NUM_G)
+    K2 = K // 2
+
+    a_rows = a_ptr + (slots // A_ROW_DIV).to(tl.int64)[:, None] * stride_am
+    b_base = b_ptr + e * stride_be + offs_n[None, :].to(tl.int64) * stride_bn
+    s_base = bs_ptr + e * stride_se + offs_n[None, :].to(tl.int64) * stride_sn
+    dtype = a_ptr.dtype.element_ty
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if GATED:
+        acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        b_up = N * stride_bn
+        s_up = N * stride_sn
+    for k0 in range(0, tl.cdiv(K2, HALF_K)):
+        j = k0 * HALF_K + offs_j
+        j_ok = j < K2
+        a_mask = row_ok[:, None] & j_ok[None, :]
+        a_even = tl.load(a_rows + (2 * j)[None, :] * stride_ak, mask=a_mask, other=0.0)
+        a_odd = tl.load(a_rows + (2 * j + 1)[None, :] * stride_ak, mask=a_mask, other=0.0)
+        b_ptrs = b_base + j[:, None] * stride_bk
+        g = k0 * NUM_G + offs_g
+        s_ptrs = s_base + g[:, None] * stride_sk
+        w_mask = j_ok[:, None] & col_ok[None, :]
+        s_mask = (g < K // GROUP)[:, None] & col_ok[None, :]
+        lo, hi = _dequant_tile(b_ptrs, s_ptrs, w_mask, s_mask, SCALE_KIND, GROUP, HALF_K, BLOCK_N)
+        acc = tl.dot(a_even, lo.to(dtype), acc, input_precision=DOT_PRECISION)
+        acc = tl.dot(a_odd, hi.to(dtype), acc, input_precision=DOT_PRECISION)
+        if GATED:
+            lo, hi = _dequant_tile(b_ptrs + b_up, s_ptrs + s_up, w_mask, s_mask, SCALE_KIND, GROUP, HALF_K, BLOCK_N)
+            acc_up = tl.dot(a_even, lo.to(dtype), acc_up, input_precision=DOT_PRECISION)
+            acc_up = tl.dot(a_odd, hi.to(dtype), acc_up, input_precision=DOT_PRECISION)
+
+    # per-expert second-level scale and the activation scale come first: they belong to the dot product
+    if HAS_S2:
+        acc = acc * tl.load(s2_ptr + e * stride_s2e)
+        if GATED:
+            acc_up = acc_up * tl.load(s2_ptr + e * stride_s2e + stride_s2j)
+    if HAS_ASCALE:
+        a_s = tl.load(ascale_ptr)
+        acc = acc * a_s
+        if GATED:
+            acc_up = acc_up * a_s
+    if MUL_WEIGHT:
+        w = tl.load(topk_w_ptr + slots, mask=row_ok, other=0.0).to(tl.float32)
+        if GATED:
+            acc = acc * w[:, None]
+            acc_up = acc_up * w[:, None]
+    if HAS_BIAS:
+        bias_row = bias_ptr + e * stride_bias_e
+        acc += tl.load(bias_row + offs_n * stride_bias_n, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        if GATED:
+            acc_up += tl.load(bias_row + (N + offs_n) * stride_bias_n, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    if MUL_WEIGHT:
+        if not GATED:
+            acc = acc * w[:, None]
+    if GATED:
+        acc = gated_act(acc, acc_up, ACTIVATION)
+    c_ptrs = c_ptr + slots.to(tl.int64)[:, None] * stride_cm + offs_n[None, :] * stride_cn
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])

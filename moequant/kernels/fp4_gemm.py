@@ -1,0 +1,109 @@
+"""Launchers of the fp4 fused MoE (nvfp4, nvfp4a16, mxfp4): align -> GEMM1 (+gated activation) -> GEMM2 (+routing
+weight) -> sum over K, with packed fp4 weights dequantized in registers (see _fp4_gemm_kernel).
+
+T tokens, K top-k, S = T*K slots, E experts (local), H hidden, I intermediate (per rank).
+x [T, H]; w13 packed uint8 [E, 2I, H/2], w13 block scales [E, 2I, H/G]; w2 packed [E, H, I/2], scales [E, H, I/G];
+nvfp4: w13_scale_2 [E, 2], w2_scale_2 [E] fp32; act_fp4: input scales [1] (NaN = dynamic per tensor).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import triton
+
+from moequant.kernels._fp4_gemm_kernel import fp4_moe_gemm_kernel
+from moequant.kernels.align import moe_align
+from moequant.kernels.moe_gemm import _ACT_CODE, _dot_precision, moe_sum
+from moequant.kernels.tuning import get_config
+from moequant.quantize import fp4_math as f4
+
+_SCALE_KIND = {"fp8": 0, "e8m0": 1}
+
+
+def quantize_act_nvfp4(a: torch.Tensor, input_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """NVFP4 activation emulation: (a_q = e2m1(a / eff) * fp8 block scale in a's dtype, s = input scale [1] fp32) with
+    a ~= a_q * s. eff = scale / gs, gs = 1 / s; a NaN input scale means dynamic: s = amax(a) / (6 * 448). No host sync."""
+    s = input_scale.float().reshape(1)
+    dyn = (a.float().abs().amax() / (f4.FP4_MAX * f4.FP8_MAX)).clamp(min=torch.finfo(torch.float32).tiny)
+    s = torch.where(torch.isnan(s), dyn.reshape(1), s)
+    blocks = a.float().reshape(a.shape[0], -1, f4.NVFP4_GROUP)
+    scale = (blocks.abs().amax(-1, keepdim=True) / f4.FP4_MAX / s).clamp(max=f4.FP8_MAX).to(f4.FP8_DTYPE).float()
+    eff = scale * s
+    q = torch.where(eff > 0, f4.round_to_e2m1(blocks / torch.where(eff > 0, eff, torch.ones_like(eff))), 0.0)
+    return (q * scale).reshape(a.shape).to(a.dtype), s
+
+
+def _config(kernel, T, E, N, K, gated, device, top_k, group):
+    cfg = get_config(kernel, T, E, N, K, gated=gated, device=device, top_k=top_k)
+    bk = max(triton.next_power_of_2(cfg.BLOCK_K), 32, group)  # BK/2 >= 16 for tl.dot; a power of 2, so whole groups
+    return dataclasses.replace(cfg, BLOCK_K=bk) if bk != cfg.BLOCK_K else cfg
+
+
+def fp4_grouped_gemm(a, b, bs, c, routing, cfg, *, scale_kind, group, gated, a_row_div, activation="silu",
+                     scale_2=None, a_scale=None, bias=None, topk_weights=None) -> torch.Tensor:
+    """c[slot] = epilogue(a[slot // a_row_div] @ dequant(b[expert(slot)]).T); see _fp4_gemm_kernel."""
+    sorted_ids, expert_ids, total = routing
+    N = b.shape[1] // 2 if gated else b.shape[1]
+    K = b.shape[2] * 2
+    S = c.shape[0]
+    P = sorted_ids.numel()
+    grid = (triton.cdiv(P, cfg.BLOCK_M) * triton.cdiv(N, cfg.BLOCK_N),)
+    dummy = c
+    s2 = scale_2 if scale_2 is not None else dummy
+    s2_strides = (scale_2.stride(0), scale_2.stride(1) if scale_2.dim() > 1 else 0) if scale_2 is not None else (0, 0)
+    fp4_moe_gemm_kernel[grid](
+        a, b, bs, s2, a_scale if a_scale is not None else dummy, c,
+        bias if bias is not None else dummy, topk_weights if topk_weights is not None else dummy,
+        sorted_ids, expert_ids, total,
+        N, K, S, P,
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1), b.stride(2), bs.stride(0), bs.stride(1), bs.stride(2),
+        *s2_strides, c.stride(0), c.stride(1),
+        bias.stride(0) if bias is not None else 0, bias.stride(1) if bias is not None else 0,
+        A_ROW_DIV=a_row_div, GATED=gated, ACTIVATION=_ACT_CODE[activation], SCALE_KIND=_SCALE_KIND[scale_kind],
+        GROUP=group, HAS_S2=scale_2 is not None, HAS_ASCALE=a_scale is not None,
+        MUL_WEIGHT=topk_weights is not None, HAS_BIAS=bias is not None, DOT_PRECISION=_dot_precision(a.dtype),
+        **cfg.launch_kwargs(),
+    )
+    return c
+
+
+def fused_experts_fp4(x, w13_packed, w13_scale, w2_packed, w2_scale, topk_weights, topk_ids, *, scale_kind="fp8",
+                      w13_scale_2=None, w2_scale_2=None, w13_input_scale=None, w2_input_scale=None, act_fp4=False,
+                      activation="silu", w13_bias=None, w2_bias=None, apply_router_weight_on_input=False,
+                      has_remote_experts=False) -> torch.Tensor:
+    """out[t] = sum_k w[t,k] * (W2[e] act(W13[e] x'[t] + b13[e]) + b2[e]), W = dequantized fp4, x' = x (A16) or
+    x fake-quantized to nvfp4 (act_fp4; likewise the activation before W2)."""
+    T, H = x.shape
+    E, two_i, _ = w13_packed.shape
+    I = two_i // 2
+    K = topk_ids.shape[1]
+    group = H // w13_scale.shape[2]
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"fp4 MoE: x must be fp16, bf16 or fp32, got {x.dtype}")
+    if w13_packed.dtype != torch.uint8 or w2_packed.dtype != torch.uint8:
+        raise ValueError("fp4 MoE: packed weights must be uint8")
+    if T == 0:
+        return torch.zeros(0, H, dtype=x.dtype, device=x.device)
+    if scale_kind == "fp8":  # the kernel decodes the fp8 bits itself
+        w13_scale, w2_scale = w13_scale.view(torch.uint8), w2_scale.view(torch.uint8)
+    S = T * K
+    tag = "nvfp4" if scale_kind == "fp8" else "mxfp4"
+    cfg1 = _config(f"w13-{tag}", T, E, I, H, True, x.device, K, group)
+    cfg2 = _config(f"w2-{tag}", T, E, H, I, False, x.device, K, group)
+    topk_weights = topk_weights.reshape(-1).float().contiguous()
+    route1 = moe_align(topk_ids, E, cfg1.BLOCK_M)
+    route2 = route1 if cfg2.BLOCK_M == cfg1.BLOCK_M else moe_align(topk_ids, E, cfg2.BLOCK_M)
+    new = torch.zeros if has_remote_experts else torch.empty
+    a1, s1 = quantize_act_nvfp4(x, w13_input_scale) if act_fp4 else (x, None)
+    inter = new(S, I, dtype=x.dtype, device=x.device)
+    fp4_grouped_gemm(a1, w13_packed, w13_scale, inter, route1, cfg1, scale_kind=scale_kind, group=group, gated=True,
+                     a_row_div=K, activation=activation, scale_2=w13_scale_2, a_scale=s1, bias=w13_bias,
+                     topk_weights=topk_weights if apply_router_weight_on_input else None)
+    a2, s2 = quantize_act_nvfp4(inter, w2_input_scale) if act_fp4 else (inter, None)
+    y = new(S, H, dtype=x.dtype, device=x.device)
+    fp4_grouped_gemm(a2, w2_packed, w2_scale, y, route2, cfg2, scale_kind=scale_kind, group=group, gated=False,
+                     a_row_div=1, scale_2=w2_scale_2, a_scale=s2, bias=w2_bias,
+                     topk_weights=None if apply_router_weight_on_input else topk_weights)
+    return moe_sum(y, T, K)
