@@ -1,4 +1,4 @@
-"""`moequant` command line: `demo` (the default with no arguments for now) and `methods`.
+"""`moequant` command line: `demo` (the default with no arguments for now), `methods` and `inspect`.
 
 Later issues add `quantize`, `validate`, `inspect` and `bench` here; only implemented commands are offered.
 """
@@ -37,7 +37,16 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=_demo)
     m = sub.add_parser("methods", help="list the registered MoE quantization schemes")
     m.set_defaults(func=_methods)
+    i = sub.add_parser("inspect", help="print a checkpoint's architecture, MoE geometry, scheme per layer and size")
+    _inspect_cli().build_parser(i)
+    i.set_defaults(func=lambda a: _inspect_cli().run(a))
     return p
+
+
+def _inspect_cli():
+    from moequant.loaders import inspect_cli
+
+    return inspect_cli
 
 
 def main(argv: list[str] | None = None) -> int:
