@@ -120,11 +120,43 @@ def make_weights(shape: Shape, device: str, gen: torch.Generator) -> tuple[torch
     return rnd(shape.E, 2 * shape.I, shape.H), rnd(shape.E, shape.H, shape.I)
 
 
+ACT_ORDER = "+actorder"  # scheme suffix: integer scheme with a random act-order channel permutation per expert
+GROUP = re.compile(r"^(?P<base>[\w-]+?)(?::g(?P<g>\d+))?(?P<act>\+actorder)?$")  # e.g. w4a16:g128+actorder
+
+
+def bench_config(name: str) -> moequant.QuantConfig:
+    """A benchmark scheme name -> QuantConfig: a registry name, optionally ':gN' (group size N) and '+actorder'."""
+    m = GROUP.match(name)
+    if m is None or m["base"] not in moequant.list_methods():
+        raise argparse.ArgumentTypeError(f"bad scheme {name!r}: a registry name ({', '.join(moequant.list_methods())}), "
+                                         f"optionally with ':gN' and, for integer schemes, '{ACT_ORDER}'")
+    return moequant.QuantConfig(scheme=m["base"], group_size=int(m["g"]) if m["g"] else None, act_order=bool(m["act"]))
+
+
+def _random_g_idx(layer: moequant.FusedMoE, gen: torch.Generator) -> None:
+    """Replace the identity grouping by g_idx[perm[j]] = j // G with a random perm per expert and projection, as an
+    act-order checkpoint has (the weights then no longer match w13/w2, which the timing does not care about)."""
+    G = layer.quant_config.group_size
+    for p in ("w13", "w2"):
+        g_idx = getattr(layer, f"{p}_weight_g_idx").data
+        E, K = g_idx.shape
+        for e in range(E):
+            perm = torch.randperm(K, generator=gen, device="cpu").to(g_idx.device)
+            g_idx[e, perm] = (torch.arange(K, device=g_idx.device) // G).to(g_idx.dtype)
+
+
 def build_layer(shape: Shape, scheme: str, w13: torch.Tensor, w2: torch.Tensor, device: str) -> moequant.FusedMoE:
-    """A FusedMoE on `device` holding w13/w2, quantized by the scheme's RTN (load_dense_weights)."""
+    """A FusedMoE on `device` holding w13/w2, quantized by the scheme's RTN (load_dense_weights); a +actorder
+    scheme gets a random act-order grouping before process_weights_after_loading."""
+    qc = bench_config(scheme)
     with torch.device(device):
-        layer = moequant.FusedMoE(shape.E, shape.K, shape.H, shape.I, params_dtype=torch.bfloat16, quant_config=scheme)
-    layer.load_dense_weights(w13, w2)
+        layer = moequant.FusedMoE(shape.E, shape.K, shape.H, shape.I, params_dtype=torch.bfloat16, quant_config=qc)
+    if qc.act_order:
+        layer.quant_method.quantize_dense(layer, w13, w2)
+        _random_g_idx(layer, torch.Generator().manual_seed(1))
+        layer.quant_method.process_weights_after_loading(layer)
+    else:
+        layer.load_dense_weights(w13, w2)
     if device == "cpu":
         layer.backend = "reference"
     return layer
@@ -329,10 +361,10 @@ def _fmt(v, spec: str, width: int) -> str:
 def print_table(rows: list[dict], meta: dict) -> None:
     print(f"\n{meta['card']}  copy {_fmt(meta['copy_bandwidth_GBps'], '.0f', 0)} GB/s  "
           f"bf16 {_fmt(meta['dense_bf16_TFLOPs'], '.0f', 0)} TFLOP/s  fp8 {_fmt(meta['dense_fp8_TFLOPs'], '.0f', 0)} TFLOP/s")
-    print(f"{'shape':18} {'scheme':14} {'M':>5} {'graph_us':>9} {'eager_us':>9} {'MB/fwd':>8} {'GB/s':>7} {'%bw':>5} "
+    print(f"{'shape':18} {'scheme':24} {'M':>5} {'graph_us':>9} {'eager_us':>9} {'MB/fwd':>8} {'GB/s':>7} {'%bw':>5} "
           f"{'TFLOP/s':>8} {'%dense':>6} {'x_unq':>6} {'rel_err':>8}")
     for r in rows:
-        head = f"{r['shape']:18} {r['scheme']:14} {r['M']:>5}"
+        head = f"{r['shape']:18} {r['scheme']:24} {r['M']:>5}"
         if "error" in r:
             print(f"{head} ERROR {r['error'][:80]}")
             continue
@@ -353,10 +385,18 @@ def _csv(kind: str, choices=None, conv=str):
     return parse
 
 
+def _schemes(text: str) -> list[str]:
+    names = _csv("scheme")(text)
+    for n in names:
+        bench_config(n)
+    return names
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="bench_moe", description=__doc__.split("\n\n")[0])
-    p.add_argument("--schemes", type=_csv("scheme", moequant.list_methods()), default=["unquantized"],
-                   help="comma-separated registry names (default unquantized)")
+    p.add_argument("--schemes", type=_schemes, default=["unquantized"],
+                   help=f"comma-separated registry names, optionally ':gN' (group size) and {ACT_ORDER} "
+                        "(e.g. w4a16:g128+actorder; default unquantized)")
     p.add_argument("--shapes", type=_csv("shape", list(SHAPES)), default=None,
                    help=f"comma-separated, from {', '.join(SHAPES)} (default: {', '.join(GPU_SHAPES)}; tiny on --device cpu)")
     p.add_argument("--ms", type=_csv("token counts", conv=int), default=None,

@@ -60,9 +60,18 @@ def routes(T, device, one_expert=False):
     return torch.stack([torch.randperm(E, generator=gen)[:K] for _ in range(T)]).int().to(device)
 
 
+@pytest.fixture(params=["tile", "slab"])
+def kernel(request, monkeypatch):
+    """Both int GEMM bodies: the unpacked-tile kernel (many slots per expert) and the per-bit-slab one (few)."""
+    import moequant.kernels.int_gemm as ig
+
+    monkeypatch.setattr(ig, "KERNEL", request.param)
+    return request.param
+
+
 @cpu_interp
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-G{c[2]}-act{int(c[3])}-tp{c[4]}")
-def test_interpreter_matches_reference(ckpts, case):
+def test_interpreter_matches_reference(ckpts, case, kernel):
     if not INTERP:
         pytest.skip("interpreter test")
     for dtype, tol in ((torch.float32, 1e-4), (torch.float16, 2e-2)):
@@ -73,8 +82,26 @@ def test_interpreter_matches_reference(ckpts, case):
 
 
 @cpu_interp
+@pytest.mark.parametrize("scheme,preset,G,act", [("w4a16", "W4A16", 128, False), ("w4a16-asym", "W4A16_ASYM", 128, True),
+                                                 ("w8a16", "W8A16", 64, True)])
+def test_slab_factored_group_scales(scheme, preset, G, act, kernel):
+    """BK dividing G: the slab kernel multiplies each block's dot by its group scale (and the tile kernel by G)."""
+    if not INTERP:
+        pytest.skip("interpreter test")
+    E2, H2, I2 = 3, 256, 128
+    cfg = QuantConfig(scheme=scheme, group_size=G, act_order=act)
+    layer = FusedMoE(E2, K, H2, I2, params_dtype=torch.float32, quant_config=cfg)
+    ck.load_into(layer, ck.state_dict(ck.build_experts(E2, H2, I2, ck.preset(preset, G), act_order=act, seed=4)))
+    gen = torch.Generator().manual_seed(1)
+    for T in (1, 5):
+        x = torch.randn(T, H2, generator=gen)
+        ids = torch.stack([torch.randperm(E2, generator=gen)[:K] for _ in range(T)]).int()
+        check(layer, x, ids, 1e-4)
+
+
+@cpu_interp
 @pytest.mark.parametrize("case", [CASES[1], CASES[5]], ids=["asym", "act-tp"])
-def test_split_k_matches_reference(ckpts, case):
+def test_split_k_matches_reference(ckpts, case, kernel):
     """GEMM2 split over K slices (atomic fp32 adds), as chosen for few-token batches on the GPU."""
     from moequant.kernels.int_gemm import IntLayout, fused_experts_int
 

@@ -21,7 +21,7 @@ drops the carry when rounding up to the next power of two (124.3 -> 64); the GPU
 import triton
 import triton.language as tl
 
-FP8_MAX: tl.constexpr = 448.0
+FP8_MAX = tl.constexpr(448.0)  # a global read inside @jit must be a constexpr instance
 
 
 @triton.jit

@@ -93,8 +93,8 @@ def int_moe_gemm_kernel(
     z_base = z_ptr + e * stride_ze + offs_n.to(tl.int64) * stride_zn
     dtype = a_ptr.dtype.element_ty
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # GEMM1's up half (unused by GEMM2)
     if GATED:
-        acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         b_up = N * stride_bn
         s_up = N * stride_sn
         z_up = N * stride_zn
@@ -128,6 +128,18 @@ def int_moe_gemm_kernel(
                          stride_sk, stride_zk, BITS, GROUP, GIDX, HAS_ZP, BLOCK_K, BLOCK_N)
             acc_up = tl.dot(a, w.to(dtype), acc_up, input_precision=DOT_PRECISION)
 
+    int_epilogue(acc, acc_up, slots, row_ok, offs_n, col_ok, e, N, c_ptr, bias_ptr, topk_w_ptr,
+                 stride_cm, stride_cn, stride_bias_e, stride_bias_n,
+                 GATED, ACTIVATION, MUL_WEIGHT, HAS_BIAS, SPLIT_K)
+
+
+@triton.jit
+def int_epilogue(acc, acc_up, slots, row_ok, offs_n, col_ok, e, N, c_ptr, bias_ptr, topk_w_ptr,
+                 stride_cm, stride_cn, stride_bias_e, stride_bias_n,
+                 GATED: tl.constexpr, ACTIVATION: tl.constexpr, MUL_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 SPLIT_K: tl.constexpr):
+    """Routing weight (before the activation on GEMM1's input side, after the bias on GEMM2), bias, gated
+    activation, then a store, or with SPLIT_K > 1 an atomic add of this K slice's partial sum (GEMM2 only)."""
     if MUL_WEIGHT:
         wt = tl.load(topk_w_ptr + slots, mask=row_ok, other=0.0).to(tl.float32)
         if GATED:

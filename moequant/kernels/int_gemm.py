@@ -10,12 +10,14 @@ g_idx int32 [E, K] (sorted act-order groups) and sort_idx int32 [E, K] or None.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 
 import torch
 import triton
 
 from moequant.kernels._int_gemm_kernel import int_moe_gemm_kernel
+from moequant.kernels._int_gemm_slab_kernel import int_moe_gemm_slab_kernel
 from moequant.kernels.align import moe_align
 from moequant.kernels.moe_gemm import _ACT_CODE, _dot_precision, moe_sum
 from moequant.kernels.tuning import get_config
@@ -44,13 +46,28 @@ class IntWeights:
     uniform_groups: bool = True
 
 
-def _config(kernel, T, E, N, K, gated, device, top_k, layout: IntLayout):
+KERNEL = os.environ.get("MOEQUANT_INT_KERNEL", "auto")  # auto | slab | tile (see use_slab)
+SLAB_MAX_SLOTS_PER_EXPERT = 8  # H200: slab faster at 4 slots/expert (Qwen3 M=64), slower at 16 (Mixtral M=64)
+
+
+def use_slab(S: int, E: int) -> bool:
+    """The slab kernel (one dot per bit position, scales factored out of the dot) for few slots per expert, where
+    dequantization rather than the tensor cores sets the pace; the tile kernel (one unpacked [BK, BN] tile) beyond."""
+    if KERNEL in ("slab", "tile"):
+        return KERNEL == "slab"
+    return S <= SLAB_MAX_SLOTS_PER_EXPERT * E
+
+
+def _config(kernel, T, E, N, K, gated, device, top_k, layout: IntLayout, slab: bool):
     cfg = get_config(kernel, T, E, N, K, gated=gated, device=device, top_k=top_k)
     pw = 32 // layout.bits
-    bk = max(triton.next_power_of_2(cfg.BLOCK_K), 16 * pw // 2, 32)  # [BK/PW, BN] word tiles; BK >= 16 for tl.dot
-    G = layout.group_size
-    if G is not None and bk % G and G % bk:
-        bk = G
+    if slab:  # each slab is a dot of BK / PW >= 16 columns
+        bk = max(triton.next_power_of_2(cfg.BLOCK_K), 16 * pw)
+    else:  # [BK/PW, BN] word tiles; BK >= 16 for tl.dot
+        bk = max(triton.next_power_of_2(cfg.BLOCK_K), 16 * pw // 2, 32)
+        G = layout.group_size
+        if G is not None and bk % G and G % bk:
+            bk = G
     return dataclasses.replace(cfg, BLOCK_K=bk) if bk != cfg.BLOCK_K else cfg
 
 
@@ -68,7 +85,8 @@ def split_k_for(S: int, E: int, N: int, K: int, cfg, device: torch.device) -> in
 
 
 def int_grouped_gemm(a, w: IntWeights, c, routing, cfg, layout: IntLayout, *, gated: bool, a_row_div: int,
-                     activation: str = "silu", bias=None, topk_weights=None, split_k: int = 1) -> torch.Tensor:
+                     activation: str = "silu", bias=None, topk_weights=None, split_k: int = 1,
+                     slab: bool = False) -> torch.Tensor:
     """c[slot] = epilogue(a[slot // a_row_div][:, sort_idx] @ dequant(w[expert(slot)]).T); see _int_gemm_kernel."""
     sorted_ids, expert_ids, total = routing
     pw = 32 // layout.bits
@@ -82,7 +100,8 @@ def int_grouped_gemm(a, w: IntWeights, c, routing, cfg, layout: IntLayout, *, ga
     dummy = c
     zp, gi, si = w.zero_point, w.g_idx, w.sort_idx
     gidx = layout.act_order and not w.uniform_groups
-    int_moe_gemm_kernel[grid](
+    kernel = int_moe_gemm_slab_kernel if slab else int_moe_gemm_kernel
+    kernel[grid](
         a, w.packed, w.scale, zp if zp is not None else dummy, gi if gidx else dummy, si if si is not None else dummy,
         c, bias if bias is not None else dummy, topk_weights if topk_weights is not None else dummy,
         sorted_ids, expert_ids, total,
@@ -117,15 +136,16 @@ def fused_experts_int(x, w13: IntWeights, w2: IntWeights, topk_weights, topk_ids
         return torch.zeros(0, H, dtype=x.dtype, device=x.device)
     S = T * K
     tag = f"int{layout.bits}"
-    cfg1 = _config(f"w13-{tag}", T, E, I, H, True, x.device, K, layout)
-    cfg2 = _config(f"w2-{tag}", T, E, H, I, False, x.device, K, layout)
+    slab = use_slab(S, E)
+    cfg1 = _config(f"w13-{tag}", T, E, I, H, True, x.device, K, layout, slab)
+    cfg2 = _config(f"w2-{tag}", T, E, H, I, False, x.device, K, layout, slab)
     topk_weights = topk_weights.reshape(-1).float().contiguous()
     route1 = moe_align(topk_ids, E, cfg1.BLOCK_M)
     route2 = route1 if cfg2.BLOCK_M == cfg1.BLOCK_M else moe_align(topk_ids, E, cfg2.BLOCK_M)
     new = torch.zeros if has_remote_experts else torch.empty
     inter = new(S, I, dtype=x.dtype, device=x.device)
     int_grouped_gemm(x, w13, inter, route1, cfg1, layout, gated=True, a_row_div=K, activation=activation,
-                     bias=w13_bias, topk_weights=topk_weights if apply_router_weight_on_input else None)
+                     bias=w13_bias, topk_weights=topk_weights if apply_router_weight_on_input else None, slab=slab)
     if split_k is None:
         split_k = split_k_for(S, E, H, I, cfg2, x.device)
     if split_k > 1:
@@ -133,5 +153,6 @@ def fused_experts_int(x, w13: IntWeights, w2: IntWeights, topk_weights, topk_ids
     else:
         y = new(S, H, dtype=x.dtype, device=x.device)
     int_grouped_gemm(inter, w2, y, route2, cfg2, layout, gated=False, a_row_div=1, bias=w2_bias,
-                     topk_weights=None if apply_router_weight_on_input else topk_weights, split_k=split_k)
+                     topk_weights=None if apply_router_weight_on_input else topk_weights, split_k=split_k,
+                     slab=slab)
     return moe_sum(y, T, K).to(x.dtype)
