@@ -11,6 +11,7 @@ Each slab is one tensor-core dot [BM, BKW] x [BKW, BN], with no reshape of the u
     g(k) = k // G or gidx[e, k] gathered for the slab's columns.
 Act-order (SORTED): A column k is A[slot, sort_idx[e, k]], gathered in the A load (no permuted copy of x).
 GEMM1 (GATED): gate rows n and up rows N + n. SPLIT_K > 1 (GEMM2): each program sums a slice of the K blocks.
+PREFETCH: the next K block's words are loaded (into registers) before this block's dots, one load always in flight.
 """
 
 import triton
@@ -40,6 +41,7 @@ def int_moe_gemm_slab_kernel(
     BITS: tl.constexpr, GROUP: tl.constexpr, GIDX: tl.constexpr, SORTED: tl.constexpr, HAS_ZP: tl.constexpr,
     MUL_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    PREFETCH: tl.constexpr = False,
 ):
     pid_m = tl.program_id(0) // tl.cdiv(N, BLOCK_N)
     pid_n = tl.program_id(0) % tl.cdiv(N, BLOCK_N)
@@ -74,12 +76,27 @@ def int_moe_gemm_slab_kernel(
         per = tl.cdiv(n_iter, SPLIT_K)
         k_lo = tl.program_id(1) * per
         k_hi = tl.minimum(k_lo + per, n_iter)
+    j = k_lo * BKW + offs_w  # PREFETCH: the next block's words are loaded before this block's dots
+    nxt = tl.load(b_base + j[:, None] * stride_bk, mask=(j < KW)[:, None] & col_ok[None, :], other=0)
+    nxt_up = nxt
+    if GATED:
+        nxt_up = tl.load(b_base + b_up + j[:, None] * stride_bk, mask=(j < KW)[:, None] & col_ok[None, :], other=0)
     for k0 in range(k_lo, k_hi):
         j = k0 * BKW + offs_w
-        w_mask = (j < KW)[:, None] & col_ok[None, :]
-        words = tl.load(b_base + j[:, None] * stride_bk, mask=w_mask, other=0)
-        if GATED:
-            words_up = tl.load(b_base + b_up + j[:, None] * stride_bk, mask=w_mask, other=0)
+        if PREFETCH:
+            words = nxt
+            words_up = nxt_up
+            jn = j + BKW
+            m_next = (jn < tl.where(k0 + 1 < k_hi, KW, 0))[:, None] & col_ok[None, :]
+            nxt = tl.load(b_base + jn[:, None] * stride_bk, mask=m_next, other=0)
+            if GATED:
+                nxt_up = tl.load(b_base + b_up + jn[:, None] * stride_bk, mask=m_next, other=0)
+        else:
+            w_mask = (j < KW)[:, None] & col_ok[None, :]
+            words = tl.load(b_base + j[:, None] * stride_bk, mask=w_mask, other=0)
+            words_up = words
+            if GATED:
+                words_up = tl.load(b_base + b_up + j[:, None] * stride_bk, mask=w_mask, other=0)
         part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         part_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         g0 = 0

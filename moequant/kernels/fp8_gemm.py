@@ -23,7 +23,7 @@ from moequant.kernels._fp8_act_quant_kernel import fp8_act_quant_kernel
 from moequant.kernels._fp8_gemm_kernel import fp8_moe_gemm_kernel
 from moequant.kernels.align import moe_align
 from moequant.kernels.moe_gemm import _ACT_CODE, moe_sum
-from moequant.kernels.tuning import GemmConfig, _load_cache, cache_key
+from moequant.kernels.tuning import GemmConfig, cached_config
 from moequant.quantize.fp8_math import ACT_EPS, BLOCK, FP8_DTYPE
 
 _A_CODE = {"tensor": 0, "token": 1, "group": 2}
@@ -117,14 +117,9 @@ def fp8_config(kernel: str, M: int, E: int, N: int, K: int, gated: bool, device:
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
     if interpret:
         return GemmConfig(16, 32, 32, 1, 4, 1)
-    key = kernel + ("-block" if block_scales else "")
-    if device.type == "cuda":
-        import math
-
-        table = _load_cache(torch.cuda.get_device_name(device)).get(cache_key(key, E, N, K))
-        if table:
-            best = min(table, key=lambda m: abs(math.log2(int(m)) - math.log2(max(M, 1))))
-            return GemmConfig(**table[best])
+    cfg = cached_config(kernel + ("-block" if block_scales else ""), M, E, N, K, device)
+    if cfg is not None:
+        return cfg
     bk = 128 if block_scales else 256
     s = M * top_k / max(E, 1)
     if s <= 4:

@@ -2,7 +2,7 @@
 
 The cache (written by `benchmarks/tune_moe.py` on the GPU) is JSON at moequant/kernels/configs/<device>.json:
 {"version": 1, "device": name, "configs": {"<kernel>,E=<E>,N=<N>,K=<K>": {"<M>": {BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
-num_warps, num_stages}}}}; the entry with the nearest M (tokens, on a log scale) is used. M tokens, E experts, N output cols, K reduction.
+num_warps, num_stages}}}}; the entry with the nearest M (tokens, on a log scale) is used when within 4x of M. M tokens, E experts, N output cols, K reduction.
 """
 
 from __future__ import annotations
@@ -70,13 +70,25 @@ def cache_key(kernel: str, E: int, N: int, K: int) -> str:
     return f"{kernel},E={E},N={N},K={K}"
 
 
+MAX_LOG2_DISTANCE = 2  # a cached entry serves token counts within 4x of the M it was tuned at
+
+
+def cached_config(kernel: str, M: int, E: int, N: int, K: int, device: torch.device) -> GemmConfig | None:
+    """The cache's entry for (kernel, E, N, K) at the M nearest on a log scale, if within MAX_LOG2_DISTANCE."""
+    if device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+        return None
+    table = _load_cache(torch.cuda.get_device_name(device)).get(cache_key(kernel, E, N, K))
+    if not table:
+        return None
+    dist = {m: abs(math.log2(int(m)) - math.log2(max(M, 1))) for m in table}
+    best = min(dist, key=dist.get)
+    return GemmConfig(**table[best]) if dist[best] <= MAX_LOG2_DISTANCE else None
+
+
 def get_config(kernel: str, M: int, E: int, N: int, K: int, gated: bool, device: torch.device,
                top_k: int = 1) -> GemmConfig:
-    """Tuned config for (kernel, E, N, K) at the nearest M when the cache has one, else the heuristic."""
-    interpret = os.environ.get("TRITON_INTERPRET") == "1"
-    if device.type == "cuda" and not interpret:
-        table = _load_cache(torch.cuda.get_device_name(device)).get(cache_key(kernel, E, N, K))
-        if table:
-            best = min(table, key=lambda m: abs(math.log2(int(m)) - math.log2(max(M, 1))))
-            return GemmConfig(**table[best])
-    return heuristic_config(M, E, N, K, gated, top_k, interpret)
+    """Tuned config for (kernel, E, N, K) near M when the cache has one, else the heuristic."""
+    cfg = cached_config(kernel, M, E, N, K, device)
+    if cfg is not None:
+        return cfg
+    return heuristic_config(M, E, N, K, gated, top_k, os.environ.get("TRITON_INTERPRET") == "1")
