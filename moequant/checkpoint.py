@@ -25,10 +25,6 @@ from moequant.loaders.architectures import (
 from moequant.loaders.formats import LayerScheme, QuantFormat, detect_format
 from moequant.loaders.safetensors_index import CheckpointError, TensorIndex
 
-# (scheme source, storage) pairs whose expert tensors moe_block knows how to load today
-WIRED_STORAGE = {("unquantized", "dense")}
-
-
 def _read_json(path: Path, what: str) -> dict:
     try:
         data = json.loads(path.read_text())
@@ -112,19 +108,16 @@ class Checkpoint:
                 raise CheckpointError(f"{info.file}: router {key} has dtype {info.dtype}; routers must be unquantized")
 
     def _shared_size(self, block: str) -> int:
-        """I_s from the shared expert's gate_proj [I_s, H]; 0 without shared experts."""
+        """I_s from the shared expert's gate_proj [I_s, H] (its weight or packed weight); 0 without shared experts."""
+        from moequant.loaders.dense_linear import linear_entries, out_features
+
         if not self.spec.shared:
             return 0
         prefix = f"{block}.{self.spec.shared}."
-        keys = self.index.with_prefix(prefix)
-        if not keys:
+        if not self.index.with_prefix(prefix):
             return 0
-        key = prefix + "gate_proj.weight"
-        if key not in self.index:
-            raise CheckpointError(f"{self.folder}: shared expert tensors {sorted(keys)[:3]} are not plain "
-                                  f"gate_proj/up_proj/down_proj weights (quantized shared experts are not "
-                                  f"supported yet)")
-        return self.index.info(key).shape[0]
+        module = prefix + "gate_proj"
+        return out_features(linear_entries(self.index, module, self.format.module_scheme(module)), module)
 
     # --- quantization --------------------------------------------------------------------------------------
     def _require_moe(self, layer: int) -> None:
@@ -183,6 +176,8 @@ class Checkpoint:
                   quant_config: QuantConfig | str | None = None):
         """The MoE block of `layer`: router (fp32, unquantized) + FusedMoE with loaded, processed weights + shared
         experts. Only this rank's experts (ep) and slices (tp) are read; the ranks' outputs sum to the full output.
+        Quantized experts load in their checkpoint format (compressed-tensors, ModelOpt, GPTQ, native fp8, gpt-oss
+        MXFP4: see loaders/tensor_sources.py); quantized shared experts are dequantized to `dtype` (a dense MLP).
         `quant_config` quantizes an unquantized checkpoint's experts at load time (online)."""
         from moequant.layer import FusedMoE
         from moequant.moe_block import MoEBlock
@@ -196,9 +191,6 @@ class Checkpoint:
             qc = QuantConfig.parse(quant_config)
             if qc.scheme != "unquantized":
                 qc = dataclasses.replace(qc, online=True)
-        if (ls.source, ls.storage) not in WIRED_STORAGE:
-            raise NotImplementedError(f"layer {layer} of {self.name} is {ls.scheme} ({ls.source}, {ls.storage}); "
-                                      f"loading these expert tensors is not wired yet (wired: unquantized)")
         s, block = self.settings, self.block_prefix(layer)
         if self.shared_intermediate_size % tp_size:
             raise ValueError(f"shared expert intermediate size {self.shared_intermediate_size} is not divisible by "
@@ -214,7 +206,7 @@ class Checkpoint:
                 routed_scaling_factor=s.routed_scaling_factor, activation=s.activation, has_bias=s.has_bias,
                 tp_rank=tp_rank, ep_rank=ep_rank, backend=backend,
             )
-        self._load_experts(experts, block)
+        self._load_experts(experts, block, ls)
         try:
             experts.process_weights_after_loading()
         except ValueError as e:
@@ -228,13 +220,13 @@ class Checkpoint:
         out = MoEBlock(router, experts, shared, shared_gate, bias)
         return out.to(device).requires_grad_(False)
 
-    def _load_experts(self, experts, block: str) -> None:
+    def _load_experts(self, experts, block: str, ls: LayerScheme) -> None:
         from moequant.loaders.expert_loader import load_fused_gpt_oss, load_per_expert
 
         if self.spec.fused is not None:
-            load_fused_gpt_oss(experts, self.index, self.spec, block)
+            load_fused_gpt_oss(experts, self.index, self.spec, block, ls)
         else:
-            load_per_expert(experts, self.index, self.spec, block)
+            load_per_expert(experts, self.index, self.spec, block, ls)
 
     def _read_float(self, key: str, shape: tuple[int, ...], region: tuple = ()) -> torch.Tensor:
         info = self.index.info(key)
@@ -244,7 +236,15 @@ class Checkpoint:
             raise CheckpointError(f"{info.file}: tensor {key} has dtype {info.dtype}, expected a floating-point type")
         return self.index.read(key, region).float()
 
+    def _dense(self, module: str, shape: tuple[int, int], region: tuple = ()) -> torch.Tensor:
+        """fp32 weight of a plain Linear (shared experts, their gate), dequantized when the checkpoint quantizes it."""
+        from moequant.loaders.dense_linear import dense_weight
+
+        return dense_weight(self.index, module, self.format.module_scheme(module), shape, region)
+
     def _shared(self, block: str, dtype: torch.dtype, tp_rank: int, tp_size: int):
+        """Shared expert MLP (this rank's I_s / tp rows of gate/up, columns of down) and its gate; quantized shared
+        experts are dequantized to `dtype` (they run as a dense MLP)."""
         from moequant.moe_block import GatedMLP
 
         I_s, H = self.shared_intermediate_size, self.settings.hidden_size
@@ -255,14 +255,14 @@ class Checkpoint:
         p = f"{block}.{self.spec.shared}"
         mlp = GatedMLP(H, part, self.settings.activation, dtype=dtype)
         with torch.no_grad():
-            mlp.gate_proj.weight.copy_(self._read_float(f"{p}.gate_proj.weight", (I_s, H), (rows,)))
-            mlp.up_proj.weight.copy_(self._read_float(f"{p}.up_proj.weight", (I_s, H), (rows,)))
-            mlp.down_proj.weight.copy_(self._read_float(f"{p}.down_proj.weight", (H, I_s), (slice(None), rows)))
+            mlp.gate_proj.weight.copy_(self._dense(f"{p}.gate_proj", (I_s, H), (rows,)))
+            mlp.up_proj.weight.copy_(self._dense(f"{p}.up_proj", (I_s, H), (rows,)))
+            mlp.down_proj.weight.copy_(self._dense(f"{p}.down_proj", (H, I_s), (slice(None), rows)))
         gate = None
         if self.spec.shared_gate:
             gate = nn.Linear(H, 1, bias=False, dtype=dtype)
             with torch.no_grad():
-                gate.weight.copy_(self._read_float(f"{block}.{self.spec.shared_gate}.weight", (1, H)))
+                gate.weight.copy_(self._dense(f"{block}.{self.spec.shared_gate}", (1, H)))
         return mlp, gate
 
     def close(self) -> None:

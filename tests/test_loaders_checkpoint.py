@@ -137,14 +137,13 @@ def test_inspect_cli(sharded, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
-def test_online_quant_config_only_for_unquantized_and_quantized_not_wired(tmp_path):
+def test_online_quant_config_only_for_unquantized(tmp_path):
     qc = {"quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
     folder = _write(tmp_path / "fp8", config=_config(quantization_config=qc))
     with open_checkpoint(folder) as ck:
         assert ck.scheme_of(0).scheme == "fp8-block"
-        with pytest.raises(NotImplementedError, match="layer 0 .* is fp8-block \\(fp8, fp8-native\\); loading these "
-                                                      "expert tensors is not wired yet"):
-            ck.moe_block(0)
+        with pytest.raises(ValueError, match="fp8-block needs hidden_size to be a multiple of 128, got 32"):
+            ck.moe_block(0)  # the geometry cannot hold 128x128 blocks (quantized loading: test_loaders_quantized.py)
         with pytest.raises(ValueError, match="already fp8-block"):
             ck.moe_block(0, quant_config="fp8-tensor")
 
