@@ -12,14 +12,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.bench_moe import SHAPES  # noqa: E402
+from benchmarks.bench_moe import SHAPES, build_layer, make_weights  # noqa: E402
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", default="qwen3-30b-a3b", choices=sorted(SHAPES))
     p.add_argument("--m", type=int, default=1)
-    p.add_argument("--scheme", default="unquantized")
+    p.add_argument("--scheme", default="unquantized", help="as bench_moe's --schemes, e.g. w4a16:g128+actorder")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("profile_forward.py needs a CUDA GPU", file=sys.stderr)
@@ -27,10 +27,9 @@ def main(argv=None) -> int:
     import moequant
 
     sh = SHAPES[args.shape]
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    layer = build_layer(sh, args.scheme, *make_weights(sh, "cuda", gen), "cuda")
     with torch.device("cuda"):
-        layer = moequant.FusedMoE(sh.E, sh.K, sh.H, sh.I, params_dtype=torch.bfloat16, quant_config=args.scheme)
-        layer.load_dense_weights(torch.randn(sh.E, 2 * sh.I, sh.H, dtype=torch.bfloat16) * 0.02,
-                                 torch.randn(sh.E, sh.H, sh.I, dtype=torch.bfloat16) * 0.02)
         xs = [torch.randn(args.m, sh.H, dtype=torch.bfloat16) for _ in range(8)]
         ls = [torch.randn(args.m, sh.E) for _ in range(8)]
     for x, lg in zip(xs, ls):

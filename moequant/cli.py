@@ -1,6 +1,5 @@
-"""`moequant` command line: `demo` (the default with no arguments for now), `methods` and `inspect`.
-
-Later issues add `quantize`, `validate`, `inspect` and `bench` here; only implemented commands are offered.
+"""`moequant` command line: `quantize` (the default with no arguments: quantize and validate the built-in demo model),
+`validate`, `inspect`, `methods` and `demo` (one random layer against its float64 reference).
 """
 
 from __future__ import annotations
@@ -37,23 +36,31 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=_demo)
     m = sub.add_parser("methods", help="list the registered MoE quantization schemes")
     m.set_defaults(func=_methods)
+    q = sub.add_parser("quantize", help="quantize an MoE checkpoint into compressed-tensors format (no SRC: the "
+                                        "built-in demo model, then validate it)")
+    _sub("moequant.quantize.quantize_cli").build_parser(q)
+    q.set_defaults(func=lambda a: _sub("moequant.quantize.quantize_cli").run(a))
+    v = sub.add_parser("validate", help="compare a quantized checkpoint with its original, per layer and end to end")
+    _sub("moequant.validation.validate_cli").build_parser(v)
+    v.set_defaults(func=lambda a: _sub("moequant.validation.validate_cli").run(a))
     i = sub.add_parser("inspect", help="print a checkpoint's architecture, MoE geometry, scheme per layer and size")
-    _inspect_cli().build_parser(i)
-    i.set_defaults(func=lambda a: _inspect_cli().run(a))
+    _sub("moequant.loaders.inspect_cli").build_parser(i)
+    i.set_defaults(func=lambda a: _sub("moequant.loaders.inspect_cli").run(a))
     return p
 
 
-def _inspect_cli():
-    from moequant.loaders import inspect_cli
+def _sub(module: str):
+    """A subcommand's module (build_parser, run); imported when the parser is built, its heavy imports inside run."""
+    import importlib
 
-    return inspect_cli
+    return importlib.import_module(module)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
-        args = parser.parse_args(["demo"])
+        args = parser.parse_args(["quantize"])
     return args.func(args)
 
 
