@@ -195,3 +195,14 @@ def test_moe_sum_matches_twin(T, K, H):
 
     y = torch.randn(T * K, H, generator=torch.Generator().manual_seed(H)).to(torch.float16)
     assert torch.equal(moe_sum(y.to(DEVICE), T, K).cpu(), moe_sum_ref(y, T, K))
+
+
+def test_fit_shared_memory_shrinks_fp32_tiles_only_as_needed():
+    from moequant.kernels.tuning import SHARED_MEMORY_BUDGET, GemmConfig, fit_shared_memory
+
+    big = GemmConfig(128, 128, 64, 8, 8, 4)
+    assert fit_shared_memory(big, 2, gated=False) == big  # bf16 prefill config fits as tuned
+    small = fit_shared_memory(big, 4, gated=True)  # fp32, two B tiles: 4 stages need 384 KB
+    assert (small.BLOCK_M, small.BLOCK_N) == (128, 128)  # stages, then BLOCK_K give way; the tile stays
+    assert small.num_stages * (128 + 256) * small.BLOCK_K * 4 <= SHARED_MEMORY_BUDGET
+    assert small.num_stages >= 2 and small.BLOCK_K >= 16

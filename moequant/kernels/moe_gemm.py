@@ -12,7 +12,7 @@ import triton
 from moequant.kernels._moe_gemm_kernel import moe_gemm_kernel
 from moequant.kernels._moe_sum_kernel import moe_sum_kernel
 from moequant.kernels.align import moe_align
-from moequant.kernels.tuning import get_config
+from moequant.kernels.tuning import get_config, fit_shared_memory
 
 _ACT_CODE = {"silu": 0, "gelu": 1, "swigluoai": 2}
 
@@ -58,8 +58,9 @@ def fused_experts(x, w13, w2, topk_weights, topk_ids, *, activation="silu", w13_
     if T == 0:
         return torch.zeros(0, H, dtype=x.dtype, device=x.device)
     S = T * K
-    cfg1 = get_config("w13", T, E, I, H, gated=True, device=x.device, top_k=K)
-    cfg2 = get_config("w2", T, E, H, I, gated=False, device=x.device, top_k=K)
+    size = x.element_size()
+    cfg1 = fit_shared_memory(get_config("w13", T, E, I, H, gated=True, device=x.device, top_k=K), size, True)
+    cfg2 = fit_shared_memory(get_config("w2", T, E, H, I, gated=False, device=x.device, top_k=K), size, False)
     topk_weights = topk_weights.reshape(-1).float().contiguous()
     route1 = moe_align(topk_ids, E, cfg1.BLOCK_M)
     route2 = route1 if cfg2.BLOCK_M == cfg1.BLOCK_M else moe_align(topk_ids, E, cfg2.BLOCK_M)

@@ -12,7 +12,7 @@ import math
 import json
 import os
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -92,3 +92,22 @@ def get_config(kernel: str, M: int, E: int, N: int, K: int, gated: bool, device:
     if cfg is not None:
         return cfg
     return heuristic_config(M, E, N, K, gated, top_k, os.environ.get("TRITON_INTERPRET") == "1")
+
+
+SHARED_MEMORY_BUDGET = 200 * 1024  # bytes of pipelined A and B tiles per program (H100/H200 allow 227 KB)
+
+
+def fit_shared_memory(cfg: GemmConfig, element_size: int, gated: bool) -> GemmConfig:
+    """cfg with fewer pipeline stages, then a smaller BLOCK_K, until stages * (BM*BK + BN*BK*(2 if gated)) elements
+    fit SHARED_MEMORY_BUDGET; tuned for 2-byte inputs, the bf16 configs overflow with fp32 (4-byte) inputs."""
+    def need(c: GemmConfig) -> int:
+        return c.num_stages * (c.BLOCK_M + c.BLOCK_N * (2 if gated else 1)) * c.BLOCK_K * element_size
+
+    while need(cfg) > SHARED_MEMORY_BUDGET:
+        if cfg.num_stages > 2:
+            cfg = replace(cfg, num_stages=cfg.num_stages - 1)
+        elif cfg.BLOCK_K > 16:
+            cfg = replace(cfg, BLOCK_K=cfg.BLOCK_K // 2)
+        else:
+            break
+    return cfg
