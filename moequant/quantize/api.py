@@ -260,7 +260,7 @@ def _report(ckpt, o: Options, g, lq: LayerQuantizer, cal, seconds: float, resume
     return {
         "scheme": o.scheme, "algo": o.algo, "group_size": g, "targets": o.targets, "device": o.device,
         "calibration": None if cal is None else {"samples": int(cal.ids.shape[0]), "seq_len": int(cal.ids.shape[1]),
-                                                 "text": o.calib or "moequant demo held-out stdlib files",
+                                                 "text": o.calib or "moequant demo training stdlib files",
                                                  "min_tokens": o.min_tokens},
         "resumed": resumed,
         "layers": layers,

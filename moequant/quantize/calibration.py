@@ -39,8 +39,9 @@ class Stats:
 
 
 def calibration_ids(folder: Path, calib: str | Path | None, num_samples: int, seq_len: int) -> torch.Tensor:
-    """Token ids [N, S]: consecutive windows of the tokenized calibration text (the demo model's held-out stdlib
-    files by default, read with its byte tokenizer; AutoTokenizer for other models, which need `calib`)."""
+    """Token ids [N, S]: consecutive windows of the tokenized calibration text (the demo model's training stdlib
+    files by default, so the held-out files the validator evaluates on stay unseen; read with its byte tokenizer;
+    AutoTokenizer for other models, which need `calib`)."""
     from moequant.data.byte_tokenizer import FILE_NAME, ByteTokenizer
 
     if calib is None:
@@ -48,7 +49,7 @@ def calibration_ids(folder: Path, calib: str | Path | None, num_samples: int, se
             raise ValueError(f"{folder}: no default calibration text for this model; pass --calib TEXTFILE")
         from moequant.data.stdlib_corpus import read_files, split_files
 
-        texts = list(read_files(split_files()[1], allow_missing=True).values())
+        texts = list(read_files(split_files()[0], allow_missing=True).values())
     else:
         path = Path(calib)
         if not path.is_file():

@@ -29,7 +29,7 @@ def build_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="integer schemes: group size (default 128, or the largest of 64/32 dividing every input dim); "
                         "-1 = per output channel")
     p.add_argument("--algo", default="rtn", choices=["rtn", "gptq"])
-    p.add_argument("--calib", default=None, help="calibration text file (default for the demo model: held-out "
+    p.add_argument("--calib", default=None, help="calibration text file (default for the demo model: its training "
                                                  "stdlib source)")
     p.add_argument("--num-samples", type=int, default=128, help="calibration windows")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window")
