@@ -24,7 +24,6 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("profile_forward.py needs a CUDA GPU", file=sys.stderr)
         return 2
-    import moequant
 
     sh = SHAPES[args.shape]
     gen = torch.Generator(device="cuda").manual_seed(0)

@@ -84,6 +84,27 @@ def tune_shape(name: str, ms, dtype=torch.bfloat16) -> dict:
     return out
 
 
+def write_cache(configs: dict, folder: str | None = None) -> Path:
+    """Merge {cache key: {M: config}} into this GPU's tuning cache (default moequant/kernels/configs), atomically."""
+    import triton
+
+    from moequant.kernels.tuning import CACHE_VERSION, CONFIG_DIR, device_slug
+
+    device = torch.cuda.get_device_name()
+    folder = Path(folder) if folder else CONFIG_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{device_slug(device)}.json"
+    data = json.loads(path.read_text()) if path.is_file() else {"version": CACHE_VERSION, "configs": {}}
+    for key, table in configs.items():
+        data["configs"].setdefault(key, {}).update(table)
+    data.update(device=device, torch=torch.__version__, triton=triton.__version__,
+                date=datetime.date.today().isoformat(), version=CACHE_VERSION)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+    tmp.replace(path)
+    return path
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shapes", default=",".join(GPU_SHAPES))
@@ -93,22 +114,10 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("tune_moe.py needs a CUDA GPU", file=sys.stderr)
         return 2
-    from moequant.kernels.tuning import CACHE_VERSION, CONFIG_DIR, device_slug
-
-    device = torch.cuda.get_device_name()
-    folder = Path(args.out) if args.out else CONFIG_DIR
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{device_slug(device)}.json"
-    data = json.loads(path.read_text()) if path.is_file() else {"version": CACHE_VERSION, "configs": {}}
+    update = {}
     for name in args.shapes.split(","):
-        data["configs"].update(tune_shape(name, [int(m) for m in args.ms.split(",")]))
-    import triton
-
-    data.update(device=device, torch=torch.__version__, triton=triton.__version__,
-                date=datetime.date.today().isoformat(), version=CACHE_VERSION)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-    tmp.replace(path)
+        update.update(tune_shape(name, [int(m) for m in args.ms.split(",")]))
+    path = write_cache(update, args.out)
     print(f"wrote {path}")
     return 0
 

@@ -11,10 +11,8 @@ for (e.g. "w13-int4"). Shape legend: M tokens, E experts, K top-k, H hidden, I i
 from __future__ import annotations
 
 import argparse
-import datetime
 import importlib
 import itertools
-import json
 import sys
 from pathlib import Path
 
@@ -22,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.bench_moe import SHAPES, build_layer, make_inputs, make_weights  # noqa: E402
-from benchmarks.tune_moe import time_config  # noqa: E402
+from benchmarks.tune_moe import time_config, write_cache  # noqa: E402
 
 LAUNCHERS = ("moequant.kernels.int_gemm", "moequant.kernels.fp4_gemm")  # fp8 reads the cache in fp8_config
 
@@ -106,24 +104,12 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("tune_quant.py needs a CUDA GPU", file=sys.stderr)
         return 2
-    import triton
-
-    from moequant.kernels.tuning import CACHE_VERSION, CONFIG_DIR, device_slug
-
-    device = torch.cuda.get_device_name()
-    folder = Path(args.out) if args.out else CONFIG_DIR
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{device_slug(device)}.json"
-    data = json.loads(path.read_text()) if path.is_file() else {"version": CACHE_VERSION, "configs": {}}
+    update: dict = {}
     for shape in args.shapes.split(","):
         for scheme in args.schemes.split(","):
             for key, table in tune(shape, scheme, [int(m) for m in args.ms.split(",")]).items():
-                data["configs"].setdefault(key, {}).update(table)
-    data.update(device=device, torch=torch.__version__, triton=triton.__version__,
-                date=datetime.date.today().isoformat(), version=CACHE_VERSION)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-    tmp.replace(path)
+                update.setdefault(key, {}).update(table)
+    path = write_cache(update, args.out)
     print(f"wrote {path}")
     return 0
 

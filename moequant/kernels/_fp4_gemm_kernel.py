@@ -14,7 +14,7 @@ GEMM1 (GATED): gate rows n and up rows N + n, epilogue act(gate, up). GEMM2: bia
 import triton
 import triton.language as tl
 
-from moequant.kernels._moe_gemm_kernel import gated_act, tile_coords
+from moequant.kernels._moe_gemm_kernel import moe_epilogue, store_rows, tile_coords
 
 
 @triton.jit
@@ -90,8 +90,8 @@ def fp4_moe_gemm_kernel(
     s_base = bs_ptr + e * stride_se + offs_n[None, :].to(tl.int64) * stride_sn
     dtype = a_ptr.dtype.element_ty
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # GEMM1's up half (unused by GEMM2)
     if GATED:
-        acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         b_up = N * stride_bn
         s_up = N * stride_sn
     for k0 in range(0, tl.cdiv(K2, HALF_K)):
@@ -123,20 +123,6 @@ def fp4_moe_gemm_kernel(
         acc = acc * a_s
         if GATED:
             acc_up = acc_up * a_s
-    if MUL_WEIGHT:
-        w = tl.load(topk_w_ptr + slots, mask=row_ok, other=0.0).to(tl.float32)
-        if GATED:
-            acc = acc * w[:, None]
-            acc_up = acc_up * w[:, None]
-    if HAS_BIAS:
-        bias_row = bias_ptr + e * stride_bias_e
-        acc += tl.load(bias_row + offs_n * stride_bias_n, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        if GATED:
-            acc_up += tl.load(bias_row + (N + offs_n) * stride_bias_n, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    if MUL_WEIGHT:
-        if not GATED:
-            acc = acc * w[:, None]
-    if GATED:
-        acc = gated_act(acc, acc_up, ACTIVATION)
-    c_ptrs = c_ptr + slots.to(tl.int64)[:, None] * stride_cm + offs_n[None, :] * stride_cn
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+    acc = moe_epilogue(acc, acc_up, slots, row_ok, offs_n, col_ok, col_ok, e, N, bias_ptr, topk_w_ptr,
+                       stride_bias_e, stride_bias_n, GATED, ACTIVATION, MUL_WEIGHT, HAS_BIAS)
+    store_rows(acc, slots, row_ok, offs_n, col_ok, c_ptr, stride_cm, stride_cn, False)

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from moequant.kernels._fp8_act_quant_kernel import _quant, _scale
-from moequant.kernels._moe_gemm_kernel import gated_act, tile_coords
+from moequant.kernels._moe_gemm_kernel import moe_epilogue, tile_coords
 
 
 @triton.jit
@@ -62,9 +62,8 @@ def fp8_moe_gemm_kernel(
     b_ptrs = b_ptr + e * stride_be + offs_n[None, :].to(tl.int64) * stride_bn + offs_k[:, None] * stride_bk
     bs_row = b_scale_ptr + e * stride_bs_e
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if GATED:
-        acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        up_off = N * stride_bn
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # GEMM1's up half (unused by GEMM2)
+    up_off = N * stride_bn
     # per-K-step scales (identity unless PER_STEP)
     sa_k = tl.full((BLOCK_M,), 1.0, tl.float32)
     sb_k = tl.full((BLOCK_N,), 1.0, tl.float32)
@@ -125,22 +124,8 @@ def fp8_moe_gemm_kernel(
         if GATED:
             acc_up = acc_up * tl.load(bs_row + (N + offs_n) * stride_bs_n, mask=col_ok, other=0.0)[None, :]
 
-    # routing weight on GEMM1 (weight on the input) scales before the bias; on GEMM2 after it
-    if MUL_WEIGHT:
-        w = tl.load(topk_w_ptr + slots, mask=row_ok, other=0.0).to(tl.float32)
-        if GATED:
-            acc = acc * w[:, None]
-            acc_up = acc_up * w[:, None]
-    if HAS_BIAS:
-        bias_row = bias_ptr + e * stride_bias_e
-        acc += tl.load(bias_row + offs_n * stride_bias_n, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        if GATED:
-            acc_up += tl.load(bias_row + (N + offs_n) * stride_bias_n, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    if MUL_WEIGHT:
-        if not GATED:
-            acc = acc * w[:, None]
-    if GATED:
-        acc = gated_act(acc, acc_up, ACTIVATION)
+    acc = moe_epilogue(acc, acc_up, slots, row_ok, offs_n, col_ok, col_ok, e, N, bias_ptr, topk_w_ptr,
+                       stride_bias_e, stride_bias_n, GATED, ACTIVATION, MUL_WEIGHT, HAS_BIAS)
     ok = row_ok[:, None] & col_ok[None, :]
     if OUT_AMAX == 1:  # per tensor
         tl.atomic_max(amax_ptr, tl.max(tl.max(tl.where(ok, tl.abs(acc), 0.0), axis=1), axis=0))

@@ -16,7 +16,7 @@ its (linear) epilogue into a zeroed fp32 output.
 import triton
 import triton.language as tl
 
-from moequant.kernels._moe_gemm_kernel import gated_act, tile_coords
+from moequant.kernels._moe_gemm_kernel import moe_epilogue, store_rows, tile_coords
 
 
 @triton.jit
@@ -138,28 +138,11 @@ def int_epilogue(acc, acc_up, slots, row_ok, offs_n, col_ok, e, N, c_ptr, bias_p
                  stride_cm, stride_cn, stride_bias_e, stride_bias_n,
                  GATED: tl.constexpr, ACTIVATION: tl.constexpr, MUL_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
                  SPLIT_K: tl.constexpr):
-    """Routing weight (before the activation on GEMM1's input side, after the bias on GEMM2), bias, gated
-    activation, then a store, or with SPLIT_K > 1 an atomic add of this K slice's partial sum (GEMM2 only)."""
-    if MUL_WEIGHT:
-        wt = tl.load(topk_w_ptr + slots, mask=row_ok, other=0.0).to(tl.float32)
-        if GATED:
-            acc = acc * wt[:, None]
-            acc_up = acc_up * wt[:, None]
-    if HAS_BIAS:
-        bias_row = bias_ptr + e * stride_bias_e
-        b_ok = col_ok
-        if SPLIT_K > 1:  # the bias is added by the first K slice only
-            b_ok = col_ok & (tl.program_id(1) == 0)
-        acc += tl.load(bias_row + offs_n * stride_bias_n, mask=b_ok, other=0.0).to(tl.float32)[None, :]
-        if GATED:
-            acc_up += tl.load(bias_row + (N + offs_n) * stride_bias_n, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    if MUL_WEIGHT:
-        if not GATED:
-            acc = acc * wt[:, None]
-    if GATED:
-        acc = gated_act(acc, acc_up, ACTIVATION)
-    c_ptrs = c_ptr + slots.to(tl.int64)[:, None] * stride_cm + offs_n[None, :] * stride_cn
-    if SPLIT_K > 1:  # GEMM2 only: partial sums into a zeroed fp32 output
-        tl.atomic_add(c_ptrs, acc, mask=row_ok[:, None] & col_ok[None, :])
-    else:
-        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+    """moe_epilogue then a store, or with SPLIT_K > 1 an atomic add of this K slice's partial sum (GEMM2 only; the
+    bias comes with the first slice)."""
+    bias_ok = col_ok
+    if SPLIT_K > 1:
+        bias_ok = col_ok & (tl.program_id(1) == 0)
+    acc = moe_epilogue(acc, acc_up, slots, row_ok, offs_n, col_ok, bias_ok, e, N, bias_ptr, topk_w_ptr,
+                       stride_bias_e, stride_bias_n, GATED, ACTIVATION, MUL_WEIGHT, HAS_BIAS)
+    store_rows(acc, slots, row_ok, offs_n, col_ok, c_ptr, stride_cm, stride_cn, SPLIT_K > 1)

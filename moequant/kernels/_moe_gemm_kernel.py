@@ -29,6 +29,41 @@ def gated_act(gate, up, ACTIVATION: tl.constexpr):
 
 
 @triton.jit
+def moe_epilogue(acc, acc_up, slots, row_ok, offs_n, col_ok, bias_ok, e, N, bias_ptr, topk_w_ptr,
+                 stride_bias_e, stride_bias_n, GATED: tl.constexpr, ACTIVATION: tl.constexpr,
+                 MUL_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """fp32 [BM, BN] tile -> epilogue: GEMM1 (GATED) act(w * gate + b_gate, w * up + b_up) with w the routing weight
+    when it is applied on the input side; GEMM2 w * (acc + b). bias_ok masks the bias columns (a split-K slice
+    other than the first adds none)."""
+    if MUL_WEIGHT:
+        w = tl.load(topk_w_ptr + slots, mask=row_ok, other=0.0).to(tl.float32)
+        if GATED:
+            acc = acc * w[:, None]
+            acc_up = acc_up * w[:, None]
+    if HAS_BIAS:
+        bias_row = bias_ptr + e * stride_bias_e
+        acc += tl.load(bias_row + offs_n * stride_bias_n, mask=bias_ok, other=0.0).to(tl.float32)[None, :]
+        if GATED:
+            acc_up += tl.load(bias_row + (N + offs_n) * stride_bias_n, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    if MUL_WEIGHT:
+        if not GATED:
+            acc = acc * w[:, None]
+    if GATED:
+        acc = gated_act(acc, acc_up, ACTIVATION)
+    return acc
+
+
+@triton.jit
+def store_rows(acc, slots, row_ok, offs_n, col_ok, c_ptr, stride_cm, stride_cn, ATOMIC: tl.constexpr):
+    """C[slot, n] = acc (cast to C's dtype), or with ATOMIC += acc (fp32 split-K partial sums)."""
+    c_ptrs = c_ptr + slots.to(tl.int64)[:, None] * stride_cm + offs_n[None, :] * stride_cn
+    if ATOMIC:
+        tl.atomic_add(c_ptrs, acc, mask=row_ok[:, None] & col_ok[None, :])
+    else:
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
 def tile_coords(P_total, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
     """Grouped (L2-friendly) order of tiles: GROUP_M token blocks share each column strip."""
     pid = tl.program_id(0)
@@ -67,9 +102,8 @@ def moe_gemm_kernel(
     a_ptrs = a_ptr + (slots // A_ROW_DIV).to(tl.int64)[:, None] * stride_am + offs_k[None, :] * stride_ak
     b_ptrs = b_ptr + e * stride_be + offs_n[None, :].to(tl.int64) * stride_bn + offs_k[:, None] * stride_bk
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if GATED:
-        acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        up_off = N * stride_bn
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # GEMM1's up half (unused by GEMM2)
+    up_off = N * stride_bn
     for k0 in range(0, tl.cdiv(K, BLOCK_K)):
         k_ok = offs_k < K - k0 * BLOCK_K
         a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
@@ -81,21 +115,6 @@ def moe_gemm_kernel(
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
 
-    # routing weight on GEMM1 (weight on the input) scales before the bias; on GEMM2 after it
-    if MUL_WEIGHT:
-        w = tl.load(topk_w_ptr + slots, mask=row_ok, other=0.0).to(tl.float32)
-        if GATED:
-            acc = acc * w[:, None]
-            acc_up = acc_up * w[:, None]
-    if HAS_BIAS:
-        bias_row = bias_ptr + e * stride_bias_e
-        acc += tl.load(bias_row + offs_n * stride_bias_n, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        if GATED:
-            acc_up += tl.load(bias_row + (N + offs_n) * stride_bias_n, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    if MUL_WEIGHT:
-        if not GATED:
-            acc = acc * w[:, None]
-    if GATED:
-        acc = gated_act(acc, acc_up, ACTIVATION)
-    c_ptrs = c_ptr + slots.to(tl.int64)[:, None] * stride_cm + offs_n[None, :] * stride_cn
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+    acc = moe_epilogue(acc, acc_up, slots, row_ok, offs_n, col_ok, col_ok, e, N, bias_ptr, topk_w_ptr,
+                       stride_bias_e, stride_bias_n, GATED, ACTIVATION, MUL_WEIGHT, HAS_BIAS)
+    store_rows(acc, slots, row_ok, offs_n, col_ok, c_ptr, stride_cm, stride_cn, False)
