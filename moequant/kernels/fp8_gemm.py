@@ -33,7 +33,7 @@ _ROW_BLOCK = 8192  # per-token quantization holds up to this many columns of a r
 # MOEQUANT_FP8_FAST_ACCUM=1 keeps Hopper's narrow fp8 MMA accumulator over the whole K loop (Triton's default, faster,
 # less exact); by default partial sums are promoted to fp32 every 128 products
 FAST_ACCUM = os.environ.get("MOEQUANT_FP8_FAST_ACCUM") == "1"
-FUSE_A2_SLOTS = 64  # up to this many token slots GEMM2 quantizes its input itself (per tensor / per token)
+FUSE_A2_SLOTS = int(os.environ.get("MOEQUANT_FP8_FUSE_A2_SLOTS", 64))  # up to this many slots GEMM2 quantizes its input
 ONE_PROGRAM = 1 << 14  # dynamic per-tensor quantization of a padded x up to this many elements: one program
 
 
