@@ -165,8 +165,7 @@ INTERP = [(c, fuse) for c in CPU_CASES for fuse in ((True, False) if c.scheme !=
                          else ("gemm2-quantizes-A" if v else "quantizer-kernel"))  # None: block, always the kernel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_triton_matches_reference_in_interpreter(case, fuse_a2, dtype, monkeypatch):
-    if fuse_a2 is False:
-        monkeypatch.setattr(fp8_gemm, "FUSE_A2_SLOTS", 0)
+    monkeypatch.setattr(fp8_gemm, "FUSE_A2_SLOTS", 64 if fuse_a2 else 0)
     layer, x, w, ids = build(case, dtype, "cpu")
     local = layer.to_local_ids(ids)
     out = layer.quant_method.apply_triton(layer, x, w, local)

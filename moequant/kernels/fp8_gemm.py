@@ -33,7 +33,9 @@ _ROW_BLOCK = 8192  # per-token quantization holds up to this many columns of a r
 # MOEQUANT_FP8_FAST_ACCUM=1 keeps Hopper's narrow fp8 MMA accumulator over the whole K loop (Triton's default, faster,
 # less exact); by default partial sums are promoted to fp32 every 128 products
 FAST_ACCUM = os.environ.get("MOEQUANT_FP8_FAST_ACCUM") == "1"
-FUSE_A2_SLOTS = int(os.environ.get("MOEQUANT_FP8_FUSE_A2_SLOTS", 64))  # up to this many slots GEMM2 quantizes its input
+# up to this many slots GEMM2 quantizes its own input: off by default, since on the H200 it made decode 2-11x slower
+# (Mixtral M=1: 383 -> 105 us per-tensor, 1249 -> 111 us per-token without it; benchmarks/results/*fp8-nofuse*)
+FUSE_A2_SLOTS = int(os.environ.get("MOEQUANT_FP8_FUSE_A2_SLOTS", 0))
 ONE_PROGRAM = 1 << 14  # dynamic per-tensor quantization of a padded x up to this many elements: one program
 
 
