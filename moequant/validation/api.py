@@ -84,14 +84,18 @@ def validate(ref, quant, layers=None, tokens: int = DEFAULT_TOKENS, calib: str |
             ref_logits = [e2e.logits_of(model, x, device) for x, _ in windows]
         captured = {L: torch.cat(cap[L]) for L in chosen}
 
-    ref_blocks = {L: _block(ref_ck, L, device, dtype, "REF") for L in chosen}
-    quant_blocks = {L: _block(quant_ck, L, device, dtype, "QUANT") for L in chosen}
-    layer_reports = []
+    # layer by layer: only one layer's REF and QUANT blocks are held, unless the end-to-end run reuses them
+    keep = end_to_end and model is not None
+    ref_blocks, quant_blocks, layer_reports = {}, {}, []
     for L in chosen:
+        rb, qb = _block(ref_ck, L, device, dtype, "REF"), _block(quant_ck, L, device, dtype, "QUANT")
         real = inputs != "random" and L in captured
-        x = captured[L] if real else random_inputs(ref_ck, L, int(tokens), seed).to(device)
-        layer_reports.append(compare_layer(L, ref_blocks[L], quant_blocks[L], x.to(dtype),
-                                           "real" if real else "random", quant_ck.layer_scheme(L).scheme))
+        x = captured.pop(L) if real else random_inputs(ref_ck, L, int(tokens), seed).to(device)
+        layer_reports.append(compare_layer(L, rb, qb, x.to(dtype), "real" if real else "random",
+                                           quant_ck.layer_scheme(L).scheme))
+        if keep:
+            ref_blocks[L], quant_blocks[L] = rb, qb
+        del rb, qb, x
     if inputs == "random" or model is None:
         notes.append(f"layer-wise inputs are random (RMS-scaled Gaussian): "
                      f"{'asked for' if inputs == 'random' else why_not}")
