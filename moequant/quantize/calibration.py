@@ -83,6 +83,9 @@ class _CaptureMoE(nn.Module):
         """out = sum_k w_tk * W_d,e act(W_g,e x_t) * (W_u,e x_t) (+ shared), the MoE block's math in fp32."""
         x = h.reshape(-1, h.shape[-1])
         experts = self.block.experts
+        # DeepSeek-V3's correction bias lives on the block; MoEBlock.forward hands it to the experts, route() here
+        # bypasses that forward, so hand it over the same way (None for the other architectures)
+        experts.e_score_correction_bias = self.block.e_score_correction_bias
         tw, ids = experts.route(x, self.block.router_logits(x))
         act = nn.functional.silu if self.ckpt.settings.activation == "silu" else nn.functional.gelu
         I = self.ckpt.settings.intermediate_size
@@ -136,12 +139,21 @@ class LayerCalibrator:
         return int(self.ids.numel())
 
     def _layer_prefix(self, L: int) -> tuple[str, str]:
+        """(the layer's tensor prefix on disk, the attribute of the transformers layer holding its MoE block). The
+        two can differ in name: Mixtral's block is `block_sparse_moe` on disk but `mlp` in transformers 5's layer."""
         prefix = f"model.layers.{L}"
-        mlp = "mlp"
-        if L in self.ckpt.moe_layers:
-            block = self.ckpt.block_prefix(L)
-            prefix, mlp = block.rsplit(".", 1)
-        return prefix, mlp
+        if L not in self.ckpt.moe_layers:
+            return prefix, "mlp"
+        prefix, disk_name = self.ckpt.block_prefix(L).rsplit(".", 1)
+        layer = self.layers[L]
+        if isinstance(getattr(layer, disk_name, None), nn.Module):
+            return prefix, disk_name
+        found = [n for n, m in layer.named_children() if hasattr(m, "experts")]
+        if len(found) != 1:
+            raise ValueError(f"calibration: {type(layer).__name__} (layer {L}) has no submodule {disk_name!r} and "
+                             f"{len(found)} children with experts ({found}); cannot find the MoE block of "
+                             f"{self.ckpt.block_prefix(L)}")
+        return prefix, found[0]
 
     @torch.no_grad()
     def stats(self, L: int, collect: bool = True) -> dict[str, Stats]:
