@@ -125,3 +125,17 @@ def test_in_register_decoders_cover_every_code():
     finite = ~torch.isnan(ref8)  # 0x7f / 0xff are NaN in e4m3fn (dead experts are zeroed before the kernel)
     assert torch.equal(o8[finite], ref8[finite])
     assert torch.equal(oe[1:255], f4.e8m0_to_float(codes)[1:255]) and oe[0] == 0  # 2^-127 flushes to 0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_nvfp4_activation_codes_are_exact_in_half_precision(dtype):
+    """GEMM1's fp32 activation is fake-quantized once and handed to GEMM2 in x's dtype: e2m1 x e4m3 block scale has
+    at most 6 significant bits, so nothing is rounded a second time."""
+    from moequant.kernels.fp4_gemm import quantize_act_nvfp4
+
+    gen = torch.Generator().manual_seed(7)
+    a = torch.randn(33, 256, generator=gen) * torch.rand(33, 1, generator=gen) * 5
+    for s in (torch.tensor([float("nan")]), torch.tensor([0.004])):  # dynamic, static
+        q32, s32 = quantize_act_nvfp4(a, s)
+        qh, sh = quantize_act_nvfp4(a, s, dtype)
+        assert qh.dtype == dtype and torch.equal(qh.float(), q32) and torch.equal(sh, s32)
