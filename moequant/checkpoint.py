@@ -244,7 +244,8 @@ class Checkpoint:
 
     def _shared(self, block: str, dtype: torch.dtype, tp_rank: int, tp_size: int):
         """Shared expert MLP (this rank's I_s / tp rows of gate/up, columns of down) and its gate; quantized shared
-        experts are dequantized to `dtype` (they run as a dense MLP)."""
+        experts are dequantized to `dtype` (they run as a dense MLP). Only the rank's slice of each tensor is read
+        (its covering words / groups / blocks; see loaders/dense_linear.py for what is read whole)."""
         from moequant.moe_block import GatedMLP
 
         I_s, H = self.shared_intermediate_size, self.settings.hidden_size
