@@ -60,24 +60,13 @@ def routes(T, device, one_expert=False):
     return torch.stack([torch.randperm(E, generator=gen)[:K] for _ in range(T)]).int().to(device)
 
 
-def _use_kernel(monkeypatch, name: str) -> str:
-    import moequant.kernels.int_gemm as ig
-
-    monkeypatch.setattr(ig, "KERNEL", name.split("-")[0])
-    monkeypatch.setattr(ig, "PREFETCH", name.endswith("prefetch"))
-    return name
-
-
 @pytest.fixture(params=["tile", "slab"])
 def kernel(request, monkeypatch):
     """Both int GEMM bodies: the unpacked-tile kernel (many slots per expert) and the per-bit-slab one (few)."""
-    return _use_kernel(monkeypatch, request.param)
+    import moequant.kernels.int_gemm as ig
 
-
-@pytest.fixture(params=["tile", "slab", "slab-prefetch"])
-def any_kernel(request, monkeypatch):
-    """Also the slab kernel with the next K block's words prefetched into registers."""
-    return _use_kernel(monkeypatch, request.param)
+    monkeypatch.setattr(ig, "KERNEL", request.param)
+    return request.param
 
 
 @cpu_interp
@@ -95,7 +84,7 @@ def test_interpreter_matches_reference(ckpts, case, kernel):
 @cpu_interp
 @pytest.mark.parametrize("scheme,preset,G,act", [("w4a16", "W4A16", 128, False), ("w4a16-asym", "W4A16_ASYM", 128, True),
                                                  ("w8a16", "W8A16", 64, True)])
-def test_slab_factored_group_scales(scheme, preset, G, act, any_kernel):
+def test_slab_factored_group_scales(scheme, preset, G, act, kernel):
     """BK dividing G: the slab kernel multiplies each block's dot by its group scale (and the tile kernel by G)."""
     if not INTERP:
         pytest.skip("interpreter test")
@@ -112,7 +101,7 @@ def test_slab_factored_group_scales(scheme, preset, G, act, any_kernel):
 
 @cpu_interp
 @pytest.mark.parametrize("case", [CASES[1], CASES[5]], ids=["asym", "act-tp"])
-def test_split_k_matches_reference(ckpts, case, any_kernel):
+def test_split_k_matches_reference(ckpts, case, kernel):
     """GEMM2 split over K slices (atomic fp32 adds), as chosen for few-token batches on the GPU."""
     from moequant.kernels.int_gemm import IntLayout, fused_experts_int
 

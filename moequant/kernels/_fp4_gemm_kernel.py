@@ -14,7 +14,7 @@ GEMM1 (GATED): gate rows n and up rows N + n, epilogue act(gate, up). GEMM2: bia
 import triton
 import triton.language as tl
 
-from moequant.kernels._moe_gemm_kernel import moe_epilogue, store_rows, tile_coords
+from moequant.kernels._moe_gemm_kernel import moe_epilogue, store_rows, tile_coords, tile_slots
 
 
 @triton.jit
@@ -73,12 +73,8 @@ def fp4_moe_gemm_kernel(
     pid_m, pid_n = tile_coords(P_total, N, BLOCK_M, BLOCK_N, GROUP_M)
     if pid_m * BLOCK_M >= tl.load(total_ptr):
         return
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    slots = tl.load(sorted_ids_ptr + offs_m)
-    row_ok = slots < S
-    e = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = offs_n < N
+    slots, row_ok, e, offs_n, col_ok = tile_slots(pid_m, pid_n, sorted_ids_ptr, expert_ids_ptr, S, N,
+                                                  BLOCK_M, BLOCK_N)
     HALF_K: tl.constexpr = BLOCK_K // 2
     offs_j = tl.arange(0, HALF_K)  # byte index within the K block
     NUM_G: tl.constexpr = BLOCK_K // GROUP  # scale groups per K block (BLOCK_K is a multiple of GROUP)

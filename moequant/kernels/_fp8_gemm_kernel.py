@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from moequant.kernels._fp8_act_quant_kernel import _quant, _scale
-from moequant.kernels._moe_gemm_kernel import moe_epilogue, tile_coords
+from moequant.kernels._moe_gemm_kernel import moe_epilogue, tile_coords, tile_slots
 
 
 @triton.jit
@@ -48,13 +48,9 @@ def fp8_moe_gemm_kernel(
     pid_m, pid_n = tile_coords(P_total, N, BLOCK_M, BLOCK_N, GROUP_M)
     if pid_m * BLOCK_M >= tl.load(total_ptr):
         return
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    slots = tl.load(sorted_ids_ptr + offs_m)
-    row_ok = slots < S
+    slots, row_ok, e, offs_n, col_ok = tile_slots(pid_m, pid_n, sorted_ids_ptr, expert_ids_ptr, S, N,
+                                                  BLOCK_M, BLOCK_N)
     a_rows = (slots // A_ROW_DIV).to(tl.int64)
-    e = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
     PER_STEP: tl.constexpr = (A_SCALE == 2) or (B_SCALE == 2)
 

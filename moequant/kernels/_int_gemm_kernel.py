@@ -16,7 +16,7 @@ its (linear) epilogue into a zeroed fp32 output.
 import triton
 import triton.language as tl
 
-from moequant.kernels._moe_gemm_kernel import moe_epilogue, store_rows, tile_coords
+from moequant.kernels._moe_gemm_kernel import moe_epilogue, store_rows, tile_coords, tile_slots
 
 
 @triton.jit
@@ -77,12 +77,8 @@ def int_moe_gemm_kernel(
         return
     PW: tl.constexpr = 32 // BITS
     BKW: tl.constexpr = BLOCK_K // PW
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    slots = tl.load(sorted_ids_ptr + offs_m)
-    row_ok = slots < S
-    e = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = offs_n < N
+    slots, row_ok, e, offs_n, col_ok = tile_slots(pid_m, pid_n, sorted_ids_ptr, expert_ids_ptr, S, N,
+                                                  BLOCK_M, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     offs_w = tl.arange(0, BKW)
     KW = K // PW
@@ -98,13 +94,7 @@ def int_moe_gemm_kernel(
         b_up = N * stride_bn
         s_up = N * stride_sn
         z_up = N * stride_zn
-    n_iter = tl.cdiv(K, BLOCK_K)
-    k_lo = 0
-    k_hi = n_iter
-    if SPLIT_K > 1:  # this program's share of the K blocks
-        per = tl.cdiv(n_iter, SPLIT_K)
-        k_lo = tl.program_id(1) * per
-        k_hi = tl.minimum(k_lo + per, n_iter)
+    k_lo, k_hi = k_blocks(K, BLOCK_K, SPLIT_K)
     for k0 in range(k_lo, k_hi):
         k_start = k0 * BLOCK_K
         k = k_start + offs_k
@@ -131,6 +121,19 @@ def int_moe_gemm_kernel(
     int_epilogue(acc, acc_up, slots, row_ok, offs_n, col_ok, e, N, c_ptr, bias_ptr, topk_w_ptr,
                  stride_cm, stride_cn, stride_bias_e, stride_bias_n,
                  GATED, ACTIVATION, MUL_WEIGHT, HAS_BIAS, SPLIT_K)
+
+
+@triton.jit
+def k_blocks(K, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+    """[k_lo, k_hi): the K blocks this program sums; all of them, or with SPLIT_K > 1 its slice (grid axis 1)."""
+    n_iter = tl.cdiv(K, BLOCK_K)
+    k_lo = 0
+    k_hi = n_iter
+    if SPLIT_K > 1:
+        per = tl.cdiv(n_iter, SPLIT_K)
+        k_lo = tl.program_id(1) * per
+        k_hi = tl.minimum(k_lo + per, n_iter)
+    return k_lo, k_hi
 
 
 @triton.jit

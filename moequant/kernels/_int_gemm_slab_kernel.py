@@ -11,13 +11,13 @@ Each slab is one tensor-core dot [BM, BKW] x [BKW, BN], with no reshape of the u
     g(k) = k // G or gidx[e, k] gathered for the slab's columns.
 Act-order (SORTED): A column k is A[slot, sort_idx[e, k]], gathered in the A load (no permuted copy of x).
 GEMM1 (GATED): gate rows n and up rows N + n. SPLIT_K > 1 (GEMM2): each program sums a slice of the K blocks.
-PREFETCH: the next K block's words are loaded (into registers) before this block's dots, one load always in flight.
 """
 
 import triton
 import triton.language as tl
 
-from moequant.kernels._int_gemm_kernel import int_epilogue
+from moequant.kernels._int_gemm_kernel import int_epilogue, k_blocks
+from moequant.kernels._moe_gemm_kernel import tile_slots
 
 
 @triton.jit
@@ -41,7 +41,6 @@ def int_moe_gemm_slab_kernel(
     BITS: tl.constexpr, GROUP: tl.constexpr, GIDX: tl.constexpr, SORTED: tl.constexpr, HAS_ZP: tl.constexpr,
     MUL_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    PREFETCH: tl.constexpr = False,
 ):
     pid_m = tl.program_id(0) // tl.cdiv(N, BLOCK_N)
     pid_n = tl.program_id(0) % tl.cdiv(N, BLOCK_N)
@@ -50,12 +49,8 @@ def int_moe_gemm_slab_kernel(
     PW: tl.constexpr = 32 // BITS
     BKW: tl.constexpr = BLOCK_K // PW
     FACTORED: tl.constexpr = (not GIDX) and (GROUP == 0 or GROUP % BLOCK_K == 0)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    slots = tl.load(sorted_ids_ptr + offs_m)
-    row_ok = slots < S
-    e = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = offs_n < N
+    slots, row_ok, e, offs_n, col_ok = tile_slots(pid_m, pid_n, sorted_ids_ptr, expert_ids_ptr, S, N,
+                                                  BLOCK_M, BLOCK_N)
     offs_w = tl.arange(0, BKW)
     KW = K // PW
 
@@ -69,34 +64,14 @@ def int_moe_gemm_slab_kernel(
     b_up = N * stride_bn
     s_up = N * stride_sn
     z_up = N * stride_zn
-    n_iter = tl.cdiv(K, BLOCK_K)
-    k_lo = 0
-    k_hi = n_iter
-    if SPLIT_K > 1:
-        per = tl.cdiv(n_iter, SPLIT_K)
-        k_lo = tl.program_id(1) * per
-        k_hi = tl.minimum(k_lo + per, n_iter)
-    j = k_lo * BKW + offs_w  # PREFETCH: the next block's words are loaded before this block's dots
-    nxt = tl.load(b_base + j[:, None] * stride_bk, mask=(j < KW)[:, None] & col_ok[None, :], other=0)
-    nxt_up = nxt
-    if GATED:
-        nxt_up = tl.load(b_base + b_up + j[:, None] * stride_bk, mask=(j < KW)[:, None] & col_ok[None, :], other=0)
+    k_lo, k_hi = k_blocks(K, BLOCK_K, SPLIT_K)
     for k0 in range(k_lo, k_hi):
         j = k0 * BKW + offs_w
-        if PREFETCH:
-            words = nxt
-            words_up = nxt_up
-            jn = j + BKW
-            m_next = (jn < tl.where(k0 + 1 < k_hi, KW, 0))[:, None] & col_ok[None, :]
-            nxt = tl.load(b_base + jn[:, None] * stride_bk, mask=m_next, other=0)
-            if GATED:
-                nxt_up = tl.load(b_base + b_up + jn[:, None] * stride_bk, mask=m_next, other=0)
-        else:
-            w_mask = (j < KW)[:, None] & col_ok[None, :]
-            words = tl.load(b_base + j[:, None] * stride_bk, mask=w_mask, other=0)
-            words_up = words
-            if GATED:
-                words_up = tl.load(b_base + b_up + j[:, None] * stride_bk, mask=w_mask, other=0)
+        w_mask = (j < KW)[:, None] & col_ok[None, :]
+        words = tl.load(b_base + j[:, None] * stride_bk, mask=w_mask, other=0)
+        words_up = words
+        if GATED:
+            words_up = tl.load(b_base + b_up + j[:, None] * stride_bk, mask=w_mask, other=0)
         part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         part_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         g0 = 0
@@ -142,7 +117,8 @@ def int_moe_gemm_slab_kernel(
             s = tl.load(s_row + g0 * stride_sk, mask=col_ok, other=0.0).to(tl.float32)
             acc += part * s[None, :]
             if GATED:
-                acc_up += part_up * tl.load(s_row + s_up + g0 * stride_sk, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+                s_up_row = tl.load(s_row + s_up + g0 * stride_sk, mask=col_ok, other=0.0).to(tl.float32)
+                acc_up += part_up * s_up_row[None, :]
         else:
             acc += part
             acc_up += part_up

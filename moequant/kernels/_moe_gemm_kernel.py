@@ -64,6 +64,17 @@ def store_rows(acc, slots, row_ok, offs_n, col_ok, c_ptr, stride_cm, stride_cn, 
 
 
 @triton.jit
+def tile_slots(pid_m, pid_n, sorted_ids_ptr, expert_ids_ptr, S, N,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Tile (pid_m, pid_n) -> (slots [BM] of its token block, row_ok = slot < S (not padding), its expert e (int64),
+    output columns offs_n [BN], col_ok = offs_n < N): every expert GEMM's prologue."""
+    slots = tl.load(sorted_ids_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+    e = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    return slots, slots < S, e, offs_n, offs_n < N
+
+
+@triton.jit
 def tile_coords(P_total, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
     """Grouped (L2-friendly) order of tiles: GROUP_M token blocks share each column strip."""
     pid = tl.program_id(0)
@@ -91,12 +102,8 @@ def moe_gemm_kernel(
     pid_m, pid_n = tile_coords(P_total, N, BLOCK_M, BLOCK_N, GROUP_M)
     if pid_m * BLOCK_M >= tl.load(total_ptr):
         return
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    slots = tl.load(sorted_ids_ptr + offs_m)
-    row_ok = slots < S
-    e = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = offs_n < N
+    slots, row_ok, e, offs_n, col_ok = tile_slots(pid_m, pid_n, sorted_ids_ptr, expert_ids_ptr, S, N,
+                                                  BLOCK_M, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
 
     a_ptrs = a_ptr + (slots // A_ROW_DIV).to(tl.int64)[:, None] * stride_am + offs_k[None, :] * stride_ak

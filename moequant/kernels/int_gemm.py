@@ -47,7 +47,6 @@ class IntWeights:
 
 
 KERNEL = os.environ.get("MOEQUANT_INT_KERNEL", "auto")  # auto | slab | tile (see use_slab)
-PREFETCH = os.environ.get("MOEQUANT_INT_PREFETCH", "0") == "1"  # slab kernel: register double-buffering of words
 SLAB_MAX_SLOTS_PER_EXPERT = 8  # H200: slab faster at 4 slots/expert (Qwen3 M=64), slower at 16 (Mixtral M=64)
 
 
@@ -102,7 +101,6 @@ def int_grouped_gemm(a, w: IntWeights, c, routing, cfg, layout: IntLayout, *, ga
     zp, gi, si = w.zero_point, w.g_idx, w.sort_idx
     gidx = layout.act_order and not w.uniform_groups
     kernel = int_moe_gemm_slab_kernel if slab else int_moe_gemm_kernel
-    extra = {"PREFETCH": PREFETCH} if slab else {}
     kernel[grid](
         a, w.packed, w.scale, zp if zp is not None else dummy, gi if gidx else dummy, si if si is not None else dummy,
         c, bias if bias is not None else dummy, topk_weights if topk_weights is not None else dummy,
@@ -116,7 +114,7 @@ def int_grouped_gemm(a, w: IntWeights, c, routing, cfg, layout: IntLayout, *, ga
         A_ROW_DIV=a_row_div, GATED=gated, ACTIVATION=_ACT_CODE[activation],
         BITS=layout.bits, GROUP=layout.group_size or 0, GIDX=gidx, SORTED=si is not None, HAS_ZP=zp is not None,
         MUL_WEIGHT=topk_weights is not None, HAS_BIAS=bias is not None, DOT_PRECISION=_dot_precision(a.dtype),
-        SPLIT_K=split_k, **extra, **cfg.launch_kwargs(),
+        SPLIT_K=split_k, **cfg.launch_kwargs(),
     )
     return c
 

@@ -62,6 +62,15 @@ class Fp8MethodBase(FusedMoEMethodBase):
             self.create_checkpoint_params(layer)
         self.create_bias(layer)
 
+    def store_rtn(self, layer, w13, w2, quantize) -> None:
+        """Checkpoint params holding quantize(w) -> (fp8 weight, its scale) of the whole w13 and w2 stacks (one call
+        each: the per-channel and block quantizers work on [E, N, K] at once)."""
+        self.create_checkpoint_params(layer, w13.device)
+        for p, w in (("w13", w13), ("w2", w2)):
+            q, s = quantize(w)
+            getattr(layer, f"{p}_weight").data.copy_(q)
+            getattr(layer, f"{p}_weight_scale").data.copy_(s)
+
     def create_checkpoint_params(self, layer, device: torch.device | None = None) -> None:
         if device is not None:
             with torch.device(device):
@@ -220,13 +229,7 @@ class Fp8ChannelMoEMethod(Fp8MethodBase):
         return getattr(layer, name)[e][:, None]
 
     def quantize_dense(self, layer, w13, w2) -> None:
-        self.create_checkpoint_params(layer, w13.device)
-        q, s = fm.quantize_channel(w13)
-        layer.w13_weight.data.copy_(q)
-        layer.w13_weight_scale.data.copy_(s)
-        q, s = fm.quantize_channel(w2)
-        layer.w2_weight.data.copy_(q)
-        layer.w2_weight_scale.data.copy_(s)
+        self.store_rtn(layer, w13, w2, fm.quantize_channel)
 
 
 from moequant.methods import fp8_block  # noqa: E402,F401  (registers fp8-block)

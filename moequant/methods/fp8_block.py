@@ -68,10 +68,4 @@ class Fp8BlockMoEMethod(Fp8MethodBase):
         return fm.expand_block_scale(getattr(layer, name)[e], w.shape[1], w.shape[2])
 
     def quantize_dense(self, layer, w13, w2) -> None:
-        self.create_checkpoint_params(layer, w13.device)
-        q, s = fm.quantize_block(w13)
-        layer.w13_weight.data.copy_(q)
-        layer.w13_weight_scale.data.copy_(s)
-        q, s = fm.quantize_block(w2)
-        layer.w2_weight.data.copy_(q)
-        layer.w2_weight_scale.data.copy_(s)
+        self.store_rtn(layer, w13, w2, fm.quantize_block)
