@@ -163,6 +163,13 @@ def build_layer(shape: Shape, scheme: str, w13: torch.Tensor, w2: torch.Tensor, 
     return layer
 
 
+def random_layer(shape_name: str, scheme: str, device: str = "cuda", seed: int = 0) -> moequant.FusedMoE:
+    """A layer of the named shape holding random bf16 weights (make_weights) quantized by the scheme (build_layer)."""
+    sh = SHAPES[shape_name]
+    w13, w2 = make_weights(sh, device, torch.Generator(device=device).manual_seed(seed))
+    return build_layer(sh, scheme, w13, w2, device)
+
+
 def make_inputs(shape: Shape, M: int, device: str, gen: torch.Generator, replicas: int):
     """`replicas` sets of (x bf16 [M, H], router_logits fp32 [M, E]); random logits spread tokens over the experts."""
     return [(torch.randn(M, shape.H, generator=gen, device=device, dtype=torch.bfloat16),

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One batched GPU call (the lent H100/H200 has no network): install carried wheels, print the environment, run the GPU
 # tests, tune the kernels, run the benchmark. Everything lands under $OUT (logs, tuning cache, benchmark JSON).
-# Usage there: bash benchmarks/gpu_session.sh [tests] [tune] [bench]; PYTEST_ARGS (default '-m gpu tests'), PYTEST_K,
+# Usage there: bash benchmarks/gpu_session.sh [tests] [tune] [tunegemv] [profile] [bench]; PYTEST_ARGS (default '-m gpu tests'), PYTEST_K,
 # TUNE_ARGS and BENCH_ARGS pass options on.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -20,10 +20,12 @@ PY
 steps=${*:-tests tune bench}
 for step in $steps; do
   case $step in
-    tests) timeout 300 python3 -m pytest -q ${PYTEST_ARGS:--m gpu tests} ${PYTEST_K:+-k "$PYTEST_K"} 2>&1 | tee "$OUT/gpu_tests.log" | tail -30 ;;
+    tests) timeout ${TESTS_TIMEOUT:-300} python3 -m pytest -q ${PYTEST_ARGS:--m gpu tests} ${PYTEST_K:+-k "$PYTEST_K"} 2>&1 | tee "$OUT/gpu_tests.log" | tail -30 ;;
+    tunegemv) timeout ${TUNE_GEMV_TIMEOUT:-300} python3 benchmarks/tune_gemv.py ${TUNE_GEMV_ARGS:-} 2>&1 | tee "$OUT/tune_gemv.log" | grep -v rejected | tail -40
+           cp moequant/kernels/configs/*.json "$OUT"/ ;;
     tune)  timeout 450 python3 benchmarks/tune_moe.py ${TUNE_ARGS:-} 2>&1 | tee "$OUT/tune.log" | grep -v rejected | tail -40
            cp moequant/kernels/configs/*.json "$OUT"/ ;;
     profile) for m in ${PROFILE_MS:-1 4096}; do timeout 120 python3 benchmarks/profile_forward.py --m $m ${PROFILE_ARGS:-} 2>&1 | tee -a "$OUT/profile.log" | tail -16; done ;;
-    bench) timeout 400 python3 benchmarks/bench_moe.py ${BENCH_ARGS:-} --out "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" | tail -60 ;;
+    bench) timeout ${BENCH_TIMEOUT:-400} python3 benchmarks/bench_moe.py ${BENCH_ARGS:-} --out "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" | tail -60 ;;
   esac
 done

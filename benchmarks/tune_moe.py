@@ -105,6 +105,27 @@ def write_cache(configs: dict, folder: str | None = None) -> Path:
     return path
 
 
+def layer_tuner_main(tune, description: str, prog: str, default_schemes: str, argv=None) -> int:
+    """Command line shared by the layer-forward tuners (tune_quant.py, tune_gemv.py): tune(shape, scheme, ms) ->
+    {cache key: {M: config}} for every shape x scheme, merged into the tuning cache."""
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    p.add_argument("--schemes", default=default_schemes)
+    p.add_argument("--shapes", default="qwen3-30b-a3b,mixtral-8x7b")
+    p.add_argument("--ms", default="1")
+    p.add_argument("--out", default=None, help="folder for the cache (default: moequant/kernels/configs)")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print(f"{prog} needs a CUDA GPU", file=sys.stderr)
+        return 2
+    update: dict = {}
+    for shape in args.shapes.split(","):
+        for scheme in args.schemes.split(","):
+            for key, table in tune(shape, scheme, [int(m) for m in args.ms.split(",")]).items():
+                update.setdefault(key, {}).update(table)
+    print(f"wrote {write_cache(update, args.out)}")
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shapes", default=",".join(GPU_SHAPES))

@@ -10,7 +10,6 @@ for (e.g. "w13-int4"). Shape legend: M tokens, E experts, K top-k, H hidden, I i
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import itertools
 import sys
@@ -19,8 +18,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.bench_moe import SHAPES, build_layer, make_inputs, make_weights  # noqa: E402
-from benchmarks.tune_moe import time_config, write_cache  # noqa: E402
+from benchmarks.bench_moe import SHAPES, make_inputs, random_layer  # noqa: E402
+from benchmarks.tune_moe import layer_tuner_main, time_config  # noqa: E402
 
 LAUNCHERS = ("moequant.kernels.int_gemm", "moequant.kernels.fp4_gemm")  # fp8 reads the cache in fp8_config
 
@@ -64,10 +63,7 @@ def tune(shape_name: str, scheme: str, ms, seed: int = 0) -> dict:
     from moequant.kernels.tuning import cache_key
 
     sh = SHAPES[shape_name]
-    gen = torch.Generator(device="cuda").manual_seed(seed)
-    w13, w2 = make_weights(sh, "cuda", gen)
-    layer = build_layer(sh, scheme, w13, w2, "cuda")
-    del w13, w2
+    layer = random_layer(shape_name, scheme, "cuda", seed)
     out: dict = {}
     with ConfigOverride() as ov, torch.no_grad():
         for M in ms:
@@ -94,25 +90,5 @@ def tune(shape_name: str, scheme: str, ms, seed: int = 0) -> dict:
     return out
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--schemes", default="w4a16:g128,nvfp4a16")
-    p.add_argument("--shapes", default="qwen3-30b-a3b,mixtral-8x7b")
-    p.add_argument("--ms", default="1")
-    p.add_argument("--out", default=None, help="folder for the cache (default: moequant/kernels/configs)")
-    args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("tune_quant.py needs a CUDA GPU", file=sys.stderr)
-        return 2
-    update: dict = {}
-    for shape in args.shapes.split(","):
-        for scheme in args.schemes.split(","):
-            for key, table in tune(shape, scheme, [int(m) for m in args.ms.split(",")]).items():
-                update.setdefault(key, {}).update(table)
-    path = write_cache(update, args.out)
-    print(f"wrote {path}")
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(layer_tuner_main(tune, __doc__.splitlines()[0], "tune_quant.py", "w4a16:g128,nvfp4a16"))

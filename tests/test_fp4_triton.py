@@ -27,14 +27,15 @@ def build(scheme, E, H, I, K, dtype, device="cpu", bias=False, activation="silu"
 
 
 def run_both(layer, x, w, ids):
-    """(Triton output, fp32 reference). For nvfp4 the reference fake-quantizes the GEMM inputs after rounding them to
-    x's dtype, as the kernel sees them: fp4 rounding is discontinuous, and quantizing the fp32 rather than the bf16
-    intermediate alone moves the output by ~3% (measured), so only this reference is 'equal up to accumulation order'."""
+    """(Triton output, fp32 reference). For nvfp4 both paths fake-quantize GEMM1's input from x (in x's dtype) and
+    GEMM2's input from the fp32 activation: fp4 rounding is discontinuous, and quantizing a bf16 copy of the
+    intermediate instead would move ~3% of the values across an e2m1 boundary (measured), so the kernels keep it
+    in fp32 and this reference does too."""
     layer.backend = "triton"
     out = layer.experts_forward(x, w, ids)
     layer.backend = "reference"
     qm = layer.quant_method
-    act = lambda a, stage: qm.act_quant_ref(layer, a.to(x.dtype).float(), stage)  # noqa: E731
+    act = lambda a, stage: qm.act_quant_ref(layer, a.to(x.dtype).float() if stage == 1 else a.float(), stage)  # noqa: E731
     ref = fused_moe_ref(x.float(), w, ids, lambda e: qm.dequantize_expert(layer, e), qm.moe.num_local_experts,
                         activation=layer.activation, w13_bias=getattr(layer, "w13_bias", None),
                         w2_bias=getattr(layer, "w2_bias", None), act_quant=act)

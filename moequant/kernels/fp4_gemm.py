@@ -1,5 +1,6 @@
 """Launchers of the fp4 fused MoE (nvfp4, nvfp4a16, mxfp4): align -> GEMM1 (+gated activation) -> GEMM2 (+routing
-weight) -> sum over K, with packed fp4 weights dequantized in registers (see _fp4_gemm_kernel).
+weight) -> sum over K, with packed fp4 weights dequantized in registers (see _fp4_gemm_kernel); few slots per expert
+take the two-launch GEMV path instead (gemv.py).
 
 T tokens, K top-k, S = T*K slots, E experts (local), H hidden, I intermediate (per rank).
 x [T, H]; w13 packed uint8 [E, 2I, H/2], w13 block scales [E, 2I, H/G]; w2 packed [E, H, I/2], scales [E, H, I/G];
@@ -15,6 +16,7 @@ import triton
 
 from moequant.kernels._fp4_gemm_kernel import fp4_moe_gemm_kernel
 from moequant.kernels.align import moe_align
+from moequant.kernels.gemv import GemvWeights, fused_experts_gemv, use_gemv
 from moequant.kernels.moe_gemm import _ACT_CODE, _dot_precision, moe_sum
 from moequant.kernels.tuning import get_config
 from moequant.quantize import fp4_math as f4
@@ -88,6 +90,17 @@ def fused_experts_fp4(x, w13_packed, w13_scale, w2_packed, w2_scale, topk_weight
         raise ValueError("fp4 MoE: packed weights must be uint8")
     if T == 0:
         return torch.zeros(0, H, dtype=x.dtype, device=x.device)
+    if use_gemv(T, K, E, slots_per_expert=2):
+        ws = [GemvWeights("fp4", p, bits=4, group=group, scale=sc, scale_kind=scale_kind, expert_scale=s2)
+              for p, sc, s2 in ((w13_packed, w13_scale, w13_scale_2), (w2_packed, w2_scale, w2_scale_2))]
+        def quantize(a, stage):  # nvfp4: activations fake-quantized with one scale for the tensor
+            a_q, s = quantize_act_nvfp4(a, w13_input_scale if stage == 1 else w2_input_scale, x.dtype)
+            return a_q, s, "tensor"
+
+        return fused_experts_gemv(x, *ws, topk_weights, topk_ids, activation=activation, w13_bias=w13_bias,
+                                  w2_bias=w2_bias, apply_router_weight_on_input=apply_router_weight_on_input,
+                                  quantize=quantize if act_fp4 else None,
+                                  inter_dtype=torch.float32 if act_fp4 else None)
     if scale_kind == "fp8":  # the kernel decodes the fp8 bits itself
         w13_scale, w2_scale = w13_scale.view(torch.uint8), w2_scale.view(torch.uint8)
     S = T * K
@@ -111,3 +124,4 @@ def fused_experts_fp4(x, w13_packed, w13_scale, w2_packed, w2_scale, topk_weight
                      a_row_div=1, scale_2=w2_scale_2, a_scale=s2, bias=w2_bias,
                      topk_weights=None if apply_router_weight_on_input else topk_weights)
     return moe_sum(y, T, K)
+

@@ -22,6 +22,7 @@ import triton
 from moequant.kernels._fp8_act_quant_kernel import fp8_act_quant_kernel
 from moequant.kernels._fp8_gemm_kernel import fp8_moe_gemm_kernel
 from moequant.kernels.align import moe_align
+from moequant.kernels.gemv import GemvWeights, fused_experts_gemv, use_gemv
 from moequant.kernels.moe_gemm import _ACT_CODE, moe_sum
 from moequant.kernels.tuning import GemmConfig, cached_config
 from moequant.quantize.fp8_math import ACT_EPS, BLOCK, FP8_DTYPE
@@ -191,6 +192,9 @@ def fused_experts_fp8(x, w13, w2, w13_scale, w2_scale, topk_weights, topk_ids, l
         raise ValueError(f"fused_experts_fp8 needs {FP8_DTYPE} weights, got {w13.dtype} and {w2.dtype}")
     if T == 0:
         return torch.zeros(0, H, dtype=x.dtype, device=x.device)
+    if use_gemv(T, K, E, slots_per_expert=0):
+        return _fused_gemv(x, w13, w2, w13_scale, w2_scale, topk_weights, topk_ids, layout, a13_scale, a2_scale,
+                           activation, w13_bias, w2_bias, apply_router_weight_on_input)
     S = T * K
     blocky = layout.weight == "block" or layout.act == "group"
     cfg1 = fp8_config("w13-fp8", T, E, I, H, True, x.device, K, blocky)
@@ -226,3 +230,36 @@ def fused_experts_fp8(x, w13, w2, w13_scale, w2_scale, topk_weights, topk_ids, l
                      topk_weights=None if apply_router_weight_on_input else topk_weights,
                      a_from_amax=dyn_tensor)
     return moe_sum(y, T, K)
+
+
+_GEMV_A_KIND = {"tensor": "tensor", "token": "row", "group": "group"}
+
+
+def gemv_weights(w: torch.Tensor, scale: torch.Tensor, granularity: str) -> GemvWeights:
+    """The GEMV kernel's view of fp8 weights with per-tensor [E], per-channel [E, N] or block [E, N/G, C/G] scales."""
+    if granularity == "tensor":
+        return GemvWeights("fp8", w, expert_scale=scale)
+    if granularity == "channel":
+        return GemvWeights("fp8", w, row_scale=scale)
+    return GemvWeights("fp8", w, group=BLOCK, scale=scale)
+
+
+def _fused_gemv(x, w13, w2, w13_scale, w2_scale, topk_weights, topk_ids, layout: Fp8Layout, a13_scale, a2_scale,
+                activation, w13_bias, w2_bias, on_input) -> torch.Tensor:
+    """The decode path (gemv.py): x's quantizer, GEMV1 (fp32 activation, folding max |act| for a dynamic per-tensor
+    scale), the activation's quantizer, GEMV2 with the top-k sum."""
+    amax = None
+    if layout.act == "tensor" and a2_scale is None:
+        amax = torch.empty(1, dtype=torch.float32, device=x.device)
+
+    def quantize(a, stage):
+        if stage == 1:  # also zeroes the amax buffer GEMV1 folds into
+            q, s = act_quant(a, layout.act, a13_scale, zero=amax)
+        else:
+            q, s = act_quant(a, layout.act, a2_scale, amax=amax)
+        return q, s, _GEMV_A_KIND[layout.act]
+
+    return fused_experts_gemv(x, gemv_weights(w13, w13_scale, layout.weight), gemv_weights(w2, w2_scale, layout.weight),
+                              topk_weights, topk_ids, activation=activation, w13_bias=w13_bias, w2_bias=w2_bias,
+                              apply_router_weight_on_input=on_input, quantize=quantize, inter_dtype=torch.float32,
+                              out_amax=amax)

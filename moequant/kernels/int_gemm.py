@@ -1,5 +1,6 @@
 """Launchers of the int4/int8 weight-only fused MoE: align -> GEMM1 (+gated activation) -> GEMM2 (+routing weight)
--> sum over K, with packed integer weights dequantized in registers (see _int_gemm_kernel). No dequantized copy of
+-> sum over K, with packed integer weights dequantized in registers (see _int_gemm_kernel); few slots per expert
+take the two-launch GEMV path instead (gemv.py). No dequantized copy of
 the weights and no permuted copy of the activations is ever made.
 
 T tokens, K top-k, S = T*K slots, E experts (local), H hidden, I intermediate (per rank), G group size, PW = 32 / b.
@@ -19,6 +20,7 @@ import triton
 from moequant.kernels._int_gemm_kernel import int_moe_gemm_kernel
 from moequant.kernels._int_gemm_slab_kernel import int_moe_gemm_slab_kernel
 from moequant.kernels.align import moe_align
+from moequant.kernels.gemv import GemvWeights, fused_experts_gemv, use_gemv
 from moequant.kernels.moe_gemm import _ACT_CODE, _dot_precision, moe_sum
 from moequant.kernels.tuning import get_config
 
@@ -44,6 +46,7 @@ class IntWeights:
     g_idx: torch.Tensor | None = None
     sort_idx: torch.Tensor | None = None
     uniform_groups: bool = True
+    inv_sort_idx: torch.Tensor | None = None
 
 
 KERNEL = os.environ.get("MOEQUANT_INT_KERNEL", "auto")  # auto | slab | tile (see use_slab)
@@ -119,6 +122,19 @@ def int_grouped_gemm(a, w: IntWeights, c, routing, cfg, layout: IntLayout, *, ga
     return c
 
 
+def gemv_weights(w: IntWeights, layout: IntLayout, sort_idx=None, out_perm=None) -> GemvWeights:
+    """The GEMV kernel's view of one GEMM's int weights: per-channel scales [E, N, 1] become row scales, and a
+    per-channel zero point is read for every chunk (stride 0 over groups)."""
+    zp = w.zero_point
+    if layout.group_size is None:
+        chunks = triton.cdiv(w.packed.shape[2] * (32 // layout.bits), 128)
+        return GemvWeights("int", w.packed, bits=layout.bits, row_scale=w.scale[:, :, 0],
+                           zero_point=None if zp is None else zp[:, :, :1].expand(-1, -1, chunks),
+                           sort_idx=sort_idx, out_perm=out_perm)
+    return GemvWeights("int", w.packed, bits=layout.bits, group=layout.group_size, scale=w.scale, zero_point=zp,
+                       sort_idx=sort_idx, out_perm=out_perm)
+
+
 def fused_experts_int(x, w13: IntWeights, w2: IntWeights, topk_weights, topk_ids, layout: IntLayout, *,
                       activation="silu", w13_bias=None, w2_bias=None, apply_router_weight_on_input=False,
                       has_remote_experts=False, split_k: int | None = None) -> torch.Tensor:
@@ -134,6 +150,14 @@ def fused_experts_int(x, w13: IntWeights, w2: IntWeights, topk_weights, topk_ids
         raise ValueError("int MoE: packed weights must be int32")
     if T == 0:
         return torch.zeros(0, H, dtype=x.dtype, device=x.device)
+    if use_gemv(T, K, E) and w13.uniform_groups and w2.uniform_groups:
+        # act-order: GEMM1 gathers x's columns; it writes its output already in w2's sorted order (inverse sort),
+        # so GEMM2 reads it contiguously
+        g13 = gemv_weights(w13, layout, sort_idx=w13.sort_idx, out_perm=w2.inv_sort_idx)
+        g2 = gemv_weights(w2, layout, sort_idx=w2.sort_idx if w2.inv_sort_idx is None else None)
+        return fused_experts_gemv(x, g13, g2, topk_weights, topk_ids,
+                                  activation=activation, w13_bias=w13_bias, w2_bias=w2_bias,
+                                  apply_router_weight_on_input=apply_router_weight_on_input)
     S = T * K
     tag = f"int{layout.bits}"
     slab = use_slab(S, E)

@@ -73,8 +73,9 @@ def cache_key(kernel: str, E: int, N: int, K: int) -> str:
 MAX_LOG2_DISTANCE = 2  # a cached entry serves token counts within 4x of the M it was tuned at
 
 
-def cached_config(kernel: str, M: int, E: int, N: int, K: int, device: torch.device) -> GemmConfig | None:
-    """The cache's entry for (kernel, E, N, K) at the M nearest on a log scale, if within MAX_LOG2_DISTANCE."""
+def cached_entry(kernel: str, M: int, E: int, N: int, K: int, device: torch.device) -> dict | None:
+    """The cache's entry (launch parameters) for (kernel, E, N, K) at the M nearest on a log scale, if within
+    MAX_LOG2_DISTANCE."""
     if device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
         return None
     table = _load_cache(torch.cuda.get_device_name(device)).get(cache_key(kernel, E, N, K))
@@ -82,7 +83,12 @@ def cached_config(kernel: str, M: int, E: int, N: int, K: int, device: torch.dev
         return None
     dist = {m: abs(math.log2(int(m)) - math.log2(max(M, 1))) for m in table}
     best = min(dist, key=dist.get)
-    return GemmConfig(**table[best]) if dist[best] <= MAX_LOG2_DISTANCE else None
+    return table[best] if dist[best] <= MAX_LOG2_DISTANCE else None
+
+
+def cached_config(kernel: str, M: int, E: int, N: int, K: int, device: torch.device) -> GemmConfig | None:
+    entry = cached_entry(kernel, M, E, N, K, device)
+    return GemmConfig(**entry) if entry is not None else None
 
 
 def get_config(kernel: str, M: int, E: int, N: int, K: int, gated: bool, device: torch.device,

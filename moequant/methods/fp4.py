@@ -24,7 +24,7 @@ from typing import ClassVar
 
 import torch
 
-from moequant.methods.base import FusedMoEMethodBase, LoadSpec
+from moequant.methods.base import FusedMoEMethodBase, LoadSpec, rows_contiguous
 from moequant.quantize import fp4_math as f4
 from moequant.registry import register_method
 
@@ -98,6 +98,8 @@ class Fp4MethodBase(FusedMoEMethodBase):
             return
         self.fix_dead_experts(layer)
         self.finish(layer)
+        for p in ("w13", "w2"):
+            self.register(layer, f"{p}_weight_packed", rows_contiguous(getattr(layer, f"{p}_weight_packed").data), None)
         self.processed = True
 
     def dead_mask(self, layer, prefix: str) -> torch.Tensor:

@@ -23,7 +23,7 @@ from typing import ClassVar
 
 import torch
 
-from moequant.methods.base import FusedMoEMethodBase, LoadSpec
+from moequant.methods.base import FusedMoEMethodBase, LoadSpec, rows_contiguous
 from moequant.quantize import int_math as im
 from moequant.registry import register_method
 
@@ -202,9 +202,12 @@ class IntWeightOnlyMethod(FusedMoEMethodBase):
                 self.register(layer, f"{p}_weight_packed", im.pack_int32(q.contiguous(), self.bits), None)
                 self.register(layer, f"{p}_weight_g_idx", torch.gather(g, 1, sort_idx).contiguous(), None)
                 self.register(layer, f"{p}_sort_idx", sort_idx.to(torch.int32).contiguous(), None)
+                if p == "w2":  # GEMM1's decode kernel writes its output in this order (inverse permutation)
+                    self.register(layer, "w2_inv_sort_idx", torch.argsort(sort_idx, dim=-1).to(torch.int32), None)
                 # equal-size groups after the sort: the kernel reads scales by k // G (decided once, here)
                 ref = im.default_g_idx(k, self.config.group_size, g.device)
                 self.uniform_groups[p] = bool((getattr(layer, f"{p}_weight_g_idx").data == ref).all())
+            self.register(layer, f"{p}_weight_packed", rows_contiguous(getattr(layer, f"{p}_weight_packed").data), None)
         self.processed = True
 
     # --- math -----------------------------------------------------------------------------------------------
@@ -253,7 +256,8 @@ class IntWeightOnlyMethod(FusedMoEMethodBase):
             zero_point=None if self.symmetric else getattr(layer, f"{p}_weight_zero_point"),
             g_idx=getattr(layer, f"{p}_weight_g_idx", None) if self.act_order else None,
             sort_idx=getattr(layer, f"{p}_sort_idx", None) if self.act_order else None,
-            uniform_groups=self.uniform_groups.get(p, True))
+            uniform_groups=self.uniform_groups.get(p, True),
+            inv_sort_idx=getattr(layer, f"{p}_inv_sort_idx", None) if self.act_order else None)
 
     def apply_triton(self, layer, x, topk_weights, topk_ids):
         from moequant.kernels.int_gemm import IntLayout, fused_experts_int

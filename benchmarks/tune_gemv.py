@@ -1,0 +1,95 @@
+"""Sweep the decode (GEMV) kernel's block sizes through the whole layer forward and cache the winners.
+
+For each shape, scheme and token count M, one GEMV (up: gate/up + activation, down: W2 + top-k sum) at a time gets
+candidate configs while the other keeps its current best; each candidate is timed as one FusedMoE forward (CUDA graph).
+The search is coordinate-wise from the heuristic: BLOCK_N, then NG (groups per chunk), then num_warps, twice. Winners go
+into the tuning cache (moequant/kernels/configs/<device>.json) under gemv.kernel_name (e.g. "gemv-up-int4-g128").
+Shape legend: M tokens, E experts, K top-k, H hidden, I intermediate.
+
+    python benchmarks/tune_gemv.py --schemes w4a16:g128,nvfp4a16,fp8-tensor --shapes qwen3-30b-a3b --ms 1
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.bench_moe import SHAPES, make_inputs, random_layer  # noqa: E402
+from benchmarks.tune_moe import layer_tuner_main, time_config  # noqa: E402
+
+PASSES = int(__import__("os").environ.get("TUNE_GEMV_PASSES", 1))
+AXES = {"BLOCK_N": (1, 2, 4, 8, 16, 32, 64), "NG": (1, 2, 4, 8, 16, 32, 64, 128), "num_warps": (2, 4, 8)}
+
+
+class Recorder:
+    """Wraps gemv.gemv_config to remember which kernel (name, E, N, C) each GEMV of the forward asked for and the
+    config it got."""
+
+    def __init__(self, gv):
+        self.gv, self.orig, self.asked, self.got = gv, gv.gemv_config, {}, {}
+
+    def __call__(self, parts, N, w, T, down):
+        self.asked[down] = (self.gv.kernel_name(w, down), w.data.shape[0], N, w.columns)
+        self.got[down] = self.orig(parts, N, w, T, down)
+        return self.got[down]
+
+    def __enter__(self):
+        self.gv.gemv_config = self
+        return self
+
+    def __exit__(self, *exc):
+        self.gv.gemv_config = self.orig
+        self.gv.OVERRIDE.clear()
+
+
+def neighbours(cfg, axis: str):
+    vals = AXES[axis]
+    i = vals.index(getattr(cfg, axis)) if getattr(cfg, axis) in vals else 0
+    return [dataclasses.replace(cfg, **{axis: vals[j]}) for j in (i - 2, i - 1, i + 1, i + 2) if 0 <= j < len(vals)]
+
+
+def tune(shape_name: str, scheme: str, ms, seed: int = 0) -> dict:
+    import moequant.kernels.gemv as gv
+    from moequant.kernels.tuning import cache_key
+
+    sh = SHAPES[shape_name]
+    layer = random_layer(shape_name, scheme, "cuda", seed)
+    out: dict = {}
+    with Recorder(gv) as rec, torch.no_grad():
+        for M in ms:
+            x, logits = make_inputs(sh, M, "cuda", torch.Generator(device="cuda").manual_seed(M), 1)[0]
+            gv.OVERRIDE.clear()
+            rec.asked.clear()
+            run = lambda: layer(x, logits)  # noqa: E731
+            run()
+            if set(rec.asked) != {False, True}:
+                print(f"{shape_name} {scheme} M={M}: the forward does not take the GEMV path", flush=True)
+                continue
+            cur = dict(rec.got)  # the heuristic's (or the cache's) choice is the starting point
+            gv.OVERRIDE.update(cur)
+            base = best_t = time_config(run)
+            for _ in range(PASSES):
+                for down in (False, True):
+                    for axis in AXES:
+                        for cand in neighbours(cur[down], axis):
+                            gv.OVERRIDE[down] = cand
+                            t = time_config(run)
+                            if t < best_t:
+                                best_t, cur[down] = t, cand
+                        gv.OVERRIDE[down] = cur[down]
+            print(f"{shape_name:16s} {scheme:22s} M={M:5d}: {base:8.1f} -> {best_t:8.1f} us  up {cur[False]}  "
+                  f"down {cur[True]}", flush=True)
+            for down in (False, True):
+                name, E, N, C = rec.asked[down]
+                out.setdefault(cache_key(name, E, N, C), {})[str(M)] = dataclasses.asdict(cur[down])
+    del layer
+    torch.cuda.empty_cache()
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(layer_tuner_main(tune, __doc__.splitlines()[0], "tune_gemv.py", "w4a16:g128,nvfp4a16,fp8-tensor,fp8-channel"))

@@ -1,0 +1,253 @@
+"""Triton body of the decode (GEMV) expert kernel for few token slots (launcher and layouts: gemv.py).
+
+Each program streams BN weight rows of one or more experts once, unpacks them in registers and multiplies them with
+activation rows on the CUDA cores in fp32: no tensor cores, no padding of one token to 16 rows, no align step.
+
+# T tokens, TOP_K experts per token, S = T*TOP_K slots, E experts, N output rows, C reduction length,
+# G columns per scale group, PW elements per packed unit, GW = G / PW units per group, NG groups per chunk,
+# BN rows per program, P parts per program: 2 (GEMM1's gate and up halves) or TOP_K padded (GEMM2's experts)
+Weights [E, N(*2), C/PW] packed units, element i of unit j = column j*PW + i (lowest bits first):
+  FMT_INT: int32 words of b-bit u = q + 2^(b-1), PW = 32/b;  w = (u - 2^(b-1) - zp[e, n, g]) * scale[e, n, g]
+  FMT_FP4: bytes of two e2m1 codes, PW = 2;  w = e2m1 * block_scale[e, n, g] (fp8 e4m3 or E8M0) * s2[e, part]
+  FMT_FP8: e4m3 bytes, PW = 1;  w = e4m3 * scale[e] | scale[e, n] | scale[e, n/128, g]
+Int and fp4 weights are stored rows-contiguous (methods.base.rows_contiguous): a thread's vector load then holds
+several rows of one packed column, and each activation value it loads serves all of them. fp8 weights stay
+K-contiguous (the tensor-core GEMMs read K-major fp8 operands).
+Activations: rows of x's dtype or fp32; or fp8 (FMT_FP8; fp8 data of any kind is passed as uint8 bytes) / pre-quantized nvfp4 with a scale per tensor, per row or
+per 128 columns (fp8 only).
+  out[part, n] = rs[part, n] * sum_g ws[part, n, g] * as[part, g] * sum_{k in g} wq[part, n, k] * aq[part, k]
+GEMM1 (not DOWN): grid (S, cdiv(N, BN)); parts = gate rows n and up rows N + n of the slot's expert;
+  inter[slot, n] = act(gate, up) (+ biases; routing weight first when applied on the input); with OUT_PERM it is
+  stored at column perm[e, n] (the inverse of GEMM2's act-order sort), so GEMM2 reads its input unpermuted.
+GEMM2 (DOWN): grid (T, cdiv(N, BN)); parts = the token's TOP_K slots; out[t, n] = sum_k w[slot_k] * (part_k + b2),
+  summed in fp32, so no separate top-k sum. Slots whose expert id is negative (another rank's) contribute nothing.
+Act-order (SORTED): column k of expert e reads a[sort_idx[e, k]] (the weights' columns were sorted by group).
+"""
+
+import triton
+import triton.language as tl
+
+from moequant.kernels._fp4_gemm_kernel import block_scale_value
+from moequant.kernels._moe_gemm_kernel import gated_act
+
+FMT_INT: tl.constexpr = 0
+FMT_FP4: tl.constexpr = 1
+FMT_FP8: tl.constexpr = 2
+A_NONE: tl.constexpr = 0  # activation scales: none (A16)
+A_TENSOR: tl.constexpr = 1  # one scale [1]
+A_ROW: tl.constexpr = 2  # one scale per activation row
+A_GROUP: tl.constexpr = 3  # one scale per row and 128 columns
+W_NONE: tl.constexpr = 0  # weight scales outside the groups: none
+W_EXPERT: tl.constexpr = 1  # one per expert (and GEMM1 half): fp8 per-tensor, nvfp4's s2
+W_ROW: tl.constexpr = 2  # one per output row: fp8 per-channel, int per-channel
+
+
+@triton.jit
+def _int_elem(words, hi_words, off, i: tl.constexpr, BITS: tl.constexpr):
+    """(u_i - off) * 2^(BITS*p) in fp32 for element i of every word, exact and without an int->float conversion:
+    the element's bits, where they lie (p = i), or for the top elements where they lie in hi_words = words >> 12
+    (int4) / >> 16 (int8), are OR-ed into the mantissa of 2^23; subtracting 2^23 + off * 2^(BITS*p) leaves the
+    integer. The caller divides the activation by 2^(BITS*p)."""
+    LO: tl.constexpr = 5 if BITS == 4 else 2
+    SHIFT_P: tl.constexpr = 3 if BITS == 4 else 2
+    P: tl.constexpr = i if i < LO else i - SHIFT_P
+    MASK: tl.constexpr = ((1 << BITS) - 1) << (P * BITS)
+    src = words if i < LO else hi_words
+    f = ((src & MASK) | 0x4B000000).to(tl.float32, bitcast=True)
+    return f - (8388608.0 + off * (1 << (P * BITS)))
+
+
+@triton.jit
+def _int_act_factor(i: tl.constexpr, BITS: tl.constexpr):
+    """2^-(BITS*p) for element i (see _int_elem)."""
+    LO: tl.constexpr = 5 if BITS == 4 else 2
+    SHIFT_P: tl.constexpr = 3 if BITS == 4 else 2
+    P: tl.constexpr = i if i < LO else i - SHIFT_P
+    return 1.0 / (1 << (P * BITS))
+
+
+@triton.jit
+def _e2m1(code):
+    """fp32 value times 2^-14 of the e2m1 code in bits 0-3 of `code` (higher bits ignored): the sign goes to bit 15
+    and the exponent/mantissa bits to bits 9-11 of an fp16, whose value is then the e2m1 value times 2^-14, subnormal
+    e = 0 included. The caller multiplies by 2^14 once per row."""
+    h = ((code << 12) & 0x8000) | ((code << 9) & 0x0E00)
+    return h.to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _f32(v):
+    """fp32 value of loaded data; uint8 data are fp8 e4m3 bits (passed as bytes so masked loads can read 0)."""
+    if v.dtype == tl.uint8:
+        return v.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+    return v.to(tl.float32)
+
+
+@triton.jit
+def _act(a_base, sidx_base, k, ok, stride_ak, SORTED: tl.constexpr):
+    """Activation columns k of each part's row as fp32 [P, 1, NG, GW] (through the part's sort_idx when SORTED);
+    masked by ok (column in range and part routed here)."""
+    if SORTED:
+        k = tl.load(sidx_base + k, mask=ok, other=0)
+    return _f32(tl.load(a_base + k.to(tl.int64) * stride_ak, mask=ok, other=0))
+
+
+@triton.jit
+def _chunk(c, w_base, z_base, a_base, sidx_base, row_ok4, p_ok4, C, CW, NUM_G, stride_wk, stride_zg, stride_ak,
+           FMT: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr, NG: tl.constexpr, HAS_ZP: tl.constexpr,
+           SORTED: tl.constexpr):
+    """Each packed unit's share [P, BN, NG, GW] of the dot products over chunk c (columns [c*NG*G, (c+1)*NG*G)),
+    before the group scales (_group_scale)."""
+    PW: tl.constexpr = 32 // BITS if FMT == 0 else 2 if FMT == 1 else 1
+    GW: tl.constexpr = G // PW
+    g = c * NG + tl.arange(0, NG)
+    g4 = g[None, None, :, None]
+    j4 = g4 * GW + tl.arange(0, GW)[None, None, None, :]  # word (or fp8 element) index [1, 1, NG, GW]
+    w_ok = row_ok4 & (j4 < CW)
+    words = tl.load(w_base + j4 * stride_wk, mask=w_ok, other=0)
+    g3_ok = row_ok4 & (g4 < NUM_G)  # [P, BN, NG, 1]
+    if FMT == 0:
+        off = (1 << (BITS - 1)) * 1.0
+        if HAS_ZP:
+            off = off + tl.load(z_base + g4 * stride_zg, mask=g3_ok, other=0).to(tl.float32)
+        hi = words >> (12 if BITS == 4 else 16)
+        t = tl.zeros(words.shape, dtype=tl.float32)
+        for i in tl.static_range(PW):
+            k = j4 * PW + i
+            a = _act(a_base, sidx_base, k, p_ok4 & (k < C), stride_ak, SORTED) * _int_act_factor(i, BITS)
+            t += _int_elem(words, hi, off, i, BITS) * a
+    elif FMT == 1:  # one byte = elements 2j (low nibble) and 2j + 1
+        b = words.to(tl.int32)
+        k = j4 * 2
+        t = _e2m1(b) * _act(a_base, sidx_base, k, p_ok4 & (k < C), stride_ak, SORTED)
+        t += _e2m1(b >> 4) * _act(a_base, sidx_base, k + 1, p_ok4 & (k + 1 < C), stride_ak, SORTED)
+    else:
+        t = _f32(words) * _act(a_base, sidx_base, j4, p_ok4 & (j4 < C), stride_ak, SORTED)
+    return t
+
+
+@triton.jit
+def _group_scale(c, s_base, as_base, row_ok4, NUM_G, stride_sg, stride_asg, NG: tl.constexpr, FMT: tl.constexpr,
+                 GROUP_SCALES: tl.constexpr, SCALE_KIND: tl.constexpr, A_SCALE: tl.constexpr):
+    """The scale of each group of chunk c [P, BN, NG, 1]: weight group scale times activation group scale (1.0 where
+    neither exists)."""
+    g4 = (c * NG + tl.arange(0, NG))[None, None, :, None]
+    g_ok = row_ok4 & (g4 < NUM_G)
+    s = tl.where(g_ok, 1.0, 0.0)
+    if GROUP_SCALES:
+        w_s = tl.load(s_base + g4 * stride_sg, mask=g_ok, other=0)
+        if FMT == 1 and SCALE_KIND == 1:
+            w_s = block_scale_value(w_s, 1)
+        s = _f32(w_s)
+    if A_SCALE == 3:
+        s = s * tl.load(as_base + g4 * stride_asg, mask=g_ok, other=0.0)
+    return s
+
+
+@triton.jit
+def gemv_moe_kernel(
+    a_ptr, w_ptr, s_ptr, z_ptr, sidx_ptr, es_ptr, as_ptr, ids_ptr, topk_w_ptr, bias_ptr, c_ptr, amax_ptr, perm_ptr,
+    N, C, NUM_G,
+    stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sg,
+    stride_ze, stride_zn, stride_zg, stride_ie, stride_ese, stride_esj, stride_asm, stride_asg,
+    stride_bias_e, stride_bias_n, stride_cm, stride_cn, stride_pe,
+    DOWN: tl.constexpr, TOP_K: tl.constexpr, P: tl.constexpr, ACTIVATION: tl.constexpr,
+    FMT: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr, GROUP_SCALES: tl.constexpr, HAS_ZP: tl.constexpr,
+    SCALE_KIND: tl.constexpr, W_SCALE: tl.constexpr, A_SCALE: tl.constexpr, SORTED: tl.constexpr,
+    FP4_FACTOR: tl.constexpr, MUL_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_AMAX: tl.constexpr,
+    OUT_PERM: tl.constexpr,
+    BLOCK_N: tl.constexpr, NG: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    parts = tl.arange(0, P)
+    if DOWN:
+        slot = pid * TOP_K + parts
+        p_ok = parts < TOP_K
+        e = tl.load(ids_ptr + slot, mask=p_ok, other=-1)
+        p_ok = p_ok & (e >= 0)
+        a_row = slot
+        row_off = parts * 0
+    else:
+        e0 = tl.load(ids_ptr + pid)
+        if e0 < 0:  # another rank's expert: GEMM2 skips this slot
+            return
+        slot = pid + parts * 0
+        e = e0 + parts * 0
+        p_ok = parts < 2
+        a_row = slot // TOP_K
+        row_off = parts * N
+    e = tl.where(p_ok, e, 0).to(tl.int64)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    rows = row_off[:, None] + offs_n[None, :]  # [P, BN]
+    row_ok = p_ok[:, None] & n_ok[None, :]
+    e4 = e[:, None, None, None]
+    rows4 = rows[:, :, None, None].to(tl.int64)
+    row_ok4 = row_ok[:, :, None, None]
+    p_ok4 = p_ok[:, None, None, None]
+    w_base = w_ptr + e4 * stride_we + rows4 * stride_wn
+    if FMT == 2 and GROUP_SCALES:  # fp8 block scales: one row of scales per 128 weight rows
+        s_base = s_ptr + e4 * stride_se + (rows4 // 128) * stride_sn
+    else:
+        s_base = s_ptr + e4 * stride_se + rows4 * stride_sn
+    z_base = z_ptr + e4 * stride_ze + rows4 * stride_zn
+    a_base = a_ptr + a_row[:, None, None, None].to(tl.int64) * stride_am
+    as_base = as_ptr + a_row[:, None, None, None].to(tl.int64) * stride_asm
+    sidx_base = sidx_ptr + e4 * stride_ie
+    PW: tl.constexpr = 32 // BITS if FMT == 0 else 2 if FMT == 1 else 1
+    CW = C // PW
+
+    GW: tl.constexpr = G // PW
+    if FMT == 1:  # fp4: sum each group across its units, then scale it (measured faster for fp4 on the H200)
+        acc = tl.zeros((P, BLOCK_N), dtype=tl.float32)
+        for c in range(0, tl.cdiv(NUM_G, NG)):
+            t = _chunk(c, w_base, z_base, a_base, sidx_base, row_ok4, p_ok4, C, CW, NUM_G,
+                       stride_wk, stride_zg, stride_ak, FMT, BITS, G, NG, HAS_ZP, SORTED)
+            s = _group_scale(c, s_base, as_base, row_ok4, NUM_G, stride_sg, stride_asg, NG, FMT, GROUP_SCALES,
+                             SCALE_KIND, A_SCALE)
+            acc += tl.sum(tl.sum(t, axis=3) * tl.sum(s, axis=3), axis=2)
+    else:  # int, fp8: keep per-unit sums and reduce across threads once, after the last chunk
+        acc4 = tl.zeros((P, BLOCK_N, NG, GW), dtype=tl.float32)
+        for c in range(0, tl.cdiv(NUM_G, NG)):
+            t = _chunk(c, w_base, z_base, a_base, sidx_base, row_ok4, p_ok4, C, CW, NUM_G,
+                       stride_wk, stride_zg, stride_ak, FMT, BITS, G, NG, HAS_ZP, SORTED)
+            acc4 += t * _group_scale(c, s_base, as_base, row_ok4, NUM_G, stride_sg, stride_asg, NG, FMT,
+                                     GROUP_SCALES, SCALE_KIND, A_SCALE)
+        acc = tl.sum(tl.sum(acc4, axis=3), axis=2)  # [P, BN]
+
+    # scales outside the groups, then the epilogue
+    if W_SCALE == 1:
+        acc *= tl.load(es_ptr + e * stride_ese + parts * stride_esj, mask=p_ok, other=0.0)[:, None]
+    elif W_SCALE == 2:
+        acc *= tl.load(es_ptr + e[:, None] * stride_ese + rows * stride_esj, mask=row_ok, other=0.0)
+    if FMT == 1:
+        acc *= FP4_FACTOR
+    if A_SCALE == 1:
+        acc *= tl.load(as_ptr)
+    elif A_SCALE == 2:
+        acc *= tl.load(as_ptr + a_row * stride_asm, mask=p_ok, other=0.0)[:, None]
+    if DOWN:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + e[:, None] * stride_bias_e + offs_n[None, :] * stride_bias_n,
+                           mask=row_ok, other=0.0).to(tl.float32)
+        if MUL_WEIGHT:
+            acc *= tl.load(topk_w_ptr + slot, mask=p_ok, other=0.0)[:, None]
+        out = tl.sum(tl.where(row_ok, acc, 0.0), axis=0)
+        tl.store(c_ptr + pid.to(tl.int64) * stride_cm + offs_n * stride_cn, out.to(c_ptr.dtype.element_ty),
+                 mask=n_ok)
+    else:
+        if MUL_WEIGHT:
+            acc *= tl.load(topk_w_ptr + pid)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + e[:, None] * stride_bias_e + rows * stride_bias_n,
+                           mask=row_ok, other=0.0).to(tl.float32)
+        gate = tl.sum(tl.where(parts[:, None] == 0, acc, 0.0), axis=0)
+        up = tl.sum(tl.where(parts[:, None] == 1, acc, 0.0), axis=0)
+        out = gated_act(gate, up, ACTIVATION)
+        if OUT_AMAX:
+            tl.atomic_max(amax_ptr, tl.max(tl.where(n_ok, tl.abs(out), 0.0), axis=0))
+        cols = offs_n
+        if OUT_PERM:  # write in the next GEMM's act-order (sorted) column order
+            cols = tl.load(perm_ptr + e0.to(tl.int64) * stride_pe + offs_n, mask=n_ok, other=0)
+        tl.store(c_ptr + pid.to(tl.int64) * stride_cm + cols * stride_cn, out.to(c_ptr.dtype.element_ty),
+                 mask=n_ok)

@@ -1,0 +1,203 @@
+"""Decode path of the quantized fused MoE: two GEMV launches after routing (body: _gemv_kernel.py).
+
+For few token slots per expert the grouped GEMMs waste most of their work: one token is padded to 16 rows for the
+tensor cores, the align step costs a launch, the unpacked weights go through the tensor cores' operand layout, and the
+top-k sum is another launch. Here GEMM1 (gate/up + activation) and GEMM2 (down + routing weight + top-k sum) each
+stream every routed expert's weights once per slot on the CUDA cores.
+
+T tokens, K top-k, S = T*K slots, E experts (local), H hidden, I intermediate (per rank), G group size.
+GemvWeights holds one GEMM's weights in the kernel's layout; the methods build them (int: IntWeights, fp4, fp8).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from moequant.kernels._gemv_kernel import gemv_moe_kernel
+from moequant.kernels.moe_gemm import _ACT_CODE
+from moequant.kernels.tuning import cached_entry
+
+_FMT = {"int": 0, "fp4": 1, "fp8": 2}
+_A_CODE = {None: 0, "tensor": 1, "row": 2, "group": 3}
+_W_CODE = {None: 0, "expert": 1, "row": 2}
+MODE = os.environ.get("MOEQUANT_GEMV", "auto")  # auto | always | never (see use_gemv)
+FP8_GROUP = 128  # fp8: block scales and per-group activation scales cover 128 columns; also the chunking unit
+ELEMS_PER_THREAD = 256  # heuristic register budget: weight elements per thread and chunk (4 warps), int and fp4
+FP8_ELEMS_PER_THREAD = 64  # fp8: each element costs two conversions (weight and activation)
+
+
+@dataclass(frozen=True)
+class GemvWeights:
+    """One GEMM's weights for the GEMV kernel.
+
+    fmt "int": data int32 words [E, N, C/PW], bits 4|8, group scale [E, N, C/G] (G None: per channel, scale [E, N, 1]
+        read as a row scale), zero_point int32 [E, N, C/G] or None, sort_idx int32 [E, C] (act-order, equal groups).
+    fmt "fp4": data uint8 [E, N, C/2], scale [E, N, C/G] fp8 e4m3 (G 16) or uint8 E8M0
+        (G 32), expert_scale fp32 [E] or [E, 2] (nvfp4's second-level scale) or None.
+    fmt "fp8": data fp8 [E, N, C], expert_scale [E] (per tensor) or row_scale [E, N] (per channel) or block scale
+        [E, N/128, C/128] (group 128).
+    out_perm int32 [E, N] (GEMM1 only): store output column n at out_perm[e, n] (the inverse of GEMM2's act-order
+        sort_idx, so GEMM2 reads its input in sorted order without a gather).
+    """
+
+    fmt: str
+    data: torch.Tensor
+    bits: int = 4
+    group: int | None = None
+    scale: torch.Tensor | None = None
+    zero_point: torch.Tensor | None = None
+    scale_kind: str = "fp8"
+    sort_idx: torch.Tensor | None = None
+    expert_scale: torch.Tensor | None = None
+    row_scale: torch.Tensor | None = None
+    out_perm: torch.Tensor | None = None
+
+    @property
+    def per_unit(self) -> int:
+        """Elements per packed unit: an int32 word (int), a byte (fp4: two codes; fp8: one)."""
+        return 32 // self.bits if self.fmt == "int" else 2 if self.fmt == "fp4" else 1
+
+    @property
+    def columns(self) -> int:
+        return self.data.shape[2] * self.per_unit
+
+
+@dataclass(frozen=True)
+class GemvConfig:
+    BLOCK_N: int  # output rows per program (per part)
+    NG: int  # scale groups per chunk
+    num_warps: int = 4
+
+
+def use_gemv(T: int, K: int, E: int, slots_per_expert: float = 1.0) -> bool:
+    """The GEMV path while there are at most `slots_per_expert` token slots per expert on average (each slot streams
+    its own expert's weights, which the grouped GEMM reads once per expert block), or T <= 2. Per format, from the
+    H200: int 1 (its grouped GEMM wins beyond); fp4 2 (Mixtral M=8: GEMV 2.8x faster; Qwen3-30B M=64: 1.4x slower); fp8 0 = never (the GEMV
+    tied the tensor-core path on Qwen3-30B and was 11% slower on Mixtral at M=1). MOEQUANT_GEMV=always|never
+    overrides (tests, benchmarks)."""
+    if MODE in ("always", "never"):
+        return MODE == "always"
+    return slots_per_expert > 0 and (T * K <= slots_per_expert * E or T <= 2)
+
+
+def _group(w: GemvWeights) -> int:
+    """Columns per group as the kernel sees them: the scale group, or FP8_GROUP for formats without group scales
+    (then only the unit of chunking)."""
+    if w.fmt == "fp8":
+        return FP8_GROUP
+    return w.group if w.group is not None else 128
+
+
+OVERRIDE: dict[bool, GemvConfig] = {}  # down -> config, set by benchmarks/tune_gemv.py while it sweeps
+
+
+def kernel_name(w: GemvWeights, down: bool) -> str:
+    """The tuning cache's name of one GEMV, e.g. gemv-up-int4-g128, gemv-down-fp8-block."""
+    if w.fmt == "fp8":
+        kind = "block" if w.scale is not None else "row" if w.row_scale is not None else "tensor"
+        fmt = f"fp8-{kind}"
+    else:
+        fmt = (f"int{w.bits}" if w.fmt == "int" else "fp4") + (f"-g{w.group}" if w.group is not None else "")
+    return f"gemv-{'down' if down else 'up'}-{fmt}"
+
+
+def gemv_config(parts: int, N: int, w: GemvWeights, T: int, down: bool) -> GemvConfig:
+    """The tuned cache's entry for this GEMV near T tokens, else a heuristic: BLOCK_N 16 rows (int, fp4: vector loads
+    of the rows-contiguous packing) or 4 (fp8, K-contiguous), and NG groups per chunk to fill the register budget of
+    elements per thread."""
+    if down in OVERRIDE:
+        return OVERRIDE[down]
+    entry = cached_entry(kernel_name(w, down), T, w.data.shape[0], N, w.columns, w.data.device)
+    if entry is not None:
+        return GemvConfig(**entry)
+    G = _group(w)
+    num_g = triton.cdiv(w.columns, G)
+    bn = min(triton.next_power_of_2(N), 4 if w.fmt == "fp8" else 16)
+    budget = (FP8_ELEMS_PER_THREAD if w.fmt == "fp8" else ELEMS_PER_THREAD) * 128
+    ng = max(1, min(triton.next_power_of_2(num_g), budget // (parts * bn * G)))
+    return GemvConfig(bn, ng, 4)
+
+
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    """fp8 tensors go to the kernel as their bytes (a masked load of fp8 cannot fill in 0 in the interpreter)."""
+    return t.view(torch.uint8) if t.dtype in (torch.float8_e4m3fn,) else t
+
+
+def gemv(a, w: GemvWeights, c, topk_ids, *, down: bool, top_k: int, activation: str = "silu", a_scale=None,
+         a_scale_kind=None, bias=None, topk_weights=None, out_amax=None, cfg: GemvConfig | None = None):
+    """GEMM1 (down=False): c[slot] = act(W13[e] a[slot // top_k]) for every slot; GEMM2 (down=True):
+    c[t] = sum_k w[t, k] * (W2[e_k] a[t*top_k + k] + b2[e_k]). a_scale_kind: None (A16), "tensor" [1],
+    "row" [rows] or "group" [rows, C/128] scales of a (fp8 or pre-quantized nvfp4)."""
+    ids = topk_ids.reshape(-1)
+    C = w.columns
+    n_total = w.data.shape[1]
+    N = n_total if down else n_total // 2
+    rows = c.shape[0]
+    P = triton.next_power_of_2(top_k) if down else 2
+    cfg = cfg or gemv_config(P, N, w, topk_ids.shape[0], down)
+    G = _group(w)
+    data = _bytes(w.data)
+    dummy = c
+    s = _bytes(w.scale) if w.scale is not None else dummy
+    a = _bytes(a)
+    s_strides = w.scale.stride() if w.scale is not None else (0, 0, 0)
+    zp = w.zero_point
+    si = w.sort_idx
+    if w.expert_scale is not None:
+        es, w_kind = w.expert_scale, "expert"
+        es_strides = (es.stride(0), es.stride(1) if es.dim() > 1 and not down else 0)
+    elif w.row_scale is not None:
+        es, w_kind = w.row_scale, "row"
+        es_strides = (es.stride(0), es.stride(1))
+    else:
+        es, w_kind, es_strides = dummy, None, (0, 0)
+    a_s = a_scale if a_scale is not None else dummy
+    as_strides = (0, 0)
+    if a_scale_kind == "row":
+        as_strides = (a_scale.stride(0), 0)
+    elif a_scale_kind == "group":
+        as_strides = (a_scale.stride(0), a_scale.stride(1))
+    grid = (rows if down else ids.numel(), triton.cdiv(N, cfg.BLOCK_N))
+    gemv_moe_kernel[grid](
+        a, data, s, zp if zp is not None else dummy, si if si is not None else dummy, es, a_s, ids,
+        topk_weights if topk_weights is not None else dummy, bias if bias is not None else dummy, c,
+        out_amax if out_amax is not None else dummy, w.out_perm if w.out_perm is not None else dummy,
+        N, C, triton.cdiv(C, G),
+        a.stride(0), a.stride(1), data.stride(0), data.stride(1), data.stride(2), *s_strides,
+        *(zp.stride() if zp is not None else (0, 0, 0)), si.stride(0) if si is not None else 0,
+        *es_strides, *as_strides,
+        bias.stride(0) if bias is not None else 0, bias.stride(1) if bias is not None else 0,
+        c.stride(0), c.stride(1), w.out_perm.stride(0) if w.out_perm is not None else 0,
+        DOWN=down, TOP_K=top_k, P=P, ACTIVATION=_ACT_CODE[activation],
+        FMT=_FMT[w.fmt], BITS=8 if w.fmt == "fp8" else w.bits, G=G,
+        GROUP_SCALES=w.scale is not None and (w.fmt != "int" or w.group is not None), HAS_ZP=zp is not None,
+        SCALE_KIND=1 if w.scale_kind == "e8m0" else 0, W_SCALE=_W_CODE[w_kind], A_SCALE=_A_CODE[a_scale_kind],
+        SORTED=si is not None, FP4_FACTOR=16384.0, MUL_WEIGHT=topk_weights is not None, HAS_BIAS=bias is not None,
+        OUT_AMAX=out_amax is not None, OUT_PERM=w.out_perm is not None and not down, BLOCK_N=cfg.BLOCK_N, NG=cfg.NG, num_warps=cfg.num_warps,
+    )
+    return c
+
+
+def fused_experts_gemv(x, w13: GemvWeights, w2: GemvWeights, topk_weights, topk_ids, *, activation="silu",
+                       w13_bias=None, w2_bias=None, apply_router_weight_on_input=False, quantize=None,
+                       inter_dtype=None, out_amax=None) -> torch.Tensor:
+    """out[t] = sum_k w[t,k] * (W2[e] q2(act(W13[e] q1(x[t]) + b13[e])) + b2[e]): two GEMV launches.
+    quantize(a, stage) -> (a_q, scale, scale kind) quantizes GEMM1's (stage 1) and GEMM2's (stage 2) input (None:
+    A16); inter_dtype: GEMM1's output dtype (fp32 when it is quantized next, so it is rounded once); out_amax: fold
+    max |inter| into it (a dynamic per-tensor stage-2 scale)."""
+    T, H = x.shape
+    K = topk_ids.shape[1]
+    I = w13.data.shape[1] // 2
+    topk_weights = topk_weights.reshape(-1).float().contiguous()
+    a, s, kind = quantize(x, 1) if quantize is not None else (x, None, None)
+    inter = torch.empty(T * K, I, dtype=inter_dtype or x.dtype, device=x.device)
+    gemv(a, w13, inter, topk_ids, down=False, top_k=K, activation=activation, a_scale=s, a_scale_kind=kind,
+         bias=w13_bias, topk_weights=topk_weights if apply_router_weight_on_input else None, out_amax=out_amax)
+    a, s, kind = quantize(inter, 2) if quantize is not None else (inter, None, None)
+    out = torch.empty(T, H, dtype=x.dtype, device=x.device)
+    return gemv(a, w2, out, topk_ids, down=True, top_k=K, a_scale=s, a_scale_kind=kind, bias=w2_bias,
+                topk_weights=None if apply_router_weight_on_input else topk_weights)

@@ -1,0 +1,127 @@
+"""The decode (GEMV) path of every quantized scheme against the layer's torch reference on the same dequantized
+weights: interpreter (fp32, fp16) on the CPU, bf16 on the GPU. Also the choice between GEMV and grouped GEMM.
+
+# T tokens, E experts, H hidden, I intermediate, K top-k
+"""
+
+import os
+
+import pytest
+import torch
+
+import moequant.kernels.gemv as gv
+from conftest import ON_GPU, rel_err
+from moequant import FusedMoE, QuantConfig
+
+INTERP = os.environ.get("TRITON_INTERPRET") == "1"
+E, K, H, I = 6, 3, 256, 384  # 384 = 3 groups of 128: a partial last chunk when a chunk holds 2 or 4 groups
+
+SCHEMES = [  # (scheme, group size, act_order, bias + swigluoai)
+    ("w4a16", 32, False, False), ("w4a16", 128, True, False), ("w4a16-asym", 64, False, False),
+    ("w4a16-asym", None, False, False), ("w8a16", 128, False, False), ("w8a16", 32, True, False),
+    ("nvfp4a16", None, False, False), ("nvfp4", None, False, False), ("mxfp4", None, False, True),
+    ("fp8-tensor", None, False, False), ("fp8-channel", None, False, True), ("fp8-block", None, False, False),
+]
+
+
+def build(scheme, G, act_order, bias, dtype, device, ep=False):
+    gen = torch.Generator().manual_seed(1)
+    cfg = QuantConfig(scheme=scheme, group_size=G, act_order=act_order)
+    kw = dict(ep_size=2, ep_rank=1) if ep else {}
+    layer = FusedMoE(E, K, H, I, params_dtype=dtype, quant_config=cfg, has_bias=bias,
+                     activation="swigluoai" if bias else "silu", **kw)
+    El = layer.local_num_experts
+    w13 = torch.randn(El, 2 * I, H, generator=gen) * 0.05
+    w2 = torch.randn(El, H, I, generator=gen) * 0.05
+    b13 = torch.randn(El, 2 * I, generator=gen) * 0.1 if bias else None
+    b2 = torch.randn(El, H, generator=gen) * 0.1 if bias else None
+    if act_order:  # a random act-order grouping per expert: g_idx[perm[j]] = j // G
+        layer.quant_method.quantize_dense(layer, w13.to(dtype), w2.to(dtype))
+        for p in ("w13", "w2"):
+            g = getattr(layer, f"{p}_weight_g_idx").data
+            for e in range(El):
+                perm = torch.randperm(g.shape[1], generator=gen)
+                g[e, perm] = (torch.arange(g.shape[1]) // G).int()
+        layer.quant_method.process_weights_after_loading(layer)
+    else:
+        layer.load_dense_weights(w13.to(dtype), w2.to(dtype), b13, b2)
+    return layer.to(device)
+
+
+def compare(layer, T, dtype, device, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, H, generator=gen).to(dtype).to(device)
+    logits = torch.randn(T, E, generator=gen).to(device)
+    w, ids = layer.route(x, logits)
+    layer.backend = "triton"
+    out = layer.experts_forward(x, w, ids)
+    layer.backend = "reference"
+    ref = layer.experts_forward(x.float(), w, ids)
+    return rel_err(out, ref)
+
+
+@pytest.fixture
+def always_gemv(monkeypatch):
+    monkeypatch.setattr(gv, "MODE", "always")
+
+
+def _tol(scheme, dtype):
+    """fp32: accumulation order only; fp16/bf16: the output's rounding. nvfp4's activations are rounded to fp4 from
+    a differently rounded intermediate in the two paths, so a few values move by one fp4 step."""
+    if scheme == "nvfp4":
+        return 3e-2
+    return {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
+
+
+@pytest.mark.skipif(not INTERP, reason="interpreter test (CPU)")
+@pytest.mark.parametrize("case", SCHEMES, ids=lambda c: f"{c[0]}-G{c[1]}-act{int(c[2])}-bias{int(c[3])}")
+def test_gemv_interpreter_matches_reference(case, always_gemv):
+    scheme, G, act, bias = case
+    for dtype, T in ((torch.float32, 3), (torch.float16, 1)):  # fp32: the math; fp16: the output's rounding
+        layer = build(scheme, G, act, bias, dtype, "cpu")
+        err = compare(layer, T, dtype, "cpu", seed=T)
+        assert err <= _tol(scheme, dtype), (scheme, dtype, T, err)
+
+
+@pytest.mark.skipif(not INTERP, reason="interpreter test (CPU)")
+@pytest.mark.parametrize("scheme", ["w4a16", "nvfp4a16", "fp8-channel"])
+def test_gemv_expert_parallel_and_weight_on_input(scheme, always_gemv):
+    """Slots routed to another rank's experts (-1 ids) contribute nothing; top-1 with the routing weight applied to
+    the input."""
+    layer = build(scheme, 32 if scheme == "w4a16" else None, False, False, torch.float32, "cpu", ep=True)
+    assert compare(layer, 4, torch.float32, "cpu") <= 1e-5
+    gen = torch.Generator().manual_seed(5)
+    cfg = QuantConfig(scheme=scheme, group_size=32 if scheme == "w4a16" else None)
+    top1 = FusedMoE(E, 1, H, I, params_dtype=torch.float32, quant_config=cfg, apply_router_weight_on_input=True)
+    top1.load_dense_weights(torch.randn(E, 2 * I, H, generator=gen) * 0.05, torch.randn(E, H, I, generator=gen) * 0.05)
+    x = torch.randn(2, H, generator=gen)
+    w = torch.rand(2, 1, generator=gen)
+    ids = torch.tensor([[4], [1]], dtype=torch.int32)
+    top1.backend = "triton"
+    out = top1.experts_forward(x, w, ids)
+    top1.backend = "reference"
+    assert rel_err(out, top1.experts_forward(x, w, ids)) <= 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("case", SCHEMES, ids=lambda c: f"{c[0]}-G{c[1]}-act{int(c[2])}-bias{int(c[3])}")
+def test_gemv_gpu_bf16_matches_reference(case, always_gemv):
+    scheme, G, act, bias = case
+    layer = build(scheme, G, act, bias, torch.bfloat16, "cuda")
+    for T in (1, 2, 5):
+        err = compare(layer, T, torch.bfloat16, "cuda", seed=T)
+        assert err <= _tol(scheme, torch.bfloat16), (scheme, T, err)
+
+
+def test_use_gemv_follows_slots_per_expert(monkeypatch):
+    monkeypatch.setattr(gv, "MODE", "auto")
+    assert gv.use_gemv(1, 2, 8) and gv.use_gemv(4, 2, 8) and not gv.use_gemv(8, 2, 8)  # Mixtral: T*K <= E
+    assert gv.use_gemv(16, 8, 128) and not gv.use_gemv(64, 8, 128)  # Qwen3-30B
+    assert gv.use_gemv(2, 8, 4)  # two tokens always
+    assert not gv.use_gemv(1, 2, 8, slots_per_expert=0)  # fp8: the tensor-core path unless forced
+    assert gv.use_gemv(8, 2, 8, slots_per_expert=2) and not gv.use_gemv(9, 2, 8, slots_per_expert=2)  # fp4
+    monkeypatch.setattr(gv, "MODE", "always")
+    assert gv.use_gemv(64, 8, 8, slots_per_expert=0)
+    monkeypatch.setattr(gv, "MODE", "never")
+    assert not gv.use_gemv(1, 2, 8)
