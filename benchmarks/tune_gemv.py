@@ -92,4 +92,5 @@ def tune(shape_name: str, scheme: str, ms, seed: int = 0) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(layer_tuner_main(tune, __doc__.splitlines()[0], "tune_gemv.py", "w4a16:g128,nvfp4a16,fp8-tensor,fp8-channel"))
+    sys.exit(layer_tuner_main(tune, __doc__.splitlines()[0], "tune_gemv.py",
+                              "w4a16:g128,nvfp4a16,fp8-tensor,fp8-channel"))

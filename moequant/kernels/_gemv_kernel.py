@@ -13,8 +13,8 @@ Weights [E, N(*2), C/PW] packed units, element i of unit j = column j*PW + i (lo
 Int and fp4 weights are stored rows-contiguous (methods.base.rows_contiguous): a thread's vector load then holds
 several rows of one packed column, and each activation value it loads serves all of them. fp8 weights stay
 K-contiguous (the tensor-core GEMMs read K-major fp8 operands).
-Activations: rows of x's dtype or fp32; or fp8 (FMT_FP8; fp8 data of any kind is passed as uint8 bytes) / pre-quantized nvfp4 with a scale per tensor, per row or
-per 128 columns (fp8 only).
+Activations: rows of x's dtype or fp32; or fp8 (FMT_FP8) / pre-quantized nvfp4 with a scale per tensor, per row or
+per 128 columns (fp8 only). fp8 data of any kind is passed as uint8 bytes.
   out[part, n] = rs[part, n] * sum_g ws[part, n, g] * as[part, g] * sum_{k in g} wq[part, n, k] * aq[part, k]
 GEMM1 (not DOWN): grid (S, cdiv(N, BN)); parts = gate rows n and up rows N + n of the slot's expert;
   inter[slot, n] = act(gate, up) (+ biases; routing weight first when applied on the input); with OUT_PERM it is
@@ -27,19 +27,13 @@ Act-order (SORTED): column k of expert e reads a[sort_idx[e, k]] (the weights' c
 import triton
 import triton.language as tl
 
-from moequant.kernels._fp4_gemm_kernel import block_scale_value
+from moequant.kernels._fp4_gemm_kernel import block_scale_value, e2m1_value
 from moequant.kernels._moe_gemm_kernel import gated_act
 
-FMT_INT: tl.constexpr = 0
-FMT_FP4: tl.constexpr = 1
-FMT_FP8: tl.constexpr = 2
-A_NONE: tl.constexpr = 0  # activation scales: none (A16)
-A_TENSOR: tl.constexpr = 1  # one scale [1]
-A_ROW: tl.constexpr = 2  # one scale per activation row
-A_GROUP: tl.constexpr = 3  # one scale per row and 128 columns
-W_NONE: tl.constexpr = 0  # weight scales outside the groups: none
-W_EXPERT: tl.constexpr = 1  # one per expert (and GEMM1 half): fp8 per-tensor, nvfp4's s2
-W_ROW: tl.constexpr = 2  # one per output row: fp8 per-channel, int per-channel
+# Codes of the constexpr switches (gemv.py maps names to them): FMT 0 int, 1 fp4, 2 fp8; A_SCALE (activation) 0 none,
+# 1 per tensor, 2 per row, 3 per row and 128 columns; W_SCALE (weights, outside the groups) 0 none, 1 per expert
+# (and GEMM1 half: fp8 per-tensor, nvfp4's s2), 2 per output row (fp8 per-channel, int per-channel).
+FP4_FACTOR = tl.constexpr(16384.0)  # 2^14: e2m1_value returns the e2m1 value times 2^-14
 
 
 @triton.jit
@@ -64,15 +58,6 @@ def _int_act_factor(i: tl.constexpr, BITS: tl.constexpr):
     SHIFT_P: tl.constexpr = 3 if BITS == 4 else 2
     P: tl.constexpr = i if i < LO else i - SHIFT_P
     return 1.0 / (1 << (P * BITS))
-
-
-@triton.jit
-def _e2m1(code):
-    """fp32 value times 2^-14 of the e2m1 code in bits 0-3 of `code` (higher bits ignored): the sign goes to bit 15
-    and the exponent/mantissa bits to bits 9-11 of an fp16, whose value is then the e2m1 value times 2^-14, subnormal
-    e = 0 included. The caller multiplies by 2^14 once per row."""
-    h = ((code << 12) & 0x8000) | ((code << 9) & 0x0E00)
-    return h.to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
 
 
 @triton.jit
@@ -119,8 +104,8 @@ def _chunk(c, w_base, z_base, a_base, sidx_base, row_ok4, p_ok4, C, CW, NUM_G, s
     elif FMT == 1:  # one byte = elements 2j (low nibble) and 2j + 1
         b = words.to(tl.int32)
         k = j4 * 2
-        t = _e2m1(b) * _act(a_base, sidx_base, k, p_ok4 & (k < C), stride_ak, SORTED)
-        t += _e2m1(b >> 4) * _act(a_base, sidx_base, k + 1, p_ok4 & (k + 1 < C), stride_ak, SORTED)
+        t = e2m1_value(b) * _act(a_base, sidx_base, k, p_ok4 & (k < C), stride_ak, SORTED)
+        t += e2m1_value(b >> 4) * _act(a_base, sidx_base, k + 1, p_ok4 & (k + 1 < C), stride_ak, SORTED)
     else:
         t = _f32(words) * _act(a_base, sidx_base, j4, p_ok4 & (j4 < C), stride_ak, SORTED)
     return t
@@ -154,7 +139,7 @@ def gemv_moe_kernel(
     DOWN: tl.constexpr, TOP_K: tl.constexpr, P: tl.constexpr, ACTIVATION: tl.constexpr,
     FMT: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr, GROUP_SCALES: tl.constexpr, HAS_ZP: tl.constexpr,
     SCALE_KIND: tl.constexpr, W_SCALE: tl.constexpr, A_SCALE: tl.constexpr, SORTED: tl.constexpr,
-    FP4_FACTOR: tl.constexpr, MUL_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_AMAX: tl.constexpr,
+    MUL_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_AMAX: tl.constexpr,
     OUT_PERM: tl.constexpr,
     BLOCK_N: tl.constexpr, NG: tl.constexpr,
 ):

@@ -93,6 +93,7 @@ def fused_experts_fp4(x, w13_packed, w13_scale, w2_packed, w2_scale, topk_weight
     if use_gemv(T, K, E, slots_per_expert=2):
         ws = [GemvWeights("fp4", p, bits=4, group=group, scale=sc, scale_kind=scale_kind, expert_scale=s2)
               for p, sc, s2 in ((w13_packed, w13_scale, w13_scale_2), (w2_packed, w2_scale, w2_scale_2))]
+
         def quantize(a, stage):  # nvfp4: activations fake-quantized with one scale for the tensor
             a_q, s = quantize_act_nvfp4(a, w13_input_scale if stage == 1 else w2_input_scale, x.dtype)
             return a_q, s, "tensor"
@@ -124,4 +125,3 @@ def fused_experts_fp4(x, w13_packed, w13_scale, w2_packed, w2_scale, topk_weight
                      a_row_div=1, scale_2=w2_scale_2, a_scale=s2, bias=w2_bias,
                      topk_weights=None if apply_router_weight_on_input else topk_weights)
     return moe_sum(y, T, K)
-

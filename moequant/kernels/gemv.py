@@ -76,9 +76,9 @@ class GemvConfig:
 def use_gemv(T: int, K: int, E: int, slots_per_expert: float = 1.0) -> bool:
     """The GEMV path while there are at most `slots_per_expert` token slots per expert on average (each slot streams
     its own expert's weights, which the grouped GEMM reads once per expert block), or T <= 2. Per format, from the
-    H200: int 1 (its grouped GEMM wins beyond); fp4 2 (Mixtral M=8: GEMV 2.8x faster; Qwen3-30B M=64: 1.4x slower); fp8 0 = never (the GEMV
-    tied the tensor-core path on Qwen3-30B and was 11% slower on Mixtral at M=1). MOEQUANT_GEMV=always|never
-    overrides (tests, benchmarks)."""
+    H200: int 1 (its grouped GEMM wins beyond); fp4 2 (Mixtral M=8: GEMV 2.8x faster; Qwen3-30B M=64: 1.4x
+    slower); fp8 0 = never (the GEMV tied the tensor-core path on Qwen3-30B and was 11% slower on Mixtral at M=1).
+    MOEQUANT_GEMV=always|never overrides (tests, benchmarks)."""
     if MODE in ("always", "never"):
         return MODE == "always"
     return slots_per_expert > 0 and (T * K <= slots_per_expert * E or T <= 2)
@@ -124,7 +124,7 @@ def gemv_config(parts: int, N: int, w: GemvWeights, T: int, down: bool) -> GemvC
 
 def _bytes(t: torch.Tensor) -> torch.Tensor:
     """fp8 tensors go to the kernel as their bytes (a masked load of fp8 cannot fill in 0 in the interpreter)."""
-    return t.view(torch.uint8) if t.dtype in (torch.float8_e4m3fn,) else t
+    return t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
 
 
 def gemv(a, w: GemvWeights, c, topk_ids, *, down: bool, top_k: int, activation: str = "silu", a_scale=None,
@@ -176,8 +176,9 @@ def gemv(a, w: GemvWeights, c, topk_ids, *, down: bool, top_k: int, activation: 
         FMT=_FMT[w.fmt], BITS=8 if w.fmt == "fp8" else w.bits, G=G,
         GROUP_SCALES=w.scale is not None and (w.fmt != "int" or w.group is not None), HAS_ZP=zp is not None,
         SCALE_KIND=1 if w.scale_kind == "e8m0" else 0, W_SCALE=_W_CODE[w_kind], A_SCALE=_A_CODE[a_scale_kind],
-        SORTED=si is not None, FP4_FACTOR=16384.0, MUL_WEIGHT=topk_weights is not None, HAS_BIAS=bias is not None,
-        OUT_AMAX=out_amax is not None, OUT_PERM=w.out_perm is not None and not down, BLOCK_N=cfg.BLOCK_N, NG=cfg.NG, num_warps=cfg.num_warps,
+        SORTED=si is not None, MUL_WEIGHT=topk_weights is not None, HAS_BIAS=bias is not None,
+        OUT_AMAX=out_amax is not None, OUT_PERM=w.out_perm is not None and not down,
+        BLOCK_N=cfg.BLOCK_N, NG=cfg.NG, num_warps=cfg.num_warps,
     )
     return c
 

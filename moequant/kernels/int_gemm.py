@@ -1,7 +1,7 @@
 """Launchers of the int4/int8 weight-only fused MoE: align -> GEMM1 (+gated activation) -> GEMM2 (+routing weight)
 -> sum over K, with packed integer weights dequantized in registers (see _int_gemm_kernel); few slots per expert
-take the two-launch GEMV path instead (gemv.py). No dequantized copy of
-the weights and no permuted copy of the activations is ever made.
+take the two-launch GEMV path instead (gemv.py). No dequantized copy of the weights and no permuted copy of the
+activations is ever made.
 
 T tokens, K top-k, S = T*K slots, E experts (local), H hidden, I intermediate (per rank), G group size, PW = 32 / b.
 x [T, H]; IntWeights: packed int32 [E, N, K/PW], scale [E, N, groups], zero_point int8 [E, N, groups] or None,
