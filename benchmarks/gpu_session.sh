@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One batched GPU call (the lent H100/H200 has no network): install carried wheels, print the environment, run the GPU
 # tests, tune the kernels, run the benchmark. Everything lands under $OUT (logs, tuning cache, benchmark JSON).
-# Usage there: bash benchmarks/gpu_session.sh [tests] [tune] [tunegemv] [profile] [bench]; PYTEST_ARGS (default '-m gpu tests'), PYTEST_K,
+# Usage there: bash benchmarks/gpu_session.sh [tests] [tune] [tunegemv] [profile] [ncu] [bench]; PYTEST_ARGS (default '-m gpu tests'), PYTEST_K,
 # TUNE_ARGS and BENCH_ARGS pass options on.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -26,6 +26,16 @@ for step in $steps; do
     tune)  timeout 450 python3 benchmarks/tune_moe.py ${TUNE_ARGS:-} 2>&1 | tee "$OUT/tune.log" | grep -v rejected | tail -40
            cp moequant/kernels/configs/*.json "$OUT"/ ;;
     profile) for m in ${PROFILE_MS:-1 4096}; do timeout 120 python3 benchmarks/profile_forward.py --m $m ${PROFILE_ARGS:-} 2>&1 | tee -a "$OUT/profile.log" | tail -16; done ;;
+    ncu)   # NCU_RUNS: shape,scheme,m triples; NCU_K: kernel name regex
+           NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu | head -1)
+           for run in ${NCU_RUNS:-mixtral-8x7b,w4a16:g128,1}; do IFS=, read -r shp sch m <<<"$run"
+             timeout 240 "$NCU" --clock-control none -k "regex:${NCU_K:-gemv}" --launch-skip ${NCU_SKIP:-8} --launch-count 2 \
+               --section SpeedOfLight --section LaunchStats --section Occupancy --section WarpStateStats \
+               --section SchedulerStats --section InstructionStats --section MemoryWorkloadAnalysis \
+               python3 benchmarks/ncu_forward.py --shape $shp --scheme $sch --m $m 2>&1 | tee -a "$OUT/ncu.txt" \
+               | grep -E "gemv|Duration|DRAM Throughput|Memory Throughput|Registers|Achieved Occupancy|Issue Slots Busy|Executed Ipc A|No Eligible|Warp Cycles Per Issued|Block Size|Grid Size|Theoretical Occ" ; done
+           for f in $(grep -l "${NCU_K:-gemv}" ~/.triton/cache/*/*.json 2>/dev/null); do d=$(dirname $f)
+             for c in $d/*.cubin; do echo "== $c" >> "$OUT/sass.txt"; cuobjdump -sass $c >> "$OUT/sass.txt" 2>&1; done; done ;;
     bench) timeout ${BENCH_TIMEOUT:-400} python3 benchmarks/bench_moe.py ${BENCH_ARGS:-} --out "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" | tail -60 ;;
   esac
 done

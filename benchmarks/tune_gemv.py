@@ -22,7 +22,8 @@ from benchmarks.bench_moe import SHAPES, make_inputs, random_layer  # noqa: E402
 from benchmarks.tune_moe import layer_tuner_main, time_config  # noqa: E402
 
 PASSES = int(__import__("os").environ.get("TUNE_GEMV_PASSES", 1))
-AXES = {"BLOCK_N": (1, 2, 4, 8, 16, 32, 64), "NG": (1, 2, 4, 8, 16, 32, 64, 128), "num_warps": (2, 4, 8)}
+AXES = {"BLOCK_N": (1, 2, 4, 8, 16, 32, 64, 128), "NG": (1, 2, 4, 8, 16, 32, 64, 128), "num_warps": (2, 4, 8),
+        "SPLIT_K": (1, 2, 4, 8)}
 
 
 class Recorder:
@@ -32,9 +33,9 @@ class Recorder:
     def __init__(self, gv):
         self.gv, self.orig, self.asked, self.got = gv, gv.gemv_config, {}, {}
 
-    def __call__(self, parts, N, w, T, down):
+    def __call__(self, parts, N, w, T, down, grid_rows=1):
         self.asked[down] = (self.gv.kernel_name(w, down), w.data.shape[0], N, w.columns)
-        self.got[down] = self.orig(parts, N, w, T, down)
+        self.got[down] = self.orig(parts, N, w, T, down, grid_rows)
         return self.got[down]
 
     def __enter__(self):
@@ -75,6 +76,8 @@ def tune(shape_name: str, scheme: str, ms, seed: int = 0) -> dict:
             for _ in range(PASSES):
                 for down in (False, True):
                     for axis in AXES:
+                        if axis == "SPLIT_K" and (not down or "fp8" in rec.asked[down][0]):
+                            continue  # only GEMM2 of the rows kernel (int, fp4) splits
                         for cand in neighbours(cur[down], axis):
                             gv.OVERRIDE[down] = cand
                             t = time_config(run)

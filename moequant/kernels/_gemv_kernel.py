@@ -37,17 +37,18 @@ FP4_FACTOR = tl.constexpr(16384.0)  # 2^14: e2m1_value returns the e2m1 value ti
 
 
 @triton.jit
-def _int_elem(words, hi_words, off, i: tl.constexpr, BITS: tl.constexpr):
+def _int_elem(words, hi_words, off, i: tl.constexpr, BITS: tl.constexpr, two23=0x4B000000):
     """(u_i - off) * 2^(BITS*p) in fp32 for element i of every word, exact and without an int->float conversion:
     the element's bits, where they lie (p = i), or for the top elements where they lie in hi_words = words >> 12
-    (int4) / >> 16 (int8), are OR-ed into the mantissa of 2^23; subtracting 2^23 + off * 2^(BITS*p) leaves the
+    (int4) / >> 16 (int8), are OR-ed into the mantissa of 2^23 (two23: its bits; passed as a kernel argument, the
+    constant sits in a register and the mask-and-or is one LOP3); subtracting 2^23 + off * 2^(BITS*p) leaves the
     integer. The caller divides the activation by 2^(BITS*p)."""
     LO: tl.constexpr = 5 if BITS == 4 else 2
     SHIFT_P: tl.constexpr = 3 if BITS == 4 else 2
     P: tl.constexpr = i if i < LO else i - SHIFT_P
     MASK: tl.constexpr = ((1 << BITS) - 1) << (P * BITS)
     src = words if i < LO else hi_words
-    f = ((src & MASK) | 0x4B000000).to(tl.float32, bitcast=True)
+    f = ((src & MASK) | two23).to(tl.float32, bitcast=True)
     return f - (8388608.0 + off * (1 << (P * BITS)))
 
 

@@ -18,6 +18,7 @@ import torch
 import triton
 
 from moequant.kernels._gemv_kernel import gemv_moe_kernel
+from moequant.kernels._gemv_rows_kernel import gemv_rows_kernel
 from moequant.kernels.moe_gemm import _ACT_CODE
 from moequant.kernels.tuning import cached_entry
 
@@ -26,7 +27,8 @@ _A_CODE = {None: 0, "tensor": 1, "row": 2, "group": 3}
 _W_CODE = {None: 0, "expert": 1, "row": 2}
 MODE = os.environ.get("MOEQUANT_GEMV", "auto")  # auto | always | never (see use_gemv)
 FP8_GROUP = 128  # fp8: block scales and per-group activation scales cover 128 columns; also the chunking unit
-ELEMS_PER_THREAD = 256  # heuristic register budget: weight elements per thread and chunk (4 warps), int and fp4
+STEP_UNITS = 1024  # int (rows kernel) heuristic: packed words per program and step
+ELEMS_PER_THREAD = 256  # fp4 heuristic register budget: weight elements per thread and chunk (4 warps)
 FP8_ELEMS_PER_THREAD = 64  # fp8: each element costs two conversions (weight and activation)
 
 
@@ -71,6 +73,7 @@ class GemvConfig:
     BLOCK_N: int  # output rows per program (per part)
     NG: int  # scale groups per chunk
     num_warps: int = 4
+    SPLIT_K: int = 1  # GEMM2 of the rows kernel: programs per output block, each over a share of the reduction
 
 
 def use_gemv(T: int, K: int, E: int, slots_per_expert: float = 1.0) -> bool:
@@ -105,10 +108,11 @@ def kernel_name(w: GemvWeights, down: bool) -> str:
     return f"gemv-{'down' if down else 'up'}-{fmt}"
 
 
-def gemv_config(parts: int, N: int, w: GemvWeights, T: int, down: bool) -> GemvConfig:
-    """The tuned cache's entry for this GEMV near T tokens, else a heuristic: BLOCK_N 16 rows (int, fp4: vector loads
-    of the rows-contiguous packing) or 4 (fp8, K-contiguous), and NG groups per chunk to fill the register budget of
-    elements per thread."""
+def gemv_config(parts: int, N: int, w: GemvWeights, T: int, down: bool, grid_rows: int = 1) -> GemvConfig:
+    """The tuned cache's entry for this GEMV near T tokens, else a heuristic. Int (rows kernel): the widest BLOCK_N
+    up to 64 that still gives 4 programs per multiprocessor over grid_rows x N / BLOCK_N, and NG groups per step for
+    about STEP_UNITS words per step (8 per thread of 4 warps). fp4 and fp8: BLOCK_N 16 (fp4, rows-contiguous bytes)
+    or 4 (fp8, K-contiguous) and NG groups to fill the register budget of elements per thread."""
     if down in OVERRIDE:
         return OVERRIDE[down]
     entry = cached_entry(kernel_name(w, down), T, w.data.shape[0], N, w.columns, w.data.device)
@@ -116,6 +120,14 @@ def gemv_config(parts: int, N: int, w: GemvWeights, T: int, down: bool) -> GemvC
         return GemvConfig(**entry)
     G = _group(w)
     num_g = triton.cdiv(w.columns, G)
+    if w.fmt == "int":
+        sms = torch.cuda.get_device_properties(w.data.device).multi_processor_count if w.data.is_cuda else 132
+        bn = 64
+        while bn > 4 and grid_rows * triton.cdiv(N, bn) < 4 * sms:
+            bn //= 2
+        bn = min(bn, triton.next_power_of_2(N))
+        ng = max(1, min(triton.next_power_of_2(num_g), STEP_UNITS // (parts * (G // w.per_unit) * bn)))
+        return GemvConfig(bn, ng, 4)
     bn = min(triton.next_power_of_2(N), 4 if w.fmt == "fp8" else 16)
     budget = (FP8_ELEMS_PER_THREAD if w.fmt == "fp8" else ELEMS_PER_THREAD) * 128
     ng = max(1, min(triton.next_power_of_2(num_g), budget // (parts * bn * G)))
@@ -138,7 +150,8 @@ def gemv(a, w: GemvWeights, c, topk_ids, *, down: bool, top_k: int, activation: 
     N = n_total if down else n_total // 2
     rows = c.shape[0]
     P = triton.next_power_of_2(top_k) if down else 2
-    cfg = cfg or gemv_config(P, N, w, topk_ids.shape[0], down)
+    grid_rows = rows if down else ids.numel()
+    cfg = cfg or gemv_config(P, N, w, topk_ids.shape[0], down, grid_rows)
     G = _group(w)
     data = _bytes(w.data)
     dummy = c
@@ -161,17 +174,20 @@ def gemv(a, w: GemvWeights, c, topk_ids, *, down: bool, top_k: int, activation: 
         as_strides = (a_scale.stride(0), 0)
     elif a_scale_kind == "group":
         as_strides = (a_scale.stride(0), a_scale.stride(1))
-    grid = (rows if down else ids.numel(), triton.cdiv(N, cfg.BLOCK_N))
-    gemv_moe_kernel[grid](
+    grid = (grid_rows, triton.cdiv(N, cfg.BLOCK_N))
+    rows_kernel = w.fmt == "int" and data.stride(1) == 1  # fp4: measured faster in gemv_moe_kernel (H200)
+    args = [
         a, data, s, zp if zp is not None else dummy, si if si is not None else dummy, es, a_s, ids,
         topk_weights if topk_weights is not None else dummy, bias if bias is not None else dummy, c,
         out_amax if out_amax is not None else dummy, w.out_perm if w.out_perm is not None else dummy,
         N, C, triton.cdiv(C, G),
         a.stride(0), a.stride(1), data.stride(0), data.stride(1), data.stride(2), *s_strides,
         *(zp.stride() if zp is not None else (0, 0, 0)), si.stride(0) if si is not None else 0,
-        *es_strides, *as_strides,
+        *es_strides, *(as_strides[:1] if rows_kernel else as_strides),
         bias.stride(0) if bias is not None else 0, bias.stride(1) if bias is not None else 0,
         c.stride(0), c.stride(1), w.out_perm.stride(0) if w.out_perm is not None else 0,
+    ]
+    consts = dict(
         DOWN=down, TOP_K=top_k, P=P, ACTIVATION=_ACT_CODE[activation],
         FMT=_FMT[w.fmt], BITS=8 if w.fmt == "fp8" else w.bits, G=G,
         GROUP_SCALES=w.scale is not None and (w.fmt != "int" or w.group is not None), HAS_ZP=zp is not None,
@@ -180,6 +196,18 @@ def gemv(a, w: GemvWeights, c, topk_ids, *, down: bool, top_k: int, activation: 
         OUT_AMAX=out_amax is not None, OUT_PERM=w.out_perm is not None and not down,
         BLOCK_N=cfg.BLOCK_N, NG=cfg.NG, num_warps=cfg.num_warps,
     )
+    if rows_kernel:  # int words stored rows-contiguous (methods.base.rows_contiguous)
+        even = C % (cfg.NG * G) == 0 and N % cfg.BLOCK_N == 0
+        split = max(1, min(cfg.SPLIT_K, triton.cdiv(C, cfg.NG * G))) if down else 1
+        args.insert(16, 0x4B000000)  # two23, after NUM_G
+        if split > 1:  # partial sums meet in a zeroed fp32 buffer (atomic adds), cast into c after
+            acc = torch.zeros(c.shape, dtype=torch.float32, device=c.device)
+            args[10], args[-3], args[-2] = acc, acc.stride(0), acc.stride(1)
+        gemv_rows_kernel[grid + (split,)](*args, EVEN=even, SPLIT_K=split, **consts)
+        if split > 1:
+            c.copy_(acc)
+    else:
+        gemv_moe_kernel[grid](*args, **consts)
     return c
 
 

@@ -1,0 +1,77 @@
+"""Compile the int GEMV kernel for sm_90 on a machine without a GPU and count the SASS instructions of its loops.
+
+Triton's wheel carries ptxas and cuobjdump, so the instruction mix of a config can be read off here before spending
+device time (to match the GPU's Triton, put that version first on PYTHONPATH: pip install --target DIR triton==X).
+
+    python benchmarks/sass_count.py '{"DOWN": false, "BLOCK_N": 8, "NG": 4, "num_warps": 4}'
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from moequant.kernels._gemv_rows_kernel import gemv_rows_kernel  # noqa: E402
+
+DEFAULTS = dict(DOWN=False, TOP_K=2, P=2, ACTIVATION=0, FMT=0, BITS=4, G=128, GROUP_SCALES=True, HAS_ZP=False,
+                SCALE_KIND=0, W_SCALE=0, A_SCALE=0, SORTED=False, MUL_WEIGHT=False, HAS_BIAS=False, OUT_AMAX=False,
+                OUT_PERM=False, EVEN=True, SPLIT_K=1, BLOCK_N=32, NG=2)
+POINTERS = {"a_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*bf16", "z_ptr": "*i32", "sidx_ptr": "*i32",
+            "ids_ptr": "*i32", "c_ptr": "*fp32", "perm_ptr": "*i32", "bias_ptr": "*bf16"}
+ONES = ("stride_ak", "stride_wn", "stride_sg", "stride_cn")  # Triton specializes integer arguments equal to 1
+DIV16 = ("N", "C", "two23", "stride_am", "stride_we", "stride_wk", "stride_se", "stride_sn", "stride_cm")
+
+
+def compile_sm90(consts: dict, num_warps: int):
+    names = gemv_rows_kernel.arg_names
+    sig, cst = {}, dict(consts)
+    for n in names:
+        sig[n] = "constexpr" if n in cst or n in ONES else POINTERS.get(n, "*fp32") if n.endswith("_ptr") else "i32"
+    cst.update({n: 1 for n in ONES})
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names if n.endswith("_ptr") or n in DIV16}
+    src = ASTSource(fn=gemv_rows_kernel, signature=sig, constexprs={(names.index(k),): v for k, v in cst.items()},
+                    attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps))
+
+
+def loops(sass: str):
+    """(start, end, Counter of opcodes) of every backward branch's body."""
+    ins = [(int(m.group(1), 16), m.group(2).strip())
+           for m in re.finditer(r"/\*([0-9a-f]{4})\*/\s+(.*?);", sass)]
+    for addr, text in ins:
+        m = re.match(r"(@!?P\w+ )?BRA (0x[0-9a-f]+)", text)
+        if m and int(m.group(2), 16) < addr:
+            lo = int(m.group(2), 16)
+            body = [t for a, t in ins if lo <= a <= addr]
+            yield lo, addr, collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", t).split()[0] for t in body)
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    cfg = {**DEFAULTS, **(json.loads(argv[0]) if argv else {})}
+    num_warps = cfg.pop("num_warps", 4)
+    kernel = compile_sm90(cfg, num_warps)
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(kernel.asm["cubin"])
+        tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+        sass = subprocess.run([tool, "-sass", path], capture_output=True, text=True, check=True).stdout
+    for lo, hi, ops in loops(sass):
+        print(f"loop {lo:#x}-{hi:#x}: {sum(ops.values())} instructions:",
+              " ".join(f"{k}:{v}" for k, v in ops.most_common(16)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

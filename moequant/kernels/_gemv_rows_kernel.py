@@ -1,0 +1,198 @@
+"""Triton body of the decode (GEMV) kernel for packed int weights stored rows-contiguous (launcher: gemv.py).
+
+Each program streams BN output rows of its slot's expert (GEMM1: the gate and the up rows; GEMM2: the rows of each of
+the token's TOP_K experts) over its share of the reduction, on the CUDA cores in fp32. The tile puts the rows last: a
+thread's 16-byte load holds one int32 word of four rows, so each activation value it loads and scales serves them
+all (in GEMM1 the gate and the up words too), and a warp's activation loads are broadcasts of a few addresses.
+
+# T tokens, TOP_K experts per token, S = T*TOP_K slots, N output rows, C reduction length, PW = 32 / BITS elements
+# per word, CW = C / PW words, G columns per scale group (128 for per-channel scales: then only the step unit),
+# GW = G / PW words per group, NG groups per step, BN rows per program, P parts (2: gate and up; or TOP_K padded to
+# a power of two), SPLIT_K programs sharing one GEMM2 output block
+Weights [E, N(*2), CW] with the N stride 1 (methods.base.rows_contiguous); a step's tile is [P or 1, NG, GW, BN].
+  word j holds elements j*PW + i, lowest bits first, as u = q + 2^(BITS-1); w = (u - 2^(BITS-1) - zp) * scale
+  out[part, n] = sum_g scale[part, n, g] * sum_{k in g} wq[part, n, k] * a[part, k]   (a: x's dtype or fp32)
+Elements become fp32 without a conversion instruction (_int_elem; two23 = 0x4B000000, the bits of 2^23, is an
+argument so that it sits in a register and mask-and-or is one LOP3, which ptxas cannot do with two immediates); a zero
+point is applied per word as zp * sum(a over the word). EVEN (C a multiple of a step, N of BN) drops the column and
+row masks from the loop.
+GEMM1 (not DOWN): grid (S, cdiv(N, BN), 1); inter[slot, n] = act(gate, up) (+ biases, routing weight when applied on
+  the input), stored at column perm[e, n] with OUT_PERM (GEMM2's act-order), so GEMM2 reads its input unpermuted.
+GEMM2 (DOWN): grid (T, cdiv(N, BN), SPLIT_K); out[t, n] = sum_k w[t, k] * (part_k + b2[e_k]): the top-k sum in fp32,
+  no separate launch; with SPLIT_K > 1 each program adds its share to a zeroed fp32 out atomically. Parts whose
+  expert id is negative (another rank's) or beyond TOP_K read nothing.
+Act-order (SORTED): column k of expert e reads a[sort_idx[e, k]].
+"""
+
+import triton
+import triton.language as tl
+
+from moequant.kernels._gemv_kernel import _int_act_factor, _int_elem
+from moequant.kernels._moe_gemm_kernel import gated_act
+
+
+@triton.jit
+def _act_col(a_base, sidx_base, k, ok, stride_ak, SORTED: tl.constexpr, MASKED: tl.constexpr):
+    """fp32 activation column k of each part's row ([P or 1, NG, GW, 1]), through sort_idx when SORTED."""
+    if SORTED:
+        if MASKED:
+            k = tl.load(sidx_base + k, mask=ok, other=0)
+        else:
+            k = tl.load(sidx_base + k)
+    if MASKED:
+        return tl.load(a_base + k.to(tl.int64) * stride_ak, mask=ok, other=0).to(tl.float32)
+    return tl.load(a_base + k.to(tl.int64) * stride_ak).to(tl.float32)
+
+
+@triton.jit
+def gemv_rows_kernel(
+    a_ptr, w_ptr, s_ptr, z_ptr, sidx_ptr, es_ptr, as_ptr, ids_ptr, topk_w_ptr, bias_ptr, c_ptr, amax_ptr, perm_ptr,
+    N, C, NUM_G, two23,
+    stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sg,
+    stride_ze, stride_zn, stride_zg, stride_ie, stride_ese, stride_esj, stride_asm,
+    stride_bias_e, stride_bias_n, stride_cm, stride_cn, stride_pe,
+    DOWN: tl.constexpr, TOP_K: tl.constexpr, P: tl.constexpr, ACTIVATION: tl.constexpr,
+    FMT: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr, GROUP_SCALES: tl.constexpr, HAS_ZP: tl.constexpr,
+    SCALE_KIND: tl.constexpr, W_SCALE: tl.constexpr, A_SCALE: tl.constexpr, SORTED: tl.constexpr,
+    MUL_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_AMAX: tl.constexpr, OUT_PERM: tl.constexpr,
+    EVEN: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr, NG: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    parts = tl.arange(0, P)
+    if DOWN:
+        slot = pid * TOP_K + parts
+        p_ok = parts < TOP_K
+        e = tl.load(ids_ptr + slot, mask=p_ok, other=-1)
+        p_ok = p_ok & (e >= 0)
+        a_off = tl.where(p_ok, slot, 0).to(tl.int64)[:, None, None, None] * stride_am  # [P, 1, 1, 1]
+        row_off = parts * 0
+    else:
+        e0 = tl.load(ids_ptr + pid)
+        if e0 < 0:  # another rank's expert: GEMM2 skips this slot
+            return
+        slot = pid + parts * 0
+        e = e0 + parts * 0
+        p_ok = parts < 2
+        a_off = (pid // TOP_K).to(tl.int64) * stride_am  # one activation row serves both parts
+        row_off = parts * N
+    e = tl.where(p_ok, e, 0).to(tl.int64)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    rows = row_off[:, None] + offs_n[None, :]  # [P, BN]
+    row_ok = p_ok[:, None] & n_ok[None, :]
+    # tile A: every part (DOWN) or the gate rows; tile B (GEMM1): the up rows, sharing A's activation values
+    PA: tl.constexpr = P if DOWN else 1
+    pa = tl.arange(0, PA)
+    if DOWN:
+        e4 = e[:, None, None, None]
+        pa_ok = p_ok[:, None, None, None]
+    else:
+        e4 = e0.to(tl.int64)
+        pa_ok = pa[:, None, None, None] < 1
+    n4 = offs_n[None, None, None, :].to(tl.int64)
+    if EVEN:
+        ld_ok = pa_ok  # uniform per part: one predicate
+    else:
+        ld_ok = pa_ok & (n4 < N)
+    wa_base = w_ptr + e4 * stride_we + n4 * stride_wn
+    sa_base = s_ptr + e4 * stride_se + n4 * stride_sn
+    za_base = z_ptr + e4 * stride_ze + n4 * stride_zn
+    wb_base = wa_base + N * stride_wn
+    sb_base = sa_base + N * stride_sn
+    zb_base = za_base + N * stride_zn
+    a_base = a_ptr + a_off
+    sidx_base = sidx_ptr + e4 * stride_ie
+    tl.static_assert(FMT == 0 and A_SCALE == 0 and W_SCALE != 1, "int weights, activations in x's dtype")
+    PW: tl.constexpr = 32 // BITS
+    GW: tl.constexpr = G // PW
+    CW = C // PW
+    MASKED: tl.constexpr = DOWN or not EVEN
+
+    # split-K (DOWN only): program_id(2) takes chunks [c0, c1) of the reduction and adds its sums atomically
+    n_chunks = tl.cdiv(NUM_G, NG)
+    per_split = tl.cdiv(n_chunks, SPLIT_K)
+    c0 = tl.program_id(2) * per_split
+    c1 = tl.minimum(c0 + per_split, n_chunks)
+    acc_a = tl.zeros((PA, NG, GW, BLOCK_N), dtype=tl.float32)
+    acc_b = tl.zeros((1, NG, GW, BLOCK_N), dtype=tl.float32)
+    for c in range(c0, c1):
+        g4 = (c * NG + tl.arange(0, NG))[None, :, None, None]  # [1, NG, 1, 1]
+        j4 = g4 * GW + tl.arange(0, GW)[None, None, :, None]  # unit index [1, NG, GW, 1]
+        if EVEN:
+            w_ok = ld_ok
+            g_ok = ld_ok
+        else:
+            w_ok = ld_ok & (j4 < CW)
+            g_ok = ld_ok & (g4 < NUM_G)
+        if DOWN:
+            x_ok = pa_ok & (j4 < CW)
+        else:
+            x_ok = j4 < CW
+        ua = tl.load(wa_base + j4 * stride_wk, mask=w_ok, other=0)
+        if not DOWN:
+            ub = tl.load(wb_base + j4 * stride_wk, mask=w_ok, other=0)
+        ha = ua >> (12 if BITS == 4 else 16)
+        ta = tl.zeros(ua.shape, dtype=tl.float32)
+        if not DOWN:
+            hb = ub >> (12 if BITS == 4 else 16)
+            tb = tl.zeros(ub.shape, dtype=tl.float32)
+        a_sum = tl.zeros(j4.shape, dtype=tl.float32)
+        for i in tl.static_range(PW):
+            a = _act_col(a_base, sidx_base, j4 * PW + i, x_ok, stride_ak, SORTED, MASKED)
+            if HAS_ZP:
+                a_sum += a
+            a = a * _int_act_factor(i, BITS)
+            ta += _int_elem(ua, ha, 1 << (BITS - 1), i, BITS, two23) * a
+            if not DOWN:
+                tb += _int_elem(ub, hb, 1 << (BITS - 1), i, BITS, two23) * a
+        if HAS_ZP:
+            ta -= tl.load(za_base + g4 * stride_zg, mask=g_ok, other=0).to(tl.float32) * a_sum
+            if not DOWN:
+                tb -= tl.load(zb_base + g4 * stride_zg, mask=g_ok, other=0).to(tl.float32) * a_sum
+        if GROUP_SCALES:
+            acc_a += ta * tl.load(sa_base + g4 * stride_sg, mask=g_ok, other=0).to(tl.float32)
+            if not DOWN:
+                acc_b += tb * tl.load(sb_base + g4 * stride_sg, mask=g_ok, other=0).to(tl.float32)
+        else:
+            acc_a += ta
+            if not DOWN:
+                acc_b += tb
+    if DOWN:
+        acc = tl.sum(tl.sum(acc_a, axis=2), axis=1)  # [P, BN]
+    else:
+        gate = tl.sum(tl.sum(tl.sum(acc_a, axis=2), axis=1), axis=0)
+        up = tl.sum(tl.sum(tl.sum(acc_b, axis=2), axis=1), axis=0)
+        acc = tl.where(parts[:, None] == 0, gate[None, :], up[None, :])  # [P = 2, BN]
+
+    # scales outside the groups, then the epilogue
+    if W_SCALE == 2:  # per-channel scales
+        acc *= tl.load(es_ptr + e[:, None] * stride_ese + rows * stride_esj, mask=row_ok, other=0.0)
+    if DOWN:
+        if HAS_BIAS:  # added once: by the first split
+            b_ok = row_ok & ((tl.program_id(2) + parts * 0) == 0)[:, None]
+            acc += tl.load(bias_ptr + e[:, None] * stride_bias_e + offs_n[None, :] * stride_bias_n,
+                           mask=b_ok, other=0.0).to(tl.float32)
+        if MUL_WEIGHT:
+            acc *= tl.load(topk_w_ptr + slot, mask=p_ok, other=0.0)[:, None]
+        out = tl.sum(tl.where(row_ok, acc, 0.0), axis=0)
+        c_ptrs = c_ptr + pid.to(tl.int64) * stride_cm + offs_n * stride_cn
+        if SPLIT_K > 1:  # c is fp32 and zeroed by the launcher
+            tl.atomic_add(c_ptrs, out, mask=n_ok, sem="relaxed")
+        else:
+            tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=n_ok)
+    else:
+        if MUL_WEIGHT:
+            acc *= tl.load(topk_w_ptr + pid)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + e[:, None] * stride_bias_e + rows * stride_bias_n,
+                           mask=row_ok, other=0.0).to(tl.float32)
+        gate = tl.sum(tl.where(parts[:, None] == 0, acc, 0.0), axis=0)
+        up = tl.sum(tl.where(parts[:, None] == 1, acc, 0.0), axis=0)
+        out = gated_act(gate, up, ACTIVATION)
+        if OUT_AMAX:
+            tl.atomic_max(amax_ptr, tl.max(tl.where(n_ok, tl.abs(out), 0.0), axis=0))
+        cols = offs_n
+        if OUT_PERM:  # write in the next GEMM's act-order (sorted) column order
+            cols = tl.load(perm_ptr + e0.to(tl.int64) * stride_pe + offs_n, mask=n_ok, other=0)
+        tl.store(c_ptr + pid.to(tl.int64) * stride_cm + cols * stride_cn, out.to(c_ptr.dtype.element_ty),
+                 mask=n_ok)
