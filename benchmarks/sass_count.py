@@ -1,9 +1,10 @@
-"""Compile the int GEMV kernel for sm_90 on a machine without a GPU and count the SASS instructions of its loops.
+"""Compile a GEMV kernel for sm_90 on a machine without a GPU and count the SASS instructions of its loops.
 
 Triton's wheel carries ptxas and cuobjdump, so the instruction mix of a config can be read off here before spending
 device time (to match the GPU's Triton, put that version first on PYTHONPATH: pip install --target DIR triton==X).
 
     python benchmarks/sass_count.py '{"DOWN": false, "BLOCK_N": 8, "NG": 4, "num_warps": 4}'
+    python benchmarks/sass_count.py '{"FMT": 1, "G": 16, "W_SCALE": 1, "BLOCK_N": 64, "NG": 4}'    # nvfp4a16
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from moequant.kernels._gemv_kernel import gemv_moe_kernel  # noqa: E402
 from moequant.kernels._gemv_rows_kernel import gemv_rows_kernel  # noqa: E402
 
 DEFAULTS = dict(DOWN=False, TOP_K=2, P=2, ACTIVATION=0, FMT=0, BITS=4, G=128, GROUP_SCALES=True, HAS_ZP=False,
@@ -33,13 +35,19 @@ DIV16 = ("N", "C", "two23", "stride_am", "stride_we", "stride_wk", "stride_se", 
 
 
 def compile_sm90(consts: dict, num_warps: int):
-    names = gemv_rows_kernel.arg_names
+    """gemv_rows_kernel for int and A16 fp4, else gemv_moe_kernel (as gemv.uses_rows_kernel), with the launcher's
+    specializations."""
+    rows = consts["FMT"] == 0 or consts["FMT"] == 1 and consts["A_SCALE"] == 0
+    kernel = gemv_rows_kernel if rows else gemv_moe_kernel
+    if not rows:
+        consts = {k: v for k, v in consts.items() if k not in ("EVEN", "SPLIT_K")}
+    names = kernel.arg_names
     sig, cst = {}, dict(consts)
     for n in names:
         sig[n] = "constexpr" if n in cst or n in ONES else POINTERS.get(n, "*fp32") if n.endswith("_ptr") else "i32"
     cst.update({n: 1 for n in ONES})
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names if n.endswith("_ptr") or n in DIV16}
-    src = ASTSource(fn=gemv_rows_kernel, signature=sig, constexprs={(names.index(k),): v for k, v in cst.items()},
+    src = ASTSource(fn=kernel, signature=sig, constexprs={(names.index(k),): v for k, v in cst.items()},
                     attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps))
 
@@ -59,6 +67,8 @@ def loops(sass: str):
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     cfg = {**DEFAULTS, **(json.loads(argv[0]) if argv else {})}
+    if cfg["FMT"] == 1:  # fp4 (rows kernel: int32 words of four rows' bytes and scales; else bytes)
+        POINTERS.update(w_ptr="*i32", s_ptr="*i32") if cfg["A_SCALE"] == 0 else POINTERS.update(w_ptr="*u8", s_ptr="*u8")
     num_warps = cfg.pop("num_warps", 4)
     kernel = compile_sm90(cfg, num_warps)
     with tempfile.TemporaryDirectory() as d:

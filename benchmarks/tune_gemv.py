@@ -33,9 +33,9 @@ class Recorder:
     def __init__(self, gv):
         self.gv, self.orig, self.asked, self.got = gv, gv.gemv_config, {}, {}
 
-    def __call__(self, parts, N, w, T, down, grid_rows=1):
-        self.asked[down] = (self.gv.kernel_name(w, down), w.data.shape[0], N, w.columns)
-        self.got[down] = self.orig(parts, N, w, T, down, grid_rows)
+    def __call__(self, parts, N, w, T, down, grid_rows=1, rows=False):
+        self.asked[down] = (self.gv.kernel_name(w, down, rows), w.data.shape[0], N, w.columns)
+        self.got[down] = self.orig(parts, N, w, T, down, grid_rows, rows)
         return self.got[down]
 
     def __enter__(self):
@@ -76,7 +76,8 @@ def tune(shape_name: str, scheme: str, ms, seed: int = 0) -> dict:
             for _ in range(PASSES):
                 for down in (False, True):
                     for axis in AXES:
-                        if axis == "SPLIT_K" and (not down or "fp8" in rec.asked[down][0]):
+                        if axis == "SPLIT_K" and (not down or "fp8" in rec.asked[down][0]
+                                                  or "fp4" in rec.asked[down][0] and "rows" not in rec.asked[down][0]):
                             continue  # only GEMM2 of the rows kernel (int, fp4) splits
                         for cand in neighbours(cur[down], axis):
                             gv.OVERRIDE[down] = cand

@@ -88,10 +88,11 @@ def test_gemv_interpreter_matches_reference(case, always_gemv):
 @pytest.mark.parametrize("case", [("w4a16", 32, False, 3), ("w4a16", 128, True, 2), ("w4a16-asym", 64, False, 2)],
                          ids=lambda c: f"{c[0]}-G{c[1]}-act{int(c[2])}-split{c[3]}")
 def test_gemv_int_split_k_and_wide_blocks(case, always_gemv, monkeypatch):
-    """The int kernel's GEMM2 split over the reduction (atomic fp32 adds, then one cast), uneven last splits and
-    chunks, and blocks wider than N's remainder, against the reference."""
+    """The int kernel's GEMM2 split over the reduction (atomic fp32 adds, then one cast) with uneven last splits, and
+    the masked (not EVEN) steps: GEMM1 blocks of 256 rows over N = 384, GEMM2 chunks of 256 columns over 384 (G=128),
+    against the reference."""
     scheme, G, act_order, split = case
-    monkeypatch.setattr(gv, "OVERRIDE", {False: gv.GemvConfig(64, 2, 4), True: gv.GemvConfig(8, 1, 2, SPLIT_K=split)})
+    monkeypatch.setattr(gv, "OVERRIDE", {False: gv.GemvConfig(256, 2, 4), True: gv.GemvConfig(32, 2, 2, SPLIT_K=split)})
     layer = build(scheme, G, act_order, False, torch.float32, "cpu")
     assert compare(layer, 3, torch.float32, "cpu") < 1e-5
 

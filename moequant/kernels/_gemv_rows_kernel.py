@@ -27,7 +27,8 @@ Act-order (SORTED): column k of expert e reads a[sort_idx[e, k]].
 import triton
 import triton.language as tl
 
-from moequant.kernels._gemv_kernel import _int_act_factor, _int_elem
+from moequant.kernels._fp4_gemm_kernel import block_scale_value
+from moequant.kernels._gemv_kernel import FP4_FACTOR, _int_act_factor, _int_elem
 from moequant.kernels._moe_gemm_kernel import gated_act
 
 
@@ -40,8 +41,61 @@ def _act_col(a_base, sidx_base, k, ok, stride_ak, SORTED: tl.constexpr, MASKED: 
         else:
             k = tl.load(sidx_base + k)
     if MASKED:
-        return tl.load(a_base + k.to(tl.int64) * stride_ak, mask=ok, other=0).to(tl.float32)
-    return tl.load(a_base + k.to(tl.int64) * stride_ak).to(tl.float32)
+        return tl.load(a_base + k * stride_ak, mask=ok, other=0).to(tl.float32)
+    return tl.load(a_base + k * stride_ak).to(tl.float32)
+
+
+@triton.jit
+def _e2m1_pair(w, EM_SHIFT: tl.constexpr, S_SHIFT: tl.constexpr):
+    """fp32 values x 2^-14 of the e2m1 codes at bits [b, b+4) and [b+16, b+20) of every word: shifted so the code's
+    exponent/mantissa bits land on fp16 bits 9-11 and its sign on bit 15 of each half, both halves at once (e2m1_value's
+    placement, two rows per instruction); each half is then one f16 -> f32 conversion."""
+    em = w << EM_SHIFT if EM_SHIFT >= 0 else w >> (-EM_SHIFT)
+    sg = w << S_SHIFT
+    bits = (em & 0x0E000E00) | (sg & -0x7FFF8000)  # masks 0x0e000e00 and 0x80008000
+    lo = bits.to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+    hi = (bits >> 16).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+    return lo, hi
+
+
+@triton.jit
+def _fp4_words(w_base, s_base, j4, g4, w_ok, g_ok, stride_wk, stride_sn, stride_sg, a_lo, a_hi,
+               SCALE_KIND: tl.constexpr):
+    """Scaled dot-product shares of one step's fp4 words [.., NG, GW, BQ] (four rows 4q..4q+3 of one byte column each,
+    row 4q + r in byte r): the four rows' shares t0..t3, each times its block scale. a_lo / a_hi: the activation of
+    each byte's low / high nibble (columns 2j, 2j + 1); s_base: int32 words of the same four rows' block scales."""
+    u = tl.load(w_base + j4 * stride_wk, mask=w_ok, other=0)
+    l02, l22 = _e2m1_pair(u, 9, 12)  # low nibbles of bytes 0 and 2
+    l1, l3 = _e2m1_pair(u, 1, 4)  # low nibbles of bytes 1 and 3
+    h0, h2 = _e2m1_pair(u, 5, 8)
+    h1, h3 = _e2m1_pair(u, -3, 0)
+    sw = tl.load(s_base + g4 * stride_sg, mask=g_ok, other=0)  # the four rows' block scales, one byte each
+    t0 = (l02 * a_lo + h0 * a_hi) * _block_scale(sw, 0, SCALE_KIND)
+    t1 = (l1 * a_lo + h1 * a_hi) * _block_scale(sw, 8, SCALE_KIND)
+    t2 = (l22 * a_lo + h2 * a_hi) * _block_scale(sw, 16, SCALE_KIND)
+    t3 = (l3 * a_lo + h3 * a_hi) * _block_scale(sw, 24, SCALE_KIND)
+    return t0, t1, t2, t3
+
+
+@triton.jit
+def _block_scale(sw, SHIFT: tl.constexpr, SCALE_KIND: tl.constexpr):
+    """fp32 block scale from byte SHIFT/8 of each word: e4m3 through the hardware conversion, E8M0 as 2^(s-127)."""
+    s = (sw >> SHIFT).to(tl.uint8)
+    if SCALE_KIND == 0:
+        return s.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+    return block_scale_value(s, SCALE_KIND)
+
+
+@triton.jit
+def _interleave_rows(r0, r1, r2, r3):
+    """[PA, BQ] sums of rows 4q + r -> [PA, 4 BQ] in row order."""
+    x = tl.join(tl.join(r0, r2), tl.join(r1, r3))  # [PA, BQ, 2 (k), 2 (i)]: row 4q + 2k + i
+    return tl.reshape(x, (x.shape[0], 4 * x.shape[1]))
+
+
+@triton.jit
+def _sum_steps(t):
+    return tl.sum(tl.sum(t, axis=2), axis=1)
 
 
 @triton.jit
@@ -89,83 +143,140 @@ def gemv_rows_kernel(
     else:
         e4 = e0.to(tl.int64)
         pa_ok = pa[:, None, None, None] < 1
-    n4 = offs_n[None, None, None, :].to(tl.int64)
-    if EVEN:
-        ld_ok = pa_ok  # uniform per part: one predicate
-    else:
-        ld_ok = pa_ok & (n4 < N)
-    wa_base = w_ptr + e4 * stride_we + n4 * stride_wn
-    sa_base = s_ptr + e4 * stride_se + n4 * stride_sn
-    za_base = z_ptr + e4 * stride_ze + n4 * stride_zn
-    wb_base = wa_base + N * stride_wn
-    sb_base = sa_base + N * stride_sn
-    zb_base = za_base + N * stride_zn
+    tl.static_assert(A_SCALE == 0, "activations in x's dtype (A16)")
+    MASKED: tl.constexpr = not EVEN  # parts that read nothing point at row 0 of a and of sort_idx: loads stay in bounds
     a_base = a_ptr + a_off
     sidx_base = sidx_ptr + e4 * stride_ie
-    tl.static_assert(FMT == 0 and A_SCALE == 0 and W_SCALE != 1, "int weights, activations in x's dtype")
-    PW: tl.constexpr = 32 // BITS
-    GW: tl.constexpr = G // PW
-    CW = C // PW
-    MASKED: tl.constexpr = DOWN or not EVEN
-
     # split-K (DOWN only): program_id(2) takes chunks [c0, c1) of the reduction and adds its sums atomically
     n_chunks = tl.cdiv(NUM_G, NG)
     per_split = tl.cdiv(n_chunks, SPLIT_K)
     c0 = tl.program_id(2) * per_split
     c1 = tl.minimum(c0 + per_split, n_chunks)
-    acc_a = tl.zeros((PA, NG, GW, BLOCK_N), dtype=tl.float32)
-    acc_b = tl.zeros((1, NG, GW, BLOCK_N), dtype=tl.float32)
-    for c in range(c0, c1):
-        g4 = (c * NG + tl.arange(0, NG))[None, :, None, None]  # [1, NG, 1, 1]
-        j4 = g4 * GW + tl.arange(0, GW)[None, None, :, None]  # unit index [1, NG, GW, 1]
+    if FMT == 0:
+        n4 = offs_n[None, None, None, :].to(tl.int64)
         if EVEN:
-            w_ok = ld_ok
-            g_ok = ld_ok
+            ld_ok = pa_ok  # uniform per part: one predicate
         else:
-            w_ok = ld_ok & (j4 < CW)
-            g_ok = ld_ok & (g4 < NUM_G)
-        if DOWN:
-            x_ok = pa_ok & (j4 < CW)
-        else:
-            x_ok = j4 < CW
-        ua = tl.load(wa_base + j4 * stride_wk, mask=w_ok, other=0)
-        if not DOWN:
-            ub = tl.load(wb_base + j4 * stride_wk, mask=w_ok, other=0)
-        ha = ua >> (12 if BITS == 4 else 16)
-        ta = tl.zeros(ua.shape, dtype=tl.float32)
-        if not DOWN:
-            hb = ub >> (12 if BITS == 4 else 16)
-            tb = tl.zeros(ub.shape, dtype=tl.float32)
-        a_sum = tl.zeros(j4.shape, dtype=tl.float32)
-        for i in tl.static_range(PW):
-            a = _act_col(a_base, sidx_base, j4 * PW + i, x_ok, stride_ak, SORTED, MASKED)
+            ld_ok = pa_ok & (n4 < N)
+        wa_base = w_ptr + e4 * stride_we + n4 * stride_wn
+        sa_base = s_ptr + e4 * stride_se + n4 * stride_sn
+        za_base = z_ptr + e4 * stride_ze + n4 * stride_zn
+        wb_base = wa_base + N * stride_wn
+        sb_base = sa_base + N * stride_sn
+        zb_base = za_base + N * stride_zn
+        PW: tl.constexpr = 32 // BITS
+        GW: tl.constexpr = G // PW
+        CW = C // PW
+        acc_a = tl.zeros((PA, NG, GW, BLOCK_N), dtype=tl.float32)
+        acc_b = tl.zeros((1, NG, GW, BLOCK_N), dtype=tl.float32)
+        for c in range(c0, c1):
+            g4 = (c * NG + tl.arange(0, NG))[None, :, None, None]  # [1, NG, 1, 1]
+            j4 = g4 * GW + tl.arange(0, GW)[None, None, :, None]  # unit index [1, NG, GW, 1]
+            if EVEN:
+                w_ok = ld_ok
+                g_ok = ld_ok
+            else:
+                w_ok = ld_ok & (j4 < CW)
+                g_ok = ld_ok & (g4 < NUM_G)
+            if DOWN:
+                x_ok = pa_ok & (j4 < CW)
+            else:
+                x_ok = j4 < CW
+            ua = tl.load(wa_base + j4 * stride_wk, mask=w_ok, other=0)
+            if not DOWN:
+                ub = tl.load(wb_base + j4 * stride_wk, mask=w_ok, other=0)
+            ha = ua >> (12 if BITS == 4 else 16)
+            ta = tl.zeros(ua.shape, dtype=tl.float32)
+            if not DOWN:
+                hb = ub >> (12 if BITS == 4 else 16)
+                tb = tl.zeros(ub.shape, dtype=tl.float32)
+            a_sum = tl.zeros(j4.shape, dtype=tl.float32)
+            for i in tl.static_range(PW):
+                a = _act_col(a_base, sidx_base, j4 * PW + i, x_ok, stride_ak, SORTED, MASKED)
+                if HAS_ZP:
+                    a_sum += a
+                a = a * _int_act_factor(i, BITS)
+                ta += _int_elem(ua, ha, 1 << (BITS - 1), i, BITS, two23) * a
+                if not DOWN:
+                    tb += _int_elem(ub, hb, 1 << (BITS - 1), i, BITS, two23) * a
             if HAS_ZP:
-                a_sum += a
-            a = a * _int_act_factor(i, BITS)
-            ta += _int_elem(ua, ha, 1 << (BITS - 1), i, BITS, two23) * a
-            if not DOWN:
-                tb += _int_elem(ub, hb, 1 << (BITS - 1), i, BITS, two23) * a
-        if HAS_ZP:
-            ta -= tl.load(za_base + g4 * stride_zg, mask=g_ok, other=0).to(tl.float32) * a_sum
-            if not DOWN:
-                tb -= tl.load(zb_base + g4 * stride_zg, mask=g_ok, other=0).to(tl.float32) * a_sum
-        if GROUP_SCALES:
-            acc_a += ta * tl.load(sa_base + g4 * stride_sg, mask=g_ok, other=0).to(tl.float32)
-            if not DOWN:
-                acc_b += tb * tl.load(sb_base + g4 * stride_sg, mask=g_ok, other=0).to(tl.float32)
+                ta -= tl.load(za_base + g4 * stride_zg, mask=g_ok, other=0).to(tl.float32) * a_sum
+                if not DOWN:
+                    tb -= tl.load(zb_base + g4 * stride_zg, mask=g_ok, other=0).to(tl.float32) * a_sum
+            if GROUP_SCALES:
+                acc_a += ta * tl.load(sa_base + g4 * stride_sg, mask=g_ok, other=0).to(tl.float32)
+                if not DOWN:
+                    acc_b += tb * tl.load(sb_base + g4 * stride_sg, mask=g_ok, other=0).to(tl.float32)
+            else:
+                acc_a += ta
+                if not DOWN:
+                    acc_b += tb
+        if DOWN:
+            acc = tl.sum(tl.sum(acc_a, axis=2), axis=1)  # [P, BN]
         else:
-            acc_a += ta
+            gate = tl.sum(tl.sum(tl.sum(acc_a, axis=2), axis=1), axis=0)
+            up = tl.sum(tl.sum(tl.sum(acc_b, axis=2), axis=1), axis=0)
+            acc = tl.where(parts[:, None] == 0, gate[None, :], up[None, :])  # [P = 2, BN]
+    else:  # fp4: int32 words of four rows' bytes [E, N/4, C/2] (rows 4q..4q+3 of byte column j in word (q, j)), and
+        # of their block scales [E, N/4, C/G]
+        BQ: tl.constexpr = BLOCK_N // 4
+        GW4: tl.constexpr = G // 2  # bytes (words) per scale group
+        NQ = N // 4
+        q4 = (tl.program_id(1) * BQ + tl.arange(0, BQ))[None, None, None, :].to(tl.int64)
+        if EVEN:
+            ld_ok = pa_ok
+        else:
+            ld_ok = pa_ok & (q4 < NQ)
+        wa_base = w_ptr + e4 * stride_we + q4 * stride_wn
+        sa_base = s_ptr + e4 * stride_se + q4 * stride_sn
+        wb_base = wa_base + NQ * stride_wn
+        sb_base = sa_base + NQ * stride_sn
+        acc0 = tl.zeros((PA, NG, GW4, BQ), dtype=tl.float32)
+        acc1 = tl.zeros((PA, NG, GW4, BQ), dtype=tl.float32)
+        acc2 = tl.zeros((PA, NG, GW4, BQ), dtype=tl.float32)
+        acc3 = tl.zeros((PA, NG, GW4, BQ), dtype=tl.float32)
+        up0 = tl.zeros((1, NG, GW4, BQ), dtype=tl.float32)
+        up1 = tl.zeros((1, NG, GW4, BQ), dtype=tl.float32)
+        up2 = tl.zeros((1, NG, GW4, BQ), dtype=tl.float32)
+        up3 = tl.zeros((1, NG, GW4, BQ), dtype=tl.float32)
+        for c in range(c0, c1):
+            g4 = (c * NG + tl.arange(0, NG))[None, :, None, None]
+            j4 = g4 * GW4 + tl.arange(0, GW4)[None, None, :, None]  # byte column [1, NG, GW, 1]
+            if EVEN:
+                w_ok = ld_ok
+                g_ok = ld_ok
+            else:
+                w_ok = ld_ok & (j4 < C // 2)
+                g_ok = ld_ok & (g4 < NUM_G)
+            if DOWN:
+                x_ok = pa_ok & (j4 < C // 2)
+            else:
+                x_ok = j4 < C // 2
+            a_lo = _act_col(a_base, sidx_base, j4 * 2, x_ok, stride_ak, SORTED, MASKED)
+            a_hi = _act_col(a_base, sidx_base, j4 * 2 + 1, x_ok, stride_ak, SORTED, MASKED)
+            t0, t1, t2, t3 = _fp4_words(wa_base, sa_base, j4, g4, w_ok, g_ok, stride_wk, stride_sn, stride_sg,
+                                        a_lo, a_hi, SCALE_KIND)
+            acc0 += t0
+            acc1 += t1
+            acc2 += t2
+            acc3 += t3
             if not DOWN:
-                acc_b += tb
-    if DOWN:
-        acc = tl.sum(tl.sum(acc_a, axis=2), axis=1)  # [P, BN]
-    else:
-        gate = tl.sum(tl.sum(tl.sum(acc_a, axis=2), axis=1), axis=0)
-        up = tl.sum(tl.sum(tl.sum(acc_b, axis=2), axis=1), axis=0)
-        acc = tl.where(parts[:, None] == 0, gate[None, :], up[None, :])  # [P = 2, BN]
+                t0, t1, t2, t3 = _fp4_words(wb_base, sb_base, j4, g4, w_ok, g_ok, stride_wk, stride_sn, stride_sg,
+                                            a_lo, a_hi, SCALE_KIND)
+                up0 += t0
+                up1 += t1
+                up2 += t2
+                up3 += t3
+        acc = _interleave_rows(_sum_steps(acc0), _sum_steps(acc1), _sum_steps(acc2), _sum_steps(acc3))
+        if not DOWN:
+            up = _interleave_rows(_sum_steps(up0), _sum_steps(up1), _sum_steps(up2), _sum_steps(up3))
+            acc = tl.where(parts[:, None] == 0, tl.sum(acc, axis=0)[None, :], tl.sum(up, axis=0)[None, :])
+        acc *= FP4_FACTOR
 
     # scales outside the groups, then the epilogue
-    if W_SCALE == 2:  # per-channel scales
+    if W_SCALE == 1:  # per expert and part (nvfp4's second-level scale)
+        acc *= tl.load(es_ptr + e * stride_ese + parts * stride_esj, mask=p_ok, other=0.0)[:, None]
+    elif W_SCALE == 2:  # per-channel scales
         acc *= tl.load(es_ptr + e[:, None] * stride_ese + rows * stride_esj, mask=row_ok, other=0.0)
     if DOWN:
         if HAS_BIAS:  # added once: by the first split

@@ -27,8 +27,8 @@ _A_CODE = {None: 0, "tensor": 1, "row": 2, "group": 3}
 _W_CODE = {None: 0, "expert": 1, "row": 2}
 MODE = os.environ.get("MOEQUANT_GEMV", "auto")  # auto | always | never (see use_gemv)
 FP8_GROUP = 128  # fp8: block scales and per-group activation scales cover 128 columns; also the chunking unit
-STEP_UNITS = 1024  # int (rows kernel) heuristic: packed words per program and step
-ELEMS_PER_THREAD = 256  # fp4 heuristic register budget: weight elements per thread and chunk (4 warps)
+STEP_UNITS = 1024  # rows kernel heuristic: int32 words per program and step
+ELEMS_PER_THREAD = 256  # fp4 on gemv_moe_kernel: heuristic register budget: weight elements per thread and chunk (4 warps)
 FP8_ELEMS_PER_THREAD = 64  # fp8: each element costs two conversions (weight and activation)
 
 
@@ -98,40 +98,64 @@ def _group(w: GemvWeights) -> int:
 OVERRIDE: dict[bool, GemvConfig] = {}  # down -> config, set by benchmarks/tune_gemv.py while it sweeps
 
 
-def kernel_name(w: GemvWeights, down: bool) -> str:
-    """The tuning cache's name of one GEMV, e.g. gemv-up-int4-g128, gemv-down-fp8-block."""
+def uses_rows_kernel(w: GemvWeights, a_scale_kind=None) -> bool:
+    """Int weights and A16 fp4 weights stored rows-contiguous go through gemv_rows_kernel (fp4 bytes and block scales
+    read as int32 words of four rows: N a multiple of 4 per half, scales rows-contiguous too); the rest (fp8, nvfp4
+    with fp4 activations) through gemv_moe_kernel."""
+    if w.data.dim() != 3 or w.data.stride(1) != 1:
+        return False
+    if w.fmt == "int":
+        return True
+    return (w.fmt == "fp4" and a_scale_kind is None and w.data.shape[1] % 8 == 0 and w.data.data_ptr() % 16 == 0
+            and w.scale is not None and w.scale.stride(1) == 1 and w.scale.data_ptr() % 4 == 0)
+
+
+def kernel_name(w: GemvWeights, down: bool, rows: bool = False) -> str:
+    """The tuning cache's name of one GEMV, e.g. gemv-up-int4-g128, gemv-down-fp8-block, gemv-up-fp4-g16-rows
+    (rows: fp4 on gemv_rows_kernel, whose blocks mean other tiles than gemv_moe_kernel's)."""
     if w.fmt == "fp8":
         kind = "block" if w.scale is not None else "row" if w.row_scale is not None else "tensor"
         fmt = f"fp8-{kind}"
     else:
         fmt = (f"int{w.bits}" if w.fmt == "int" else "fp4") + (f"-g{w.group}" if w.group is not None else "")
-    return f"gemv-{'down' if down else 'up'}-{fmt}"
+    return f"gemv-{'down' if down else 'up'}-{fmt}" + ("-rows" if rows and w.fmt == "fp4" else "")
 
 
-def gemv_config(parts: int, N: int, w: GemvWeights, T: int, down: bool, grid_rows: int = 1) -> GemvConfig:
+def gemv_config(parts: int, N: int, w: GemvWeights, T: int, down: bool, grid_rows: int = 1,
+                rows: bool = False) -> GemvConfig:
     """The tuned cache's entry for this GEMV near T tokens, else a heuristic. Int (rows kernel): the widest BLOCK_N
     up to 64 that still gives 4 programs per multiprocessor over grid_rows x N / BLOCK_N, and NG groups per step for
     about STEP_UNITS words per step (8 per thread of 4 warps). fp4 and fp8: BLOCK_N 16 (fp4, rows-contiguous bytes)
     or 4 (fp8, K-contiguous) and NG groups to fill the register budget of elements per thread."""
     if down in OVERRIDE:
         return OVERRIDE[down]
-    entry = cached_entry(kernel_name(w, down), T, w.data.shape[0], N, w.columns, w.data.device)
+    entry = cached_entry(kernel_name(w, down, rows), T, w.data.shape[0], N, w.columns, w.data.device)
     if entry is not None:
         return GemvConfig(**entry)
     G = _group(w)
     num_g = triton.cdiv(w.columns, G)
-    if w.fmt == "int":
-        sms = torch.cuda.get_device_properties(w.data.device).multi_processor_count if w.data.is_cuda else 132
-        bn = 64
-        while bn > 4 and grid_rows * triton.cdiv(N, bn) < 4 * sms:
+    if rows:
+        # on the CPU (interpreter) few wide programs: each program is interpreted on its own
+        sms = torch.cuda.get_device_properties(w.data.device).multi_processor_count if w.data.is_cuda else 0
+        bn, bn_min = 64, 4 if w.fmt == "int" else 16  # fp4: 16 rows = one 16-byte load of four words
+        while bn > bn_min and grid_rows * triton.cdiv(N, bn) < 4 * sms:
             bn //= 2
-        bn = min(bn, triton.next_power_of_2(N))
-        ng = max(1, min(triton.next_power_of_2(num_g), STEP_UNITS // (parts * (G // w.per_unit) * bn)))
+        bn = max(bn_min, min(bn, triton.next_power_of_2(N)))
+        words_per_row = (G // w.per_unit) * (bn if w.fmt == "int" else bn // 4)
+        ng = max(1, min(triton.next_power_of_2(num_g), STEP_UNITS // (parts * words_per_row)))
         return GemvConfig(bn, ng, 4)
     bn = min(triton.next_power_of_2(N), 4 if w.fmt == "fp8" else 16)
     budget = (FP8_ELEMS_PER_THREAD if w.fmt == "fp8" else ELEMS_PER_THREAD) * 128
     ng = max(1, min(triton.next_power_of_2(num_g), budget // (parts * bn * G)))
     return GemvConfig(bn, ng, 4)
+
+
+def _row_words(t: torch.Tensor) -> torch.Tensor:
+    """Bytes [E, N, J] stored rows-contiguous as int32 [E, N/4, J]: word (q, j) holds rows 4q..4q+3 of column j."""
+    E, N, J = t.shape
+    if J == 1:  # stride(2) is arbitrary then; the rows are the contiguous dimension either way
+        return t.reshape(E, N).view(torch.int32).unsqueeze(2)
+    return t.transpose(1, 2).view(torch.int32).transpose(1, 2)
 
 
 def _bytes(t: torch.Tensor) -> torch.Tensor:
@@ -151,7 +175,8 @@ def gemv(a, w: GemvWeights, c, topk_ids, *, down: bool, top_k: int, activation: 
     rows = c.shape[0]
     P = triton.next_power_of_2(top_k) if down else 2
     grid_rows = rows if down else ids.numel()
-    cfg = cfg or gemv_config(P, N, w, topk_ids.shape[0], down, grid_rows)
+    rows_kernel = uses_rows_kernel(w, a_scale_kind)
+    cfg = cfg or gemv_config(P, N, w, topk_ids.shape[0], down, grid_rows, rows_kernel)
     G = _group(w)
     data = _bytes(w.data)
     dummy = c
@@ -175,7 +200,9 @@ def gemv(a, w: GemvWeights, c, topk_ids, *, down: bool, top_k: int, activation: 
     elif a_scale_kind == "group":
         as_strides = (a_scale.stride(0), a_scale.stride(1))
     grid = (grid_rows, triton.cdiv(N, cfg.BLOCK_N))
-    rows_kernel = w.fmt == "int" and data.stride(1) == 1  # fp4: measured faster in gemv_moe_kernel (H200)
+    if rows_kernel and w.fmt == "fp4":  # bytes and scales of rows 4q..4q+3 as one int32 word: [E, N/4, C/2 | C/G]
+        data, s = _row_words(w.data), _row_words(w.scale.view(torch.uint8))
+        s_strides = s.stride()
     args = [
         a, data, s, zp if zp is not None else dummy, si if si is not None else dummy, es, a_s, ids,
         topk_weights if topk_weights is not None else dummy, bias if bias is not None else dummy, c,
@@ -196,7 +223,7 @@ def gemv(a, w: GemvWeights, c, topk_ids, *, down: bool, top_k: int, activation: 
         OUT_AMAX=out_amax is not None, OUT_PERM=w.out_perm is not None and not down,
         BLOCK_N=cfg.BLOCK_N, NG=cfg.NG, num_warps=cfg.num_warps,
     )
-    if rows_kernel:  # int words stored rows-contiguous (methods.base.rows_contiguous)
+    if rows_kernel:  # rows-contiguous int words or fp4 bytes (methods.base.rows_contiguous)
         even = C % (cfg.NG * G) == 0 and N % cfg.BLOCK_N == 0
         split = max(1, min(cfg.SPLIT_K, triton.cdiv(C, cfg.NG * G))) if down else 1
         args.insert(16, 0x4B000000)  # two23, after NUM_G

@@ -98,8 +98,9 @@ class Fp4MethodBase(FusedMoEMethodBase):
             return
         self.fix_dead_experts(layer)
         self.finish(layer)
-        for p in ("w13", "w2"):
-            self.register(layer, f"{p}_weight_packed", rows_contiguous(getattr(layer, f"{p}_weight_packed").data), None)
+        for p in ("w13", "w2"):  # bytes and block scales rows-contiguous: the GEMV reads four rows per 32-bit word
+            for name in (f"{p}_weight_packed", f"{p}_weight_scale"):
+                self.register(layer, name, rows_contiguous(getattr(layer, name).data), None)
         self.processed = True
 
     def dead_mask(self, layer, prefix: str) -> torch.Tensor:
