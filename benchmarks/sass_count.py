@@ -68,7 +68,10 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     cfg = {**DEFAULTS, **(json.loads(argv[0]) if argv else {})}
     if cfg["FMT"] == 1:  # fp4 (rows kernel: int32 words of four rows' bytes and scales; else bytes)
-        POINTERS.update(w_ptr="*i32", s_ptr="*i32") if cfg["A_SCALE"] == 0 else POINTERS.update(w_ptr="*u8", s_ptr="*u8")
+        unit = "*i32" if cfg["A_SCALE"] == 0 else "*u8"
+        POINTERS.update(w_ptr=unit, s_ptr=unit)
+    elif cfg["FMT"] == 2:  # fp8 weights (and fp8 activations when they have scales) as bytes
+        POINTERS.update(w_ptr="*u8", s_ptr="*fp32", a_ptr="*u8" if cfg["A_SCALE"] else "*bf16")
     num_warps = cfg.pop("num_warps", 4)
     kernel = compile_sm90(cfg, num_warps)
     with tempfile.TemporaryDirectory() as d:

@@ -1,4 +1,5 @@
-"""Triton body of the decode (GEMV) expert kernel for few token slots (launcher and layouts: gemv.py).
+"""Triton body of the decode (GEMV) kernel for fp8 weights and for fp4 weights with fp4 activations (nvfp4) or
+odd shapes (launcher and layouts: gemv.py; int and A16 fp4 weights go through _gemv_rows_kernel.py).
 
 Each program streams BN weight rows of one or more experts once, unpacks them in registers and multiplies them with
 activation rows on the CUDA cores in fp32: no tensor cores, no padding of one token to 16 rows, no align step.
@@ -6,13 +7,12 @@ activation rows on the CUDA cores in fp32: no tensor cores, no padding of one to
 # T tokens, TOP_K experts per token, S = T*TOP_K slots, E experts, N output rows, C reduction length,
 # G columns per scale group, PW elements per packed unit, GW = G / PW units per group, NG groups per chunk,
 # BN rows per program, P parts per program: 2 (GEMM1's gate and up halves) or TOP_K padded (GEMM2's experts)
-Weights [E, N(*2), C/PW] packed units, element i of unit j = column j*PW + i (lowest bits first):
-  FMT_INT: int32 words of b-bit u = q + 2^(b-1), PW = 32/b;  w = (u - 2^(b-1) - zp[e, n, g]) * scale[e, n, g]
-  FMT_FP4: bytes of two e2m1 codes, PW = 2;  w = e2m1 * block_scale[e, n, g] (fp8 e4m3 or E8M0) * s2[e, part]
-  FMT_FP8: e4m3 bytes, PW = 1;  w = e4m3 * scale[e] | scale[e, n] | scale[e, n/128, g]
-Int and fp4 weights are stored rows-contiguous (methods.base.rows_contiguous): a thread's vector load then holds
-several rows of one packed column, and each activation value it loads serves all of them. fp8 weights stay
-K-contiguous (the tensor-core GEMMs read K-major fp8 operands).
+Weights [E, N(*2), C/PW] packed units, element i of unit j = column j*PW + i:
+  FMT_FP4: bytes of two e2m1 codes (low nibble first), PW = 2;  w = e2m1 * block_scale[e, n, g] (fp8 e4m3 or E8M0)
+           * s2[e, part]; stored rows-contiguous (methods.base.rows_contiguous), so a thread's vector load holds
+           several rows of one byte column and each activation value it loads serves all of them
+  FMT_FP8: e4m3 bytes, PW = 1;  w = e4m3 * scale[e] | scale[e, n] | scale[e, n/128, g]; K-contiguous (the
+           tensor-core GEMMs read K-major fp8 operands)
 Activations: rows of x's dtype or fp32; or fp8 (FMT_FP8) / pre-quantized nvfp4 with a scale per tensor, per row or
 per 128 columns (fp8 only). fp8 data of any kind is passed as uint8 bytes.
   out[part, n] = rs[part, n] * sum_g ws[part, n, g] * as[part, g] * sum_{k in g} wq[part, n, k] * aq[part, k]
@@ -22,6 +22,8 @@ GEMM1 (not DOWN): grid (S, cdiv(N, BN)); parts = gate rows n and up rows N + n o
 GEMM2 (DOWN): grid (T, cdiv(N, BN)); parts = the token's TOP_K slots; out[t, n] = sum_k w[slot_k] * (part_k + b2),
   summed in fp32, so no separate top-k sum. Slots whose expert id is negative (another rank's) contribute nothing.
 Act-order (SORTED): column k of expert e reads a[sort_idx[e, k]] (the weights' columns were sorted by group).
+z_ptr, its strides, HAS_ZP and BITS (int zero points and widths) are unused here: gemv.py passes the rows kernel's
+argument list to both kernels.
 """
 
 import triton
@@ -30,35 +32,10 @@ import triton.language as tl
 from moequant.kernels._fp4_gemm_kernel import block_scale_value, e2m1_value
 from moequant.kernels._moe_gemm_kernel import gated_act
 
-# Codes of the constexpr switches (gemv.py maps names to them): FMT 0 int, 1 fp4, 2 fp8; A_SCALE (activation) 0 none,
-# 1 per tensor, 2 per row, 3 per row and 128 columns; W_SCALE (weights, outside the groups) 0 none, 1 per expert
-# (and GEMM1 half: fp8 per-tensor, nvfp4's s2), 2 per output row (fp8 per-channel, int per-channel).
+# Codes of the constexpr switches (gemv.py maps names to them): FMT 1 fp4, 2 fp8 (0, int, is the rows kernel's);
+# A_SCALE (activation) 0 none, 1 per tensor, 2 per row, 3 per row and 128 columns; W_SCALE (weights, outside the
+# groups) 0 none, 1 per expert (and GEMM1 half: fp8 per-tensor, nvfp4's s2), 2 per output row (fp8 per-channel).
 FP4_FACTOR = tl.constexpr(16384.0)  # 2^14: e2m1_value returns the e2m1 value times 2^-14
-
-
-@triton.jit
-def _int_elem(words, hi_words, off, i: tl.constexpr, BITS: tl.constexpr, two23=0x4B000000):
-    """(u_i - off) * 2^(BITS*p) in fp32 for element i of every word, exact and without an int->float conversion:
-    the element's bits, where they lie (p = i), or for the top elements where they lie in hi_words = words >> 12
-    (int4) / >> 16 (int8), are OR-ed into the mantissa of 2^23 (two23: its bits; passed as a kernel argument, the
-    constant sits in a register and the mask-and-or is one LOP3); subtracting 2^23 + off * 2^(BITS*p) leaves the
-    integer. The caller divides the activation by 2^(BITS*p)."""
-    LO: tl.constexpr = 5 if BITS == 4 else 2
-    SHIFT_P: tl.constexpr = 3 if BITS == 4 else 2
-    P: tl.constexpr = i if i < LO else i - SHIFT_P
-    MASK: tl.constexpr = ((1 << BITS) - 1) << (P * BITS)
-    src = words if i < LO else hi_words
-    f = ((src & MASK) | two23).to(tl.float32, bitcast=True)
-    return f - (8388608.0 + off * (1 << (P * BITS)))
-
-
-@triton.jit
-def _int_act_factor(i: tl.constexpr, BITS: tl.constexpr):
-    """2^-(BITS*p) for element i (see _int_elem)."""
-    LO: tl.constexpr = 5 if BITS == 4 else 2
-    SHIFT_P: tl.constexpr = 3 if BITS == 4 else 2
-    P: tl.constexpr = i if i < LO else i - SHIFT_P
-    return 1.0 / (1 << (P * BITS))
 
 
 @triton.jit
@@ -79,30 +56,19 @@ def _act(a_base, sidx_base, k, ok, stride_ak, SORTED: tl.constexpr):
 
 
 @triton.jit
-def _chunk(c, w_base, z_base, a_base, sidx_base, row_ok4, p_ok4, C, CW, NUM_G, stride_wk, stride_zg, stride_ak,
-           FMT: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr, NG: tl.constexpr, HAS_ZP: tl.constexpr,
-           SORTED: tl.constexpr):
+def _chunk(c, w_base, a_base, sidx_base, row_ok4, p_ok4, C, CW, stride_wk, stride_ak,
+           FMT: tl.constexpr, G: tl.constexpr, NG: tl.constexpr, SORTED: tl.constexpr):
     """Each packed unit's share [P, BN, NG, GW] of the dot products over chunk c (columns [c*NG*G, (c+1)*NG*G)),
     before the group scales (_group_scale)."""
-    PW: tl.constexpr = 32 // BITS if FMT == 0 else 2 if FMT == 1 else 1
+    tl.static_assert(FMT != 0, "int weights go through _gemv_rows_kernel")
+    PW: tl.constexpr = 2 if FMT == 1 else 1
     GW: tl.constexpr = G // PW
     g = c * NG + tl.arange(0, NG)
     g4 = g[None, None, :, None]
     j4 = g4 * GW + tl.arange(0, GW)[None, None, None, :]  # word (or fp8 element) index [1, 1, NG, GW]
     w_ok = row_ok4 & (j4 < CW)
     words = tl.load(w_base + j4 * stride_wk, mask=w_ok, other=0)
-    g3_ok = row_ok4 & (g4 < NUM_G)  # [P, BN, NG, 1]
-    if FMT == 0:
-        off = (1 << (BITS - 1)) * 1.0
-        if HAS_ZP:
-            off = off + tl.load(z_base + g4 * stride_zg, mask=g3_ok, other=0).to(tl.float32)
-        hi = words >> (12 if BITS == 4 else 16)
-        t = tl.zeros(words.shape, dtype=tl.float32)
-        for i in tl.static_range(PW):
-            k = j4 * PW + i
-            a = _act(a_base, sidx_base, k, p_ok4 & (k < C), stride_ak, SORTED) * _int_act_factor(i, BITS)
-            t += _int_elem(words, hi, off, i, BITS) * a
-    elif FMT == 1:  # one byte = elements 2j (low nibble) and 2j + 1
+    if FMT == 1:  # one byte = elements 2j (low nibble) and 2j + 1
         b = words.to(tl.int32)
         k = j4 * 2
         t = e2m1_value(b) * _act(a_base, sidx_base, k, p_ok4 & (k < C), stride_ak, SORTED)
@@ -176,27 +142,24 @@ def gemv_moe_kernel(
         s_base = s_ptr + e4 * stride_se + (rows4 // 128) * stride_sn
     else:
         s_base = s_ptr + e4 * stride_se + rows4 * stride_sn
-    z_base = z_ptr + e4 * stride_ze + rows4 * stride_zn
     a_base = a_ptr + a_row[:, None, None, None].to(tl.int64) * stride_am
     as_base = as_ptr + a_row[:, None, None, None].to(tl.int64) * stride_asm
     sidx_base = sidx_ptr + e4 * stride_ie
-    PW: tl.constexpr = 32 // BITS if FMT == 0 else 2 if FMT == 1 else 1
+    PW: tl.constexpr = 2 if FMT == 1 else 1
     CW = C // PW
 
     GW: tl.constexpr = G // PW
     if FMT == 1:  # fp4: sum each group across its units, then scale it (measured faster for fp4 on the H200)
         acc = tl.zeros((P, BLOCK_N), dtype=tl.float32)
         for c in range(0, tl.cdiv(NUM_G, NG)):
-            t = _chunk(c, w_base, z_base, a_base, sidx_base, row_ok4, p_ok4, C, CW, NUM_G,
-                       stride_wk, stride_zg, stride_ak, FMT, BITS, G, NG, HAS_ZP, SORTED)
+            t = _chunk(c, w_base, a_base, sidx_base, row_ok4, p_ok4, C, CW, stride_wk, stride_ak, FMT, G, NG, SORTED)
             s = _group_scale(c, s_base, as_base, row_ok4, NUM_G, stride_sg, stride_asg, NG, FMT, GROUP_SCALES,
                              SCALE_KIND, A_SCALE)
             acc += tl.sum(tl.sum(t, axis=3) * tl.sum(s, axis=3), axis=2)
-    else:  # int, fp8: keep per-unit sums and reduce across threads once, after the last chunk
+    else:  # fp8: keep per-unit sums and reduce across threads once, after the last chunk
         acc4 = tl.zeros((P, BLOCK_N, NG, GW), dtype=tl.float32)
         for c in range(0, tl.cdiv(NUM_G, NG)):
-            t = _chunk(c, w_base, z_base, a_base, sidx_base, row_ok4, p_ok4, C, CW, NUM_G,
-                       stride_wk, stride_zg, stride_ak, FMT, BITS, G, NG, HAS_ZP, SORTED)
+            t = _chunk(c, w_base, a_base, sidx_base, row_ok4, p_ok4, C, CW, stride_wk, stride_ak, FMT, G, NG, SORTED)
             acc4 += t * _group_scale(c, s_base, as_base, row_ok4, NUM_G, stride_sg, stride_asg, NG, FMT,
                                      GROUP_SCALES, SCALE_KIND, A_SCALE)
         acc = tl.sum(tl.sum(acc4, axis=3), axis=2)  # [P, BN]

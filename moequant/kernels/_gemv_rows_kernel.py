@@ -1,21 +1,26 @@
-"""Triton body of the decode (GEMV) kernel for packed int weights stored rows-contiguous (launcher: gemv.py).
+"""Triton body of the decode (GEMV) kernel for int weights and A16 fp4 weights stored rows-contiguous (launcher:
+gemv.py; fp8 and fp4 with fp4 activations go through _gemv_kernel.py).
 
 Each program streams BN output rows of its slot's expert (GEMM1: the gate and the up rows; GEMM2: the rows of each of
 the token's TOP_K experts) over its share of the reduction, on the CUDA cores in fp32. The tile puts the rows last: a
-thread's 16-byte load holds one int32 word of four rows, so each activation value it loads and scales serves them
-all (in GEMM1 the gate and the up words too), and a warp's activation loads are broadcasts of a few addresses.
+thread's 16-byte load holds one column of several rows (int: one word of four rows; fp4: four words of four rows'
+bytes), so each activation value it loads and scales serves them all (in GEMM1 the gate and the up rows too), and a
+warp's activation loads are broadcasts of a few addresses.
 
-# T tokens, TOP_K experts per token, S = T*TOP_K slots, N output rows, C reduction length, PW = 32 / BITS elements
-# per word, CW = C / PW words, G columns per scale group (128 for per-channel scales: then only the step unit),
-# GW = G / PW words per group, NG groups per step, BN rows per program, P parts (2: gate and up; or TOP_K padded to
-# a power of two), SPLIT_K programs sharing one GEMM2 output block
-Weights [E, N(*2), CW] with the N stride 1 (methods.base.rows_contiguous); a step's tile is [P or 1, NG, GW, BN].
+# T tokens, TOP_K experts per token, S = T*TOP_K slots, N output rows, C reduction length, PW elements per unit
+# (int: 32 / BITS per word; fp4: 2 per byte), G columns per scale group (int per-channel: 128, only the step unit),
+# GW = G / PW units per group, NG groups per step, BN rows per program (BQ = BN / 4 fp4 words), P parts (2: gate and
+# up; or TOP_K padded to a power of two), SPLIT_K programs sharing one GEMM2 output block
+int: words [E, N(*2), C/PW], N stride 1 (methods.base.rows_contiguous); a step's tile is [P or 1, NG, GW, BN].
   word j holds elements j*PW + i, lowest bits first, as u = q + 2^(BITS-1); w = (u - 2^(BITS-1) - zp) * scale
+  Elements become fp32 without a conversion instruction (_int_elem; two23 = 0x4B000000, the bits of 2^23, is an
+  argument so that it sits in a register and mask-and-or is one LOP3: ptxas cannot fuse two immediates); a zero
+  point is applied per word as zp * sum(a over the word).
+fp4: bytes and block scales (rows-contiguous) read as int32 words [E, N/4, C/2] and [E, N/4, C/G]: word (q, j)
+  holds byte column j (two e2m1 codes, low nibble = column 2j) of rows 4q..4q+3; _e2m1_pair decodes one nibble of
+  two rows per instruction; w = e2m1 * block_scale (e4m3 or E8M0) * s2[e, part].
   out[part, n] = sum_g scale[part, n, g] * sum_{k in g} wq[part, n, k] * a[part, k]   (a: x's dtype or fp32)
-Elements become fp32 without a conversion instruction (_int_elem; two23 = 0x4B000000, the bits of 2^23, is an
-argument so that it sits in a register and mask-and-or is one LOP3, which ptxas cannot do with two immediates); a zero
-point is applied per word as zp * sum(a over the word). EVEN (C a multiple of a step, N of BN) drops the column and
-row masks from the loop.
+EVEN (C a multiple of a step, N of BN) drops the column and row masks from the loop.
 GEMM1 (not DOWN): grid (S, cdiv(N, BN), 1); inter[slot, n] = act(gate, up) (+ biases, routing weight when applied on
   the input), stored at column perm[e, n] with OUT_PERM (GEMM2's act-order), so GEMM2 reads its input unpermuted.
 GEMM2 (DOWN): grid (T, cdiv(N, BN), SPLIT_K); out[t, n] = sum_k w[t, k] * (part_k + b2[e_k]): the top-k sum in fp32,
@@ -28,8 +33,33 @@ import triton
 import triton.language as tl
 
 from moequant.kernels._fp4_gemm_kernel import block_scale_value
-from moequant.kernels._gemv_kernel import FP4_FACTOR, _int_act_factor, _int_elem
+from moequant.kernels._gemv_kernel import FP4_FACTOR
 from moequant.kernels._moe_gemm_kernel import gated_act
+
+
+@triton.jit
+def _int_elem(words, hi_words, off, i: tl.constexpr, BITS: tl.constexpr, two23=0x4B000000):
+    """(u_i - off) * 2^(BITS*p) in fp32 for element i of every word, exact and without an int->float conversion:
+    the element's bits, where they lie (p = i), or for the top elements where they lie in hi_words = words >> 12
+    (int4) / >> 16 (int8), are OR-ed into the mantissa of 2^23 (two23: its bits; passed as a kernel argument, the
+    constant sits in a register and the mask-and-or is one LOP3); subtracting 2^23 + off * 2^(BITS*p) leaves the
+    integer. The caller divides the activation by 2^(BITS*p)."""
+    LO: tl.constexpr = 5 if BITS == 4 else 2
+    SHIFT_P: tl.constexpr = 3 if BITS == 4 else 2
+    P: tl.constexpr = i if i < LO else i - SHIFT_P
+    MASK: tl.constexpr = ((1 << BITS) - 1) << (P * BITS)
+    src = words if i < LO else hi_words
+    f = ((src & MASK) | two23).to(tl.float32, bitcast=True)
+    return f - (8388608.0 + off * (1 << (P * BITS)))
+
+
+@triton.jit
+def _int_act_factor(i: tl.constexpr, BITS: tl.constexpr):
+    """2^-(BITS*p) for element i (see _int_elem)."""
+    LO: tl.constexpr = 5 if BITS == 4 else 2
+    SHIFT_P: tl.constexpr = 3 if BITS == 4 else 2
+    P: tl.constexpr = i if i < LO else i - SHIFT_P
+    return 1.0 / (1 << (P * BITS))
 
 
 @triton.jit

@@ -102,10 +102,13 @@ def uses_rows_kernel(w: GemvWeights, a_scale_kind=None) -> bool:
     """Int weights and A16 fp4 weights stored rows-contiguous go through gemv_rows_kernel (fp4 bytes and block scales
     read as int32 words of four rows: N a multiple of 4 per half, scales rows-contiguous too); the rest (fp8, nvfp4
     with fp4 activations) through gemv_moe_kernel."""
+    if w.fmt == "int":
+        if w.data.dim() != 3 or w.data.stride(1) != 1:
+            raise ValueError(f"int GEMV weights must be stored rows-contiguous (methods.base.rows_contiguous): "
+                             f"shape {tuple(w.data.shape)}, strides {w.data.stride()}")
+        return True
     if w.data.dim() != 3 or w.data.stride(1) != 1:
         return False
-    if w.fmt == "int":
-        return True
     return (w.fmt == "fp4" and a_scale_kind is None and w.data.shape[1] % 8 == 0 and w.data.data_ptr() % 16 == 0
             and w.scale is not None and w.scale.stride(1) == 1 and w.scale.data_ptr() % 4 == 0)
 
