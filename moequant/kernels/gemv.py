@@ -1,4 +1,5 @@
-"""Decode path of the quantized fused MoE: two GEMV launches after routing (body: _gemv_kernel.py).
+"""Decode path of the quantized fused MoE: two GEMV launches after routing (bodies: _gemv_rows_kernel.py for int and
+A16 fp4 weights, _gemv_kernel.py for fp8 and nvfp4 with fp4 activations; uses_rows_kernel picks).
 
 For few token slots per expert the grouped GEMMs waste most of their work: one token is padded to 16 rows for the
 tensor cores, the align step costs a launch, the unpacked weights go through the tensor cores' operand layout, and the
@@ -28,7 +29,7 @@ _W_CODE = {None: 0, "expert": 1, "row": 2}
 MODE = os.environ.get("MOEQUANT_GEMV", "auto")  # auto | always | never (see use_gemv)
 FP8_GROUP = 128  # fp8: block scales and per-group activation scales cover 128 columns; also the chunking unit
 STEP_UNITS = 1024  # rows kernel heuristic: int32 words per program and step
-ELEMS_PER_THREAD = 256  # fp4 on gemv_moe_kernel: heuristic register budget: weight elements per thread and chunk (4 warps)
+ELEMS_PER_THREAD = 256  # fp4 on gemv_moe_kernel: weight elements per thread and chunk (4 warps)
 FP8_ELEMS_PER_THREAD = 64  # fp8: each element costs two conversions (weight and activation)
 
 
@@ -126,10 +127,12 @@ def kernel_name(w: GemvWeights, down: bool, rows: bool = False) -> str:
 
 def gemv_config(parts: int, N: int, w: GemvWeights, T: int, down: bool, grid_rows: int = 1,
                 rows: bool = False) -> GemvConfig:
-    """The tuned cache's entry for this GEMV near T tokens, else a heuristic. Int (rows kernel): the widest BLOCK_N
-    up to 64 that still gives 4 programs per multiprocessor over grid_rows x N / BLOCK_N, and NG groups per step for
-    about STEP_UNITS words per step (8 per thread of 4 warps). fp4 and fp8: BLOCK_N 16 (fp4, rows-contiguous bytes)
-    or 4 (fp8, K-contiguous) and NG groups to fill the register budget of elements per thread."""
+    """The tuned cache's entry for this GEMV near T tokens, else a heuristic. Rows kernel (int, A16 fp4): the widest
+    BLOCK_N up to 64 (at least 4 rows for int, 16 for fp4) that still gives 4 programs per multiprocessor over
+    grid_rows x N / BLOCK_N (on the CPU: 64, few programs for the interpreter), and NG groups per step for about
+    STEP_UNITS words per step (8 per thread of 4 warps). gemv_moe_kernel (fp8, nvfp4 with fp4 activations): BLOCK_N
+    4 (fp8, K-contiguous) or 16 (fp4, rows-contiguous bytes) and NG groups to fill the register budget of elements
+    per thread."""
     if down in OVERRIDE:
         return OVERRIDE[down]
     entry = cached_entry(kernel_name(w, down, rows), T, w.data.shape[0], N, w.columns, w.data.device)
