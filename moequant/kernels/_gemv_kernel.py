@@ -97,6 +97,51 @@ def _group_scale(c, s_base, as_base, row_ok4, NUM_G, stride_sg, stride_asg, NG: 
 
 
 @triton.jit
+def gemv_epilogue(acc, pid, e, parts, slot, p_ok, row_ok, n_ok, offs_n, rows, es_ptr, topk_w_ptr, bias_ptr, c_ptr,
+                  amax_ptr, perm_ptr, stride_ese, stride_esj, stride_bias_e, stride_bias_n, stride_cm, stride_cn,
+                  stride_pe, DOWN: tl.constexpr, W_SCALE: tl.constexpr, MUL_WEIGHT: tl.constexpr,
+                  HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, OUT_AMAX: tl.constexpr, OUT_PERM: tl.constexpr,
+                  SPLIT_K: tl.constexpr):
+    """Both GEMV kernels' epilogue from acc [P, BN] (the parts' sums, group scales applied): the per-expert or
+    per-row weight scale, then GEMM2: out[t, n] = sum_k w_k * (acc_k + b2) (bias from the first split only; with
+    SPLIT_K > 1 added atomically to the zeroed fp32 c), or GEMM1: c[slot, perm(n)] = act(gate + b, up + b) (routing
+    weight first when applied on the input; OUT_AMAX folds max |out| into amax_ptr)."""
+    if W_SCALE == 1:  # per expert and part (fp8 per-tensor, nvfp4's second-level scale)
+        acc *= tl.load(es_ptr + e * stride_ese + parts * stride_esj, mask=p_ok, other=0.0)[:, None]
+    elif W_SCALE == 2:  # per output row (fp8 per-channel, int per-channel)
+        acc *= tl.load(es_ptr + e[:, None] * stride_ese + rows * stride_esj, mask=row_ok, other=0.0)
+    if DOWN:
+        if HAS_BIAS:  # added once: by the first split
+            b_ok = row_ok & ((tl.program_id(2) + parts * 0) == 0)[:, None]
+            acc += tl.load(bias_ptr + e[:, None] * stride_bias_e + offs_n[None, :] * stride_bias_n,
+                           mask=b_ok, other=0.0).to(tl.float32)
+        if MUL_WEIGHT:
+            acc *= tl.load(topk_w_ptr + slot, mask=p_ok, other=0.0)[:, None]
+        out = tl.sum(tl.where(row_ok, acc, 0.0), axis=0)
+        c_ptrs = c_ptr + pid.to(tl.int64) * stride_cm + offs_n * stride_cn
+        if SPLIT_K > 1:  # c is fp32 and zeroed by the launcher
+            tl.atomic_add(c_ptrs, out, mask=n_ok, sem="relaxed")
+        else:
+            tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=n_ok)
+    else:
+        if MUL_WEIGHT:
+            acc *= tl.load(topk_w_ptr + pid)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + e[:, None] * stride_bias_e + rows * stride_bias_n,
+                           mask=row_ok, other=0.0).to(tl.float32)
+        gate = tl.sum(tl.where(parts[:, None] == 0, acc, 0.0), axis=0)
+        up = tl.sum(tl.where(parts[:, None] == 1, acc, 0.0), axis=0)
+        out = gated_act(gate, up, ACTIVATION)
+        if OUT_AMAX:
+            tl.atomic_max(amax_ptr, tl.max(tl.where(n_ok, tl.abs(out), 0.0), axis=0))
+        cols = offs_n
+        if OUT_PERM:  # write in the next GEMM's act-order (sorted) column order; every part holds the slot's expert
+            cols = tl.load(perm_ptr + tl.max(e, axis=0) * stride_pe + offs_n, mask=n_ok, other=0)
+        tl.store(c_ptr + pid.to(tl.int64) * stride_cm + cols * stride_cn, out.to(c_ptr.dtype.element_ty),
+                 mask=n_ok)
+
+
+@triton.jit
 def gemv_moe_kernel(
     a_ptr, w_ptr, s_ptr, z_ptr, sidx_ptr, es_ptr, as_ptr, ids_ptr, topk_w_ptr, bias_ptr, c_ptr, amax_ptr, perm_ptr,
     N, C, NUM_G,
@@ -164,39 +209,13 @@ def gemv_moe_kernel(
                                      GROUP_SCALES, SCALE_KIND, A_SCALE)
         acc = tl.sum(tl.sum(acc4, axis=3), axis=2)  # [P, BN]
 
-    # scales outside the groups, then the epilogue
-    if W_SCALE == 1:
-        acc *= tl.load(es_ptr + e * stride_ese + parts * stride_esj, mask=p_ok, other=0.0)[:, None]
-    elif W_SCALE == 2:
-        acc *= tl.load(es_ptr + e[:, None] * stride_ese + rows * stride_esj, mask=row_ok, other=0.0)
+    # scales outside the groups, then the shared epilogue
     if FMT == 1:
         acc *= FP4_FACTOR
     if A_SCALE == 1:
         acc *= tl.load(as_ptr)
     elif A_SCALE == 2:
         acc *= tl.load(as_ptr + a_row * stride_asm, mask=p_ok, other=0.0)[:, None]
-    if DOWN:
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + e[:, None] * stride_bias_e + offs_n[None, :] * stride_bias_n,
-                           mask=row_ok, other=0.0).to(tl.float32)
-        if MUL_WEIGHT:
-            acc *= tl.load(topk_w_ptr + slot, mask=p_ok, other=0.0)[:, None]
-        out = tl.sum(tl.where(row_ok, acc, 0.0), axis=0)
-        tl.store(c_ptr + pid.to(tl.int64) * stride_cm + offs_n * stride_cn, out.to(c_ptr.dtype.element_ty),
-                 mask=n_ok)
-    else:
-        if MUL_WEIGHT:
-            acc *= tl.load(topk_w_ptr + pid)
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + e[:, None] * stride_bias_e + rows * stride_bias_n,
-                           mask=row_ok, other=0.0).to(tl.float32)
-        gate = tl.sum(tl.where(parts[:, None] == 0, acc, 0.0), axis=0)
-        up = tl.sum(tl.where(parts[:, None] == 1, acc, 0.0), axis=0)
-        out = gated_act(gate, up, ACTIVATION)
-        if OUT_AMAX:
-            tl.atomic_max(amax_ptr, tl.max(tl.where(n_ok, tl.abs(out), 0.0), axis=0))
-        cols = offs_n
-        if OUT_PERM:  # write in the next GEMM's act-order (sorted) column order
-            cols = tl.load(perm_ptr + e0.to(tl.int64) * stride_pe + offs_n, mask=n_ok, other=0)
-        tl.store(c_ptr + pid.to(tl.int64) * stride_cm + cols * stride_cn, out.to(c_ptr.dtype.element_ty),
-                 mask=n_ok)
+    gemv_epilogue(acc, pid, e, parts, slot, p_ok, row_ok, n_ok, offs_n, rows, es_ptr, topk_w_ptr, bias_ptr, c_ptr,
+                  amax_ptr, perm_ptr, stride_ese, stride_esj, stride_bias_e, stride_bias_n, stride_cm, stride_cn,
+                  stride_pe, DOWN, W_SCALE, MUL_WEIGHT, HAS_BIAS, ACTIVATION, OUT_AMAX, OUT_PERM, 1)

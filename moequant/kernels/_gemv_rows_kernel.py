@@ -27,14 +27,15 @@ GEMM2 (DOWN): grid (T, cdiv(N, BN), SPLIT_K); out[t, n] = sum_k w[t, k] * (part_
   no separate launch; with SPLIT_K > 1 each program adds its share to a zeroed fp32 out atomically. Parts whose
   expert id is negative (another rank's) or beyond TOP_K read nothing.
 Act-order (SORTED): column k of expert e reads a[sort_idx[e, k]].
+as_ptr and stride_asm (activation scales) are unused here (A16 only): gemv.py passes one argument list to both kernels;
+the epilogue is _gemv_kernel.gemv_epilogue.
 """
 
 import triton
 import triton.language as tl
 
 from moequant.kernels._fp4_gemm_kernel import block_scale_value
-from moequant.kernels._gemv_kernel import FP4_FACTOR
-from moequant.kernels._moe_gemm_kernel import gated_act
+from moequant.kernels._gemv_kernel import FP4_FACTOR, gemv_epilogue
 
 
 @triton.jit
@@ -89,10 +90,10 @@ def _e2m1_pair(w, EM_SHIFT: tl.constexpr, S_SHIFT: tl.constexpr):
 
 
 @triton.jit
-def _fp4_words(w_base, s_base, j4, g4, w_ok, g_ok, stride_wk, stride_sn, stride_sg, a_lo, a_hi,
+def _fp4_words(r0, r1, r2, r3, w_base, s_base, j4, g4, w_ok, g_ok, stride_wk, stride_sn, stride_sg, a_lo, a_hi,
                SCALE_KIND: tl.constexpr):
-    """Scaled dot-product shares of one step's fp4 words [.., NG, GW, BQ] (four rows 4q..4q+3 of one byte column each,
-    row 4q + r in byte r): the four rows' shares t0..t3, each times its block scale. a_lo / a_hi: the activation of
+    """r0..r3 plus the scaled dot-product shares of one step's fp4 words [.., NG, GW, BQ] (four rows 4q..4q+3 of one
+    byte column each, row 4q + r in byte r): each row's share times its block scale. a_lo / a_hi: the activation of
     each byte's low / high nibble (columns 2j, 2j + 1); s_base: int32 words of the same four rows' block scales."""
     u = tl.load(w_base + j4 * stride_wk, mask=w_ok, other=0)
     l02, l22 = _e2m1_pair(u, 9, 12)  # low nibbles of bytes 0 and 2
@@ -100,11 +101,11 @@ def _fp4_words(w_base, s_base, j4, g4, w_ok, g_ok, stride_wk, stride_sn, stride_
     h0, h2 = _e2m1_pair(u, 5, 8)
     h1, h3 = _e2m1_pair(u, -3, 0)
     sw = tl.load(s_base + g4 * stride_sg, mask=g_ok, other=0)  # the four rows' block scales, one byte each
-    t0 = (l02 * a_lo + h0 * a_hi) * _block_scale(sw, 0, SCALE_KIND)
-    t1 = (l1 * a_lo + h1 * a_hi) * _block_scale(sw, 8, SCALE_KIND)
-    t2 = (l22 * a_lo + h2 * a_hi) * _block_scale(sw, 16, SCALE_KIND)
-    t3 = (l3 * a_lo + h3 * a_hi) * _block_scale(sw, 24, SCALE_KIND)
-    return t0, t1, t2, t3
+    r0 += (l02 * a_lo + h0 * a_hi) * _block_scale(sw, 0, SCALE_KIND)
+    r1 += (l1 * a_lo + h1 * a_hi) * _block_scale(sw, 8, SCALE_KIND)
+    r2 += (l22 * a_lo + h2 * a_hi) * _block_scale(sw, 16, SCALE_KIND)
+    r3 += (l3 * a_lo + h3 * a_hi) * _block_scale(sw, 24, SCALE_KIND)
+    return r0, r1, r2, r3
 
 
 @triton.jit
@@ -284,56 +285,17 @@ def gemv_rows_kernel(
                 x_ok = j4 < C // 2
             a_lo = _act_col(a_base, sidx_base, j4 * 2, x_ok, stride_ak, SORTED, MASKED)
             a_hi = _act_col(a_base, sidx_base, j4 * 2 + 1, x_ok, stride_ak, SORTED, MASKED)
-            t0, t1, t2, t3 = _fp4_words(wa_base, sa_base, j4, g4, w_ok, g_ok, stride_wk, stride_sn, stride_sg,
-                                        a_lo, a_hi, SCALE_KIND)
-            acc0 += t0
-            acc1 += t1
-            acc2 += t2
-            acc3 += t3
+            acc0, acc1, acc2, acc3 = _fp4_words(acc0, acc1, acc2, acc3, wa_base, sa_base, j4, g4, w_ok, g_ok,
+                                                stride_wk, stride_sn, stride_sg, a_lo, a_hi, SCALE_KIND)
             if not DOWN:
-                t0, t1, t2, t3 = _fp4_words(wb_base, sb_base, j4, g4, w_ok, g_ok, stride_wk, stride_sn, stride_sg,
-                                            a_lo, a_hi, SCALE_KIND)
-                up0 += t0
-                up1 += t1
-                up2 += t2
-                up3 += t3
+                up0, up1, up2, up3 = _fp4_words(up0, up1, up2, up3, wb_base, sb_base, j4, g4, w_ok, g_ok,
+                                                stride_wk, stride_sn, stride_sg, a_lo, a_hi, SCALE_KIND)
         acc = _interleave_rows(_sum_steps(acc0), _sum_steps(acc1), _sum_steps(acc2), _sum_steps(acc3))
         if not DOWN:
             up = _interleave_rows(_sum_steps(up0), _sum_steps(up1), _sum_steps(up2), _sum_steps(up3))
             acc = tl.where(parts[:, None] == 0, tl.sum(acc, axis=0)[None, :], tl.sum(up, axis=0)[None, :])
         acc *= FP4_FACTOR
 
-    # scales outside the groups, then the epilogue
-    if W_SCALE == 1:  # per expert and part (nvfp4's second-level scale)
-        acc *= tl.load(es_ptr + e * stride_ese + parts * stride_esj, mask=p_ok, other=0.0)[:, None]
-    elif W_SCALE == 2:  # per-channel scales
-        acc *= tl.load(es_ptr + e[:, None] * stride_ese + rows * stride_esj, mask=row_ok, other=0.0)
-    if DOWN:
-        if HAS_BIAS:  # added once: by the first split
-            b_ok = row_ok & ((tl.program_id(2) + parts * 0) == 0)[:, None]
-            acc += tl.load(bias_ptr + e[:, None] * stride_bias_e + offs_n[None, :] * stride_bias_n,
-                           mask=b_ok, other=0.0).to(tl.float32)
-        if MUL_WEIGHT:
-            acc *= tl.load(topk_w_ptr + slot, mask=p_ok, other=0.0)[:, None]
-        out = tl.sum(tl.where(row_ok, acc, 0.0), axis=0)
-        c_ptrs = c_ptr + pid.to(tl.int64) * stride_cm + offs_n * stride_cn
-        if SPLIT_K > 1:  # c is fp32 and zeroed by the launcher
-            tl.atomic_add(c_ptrs, out, mask=n_ok, sem="relaxed")
-        else:
-            tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=n_ok)
-    else:
-        if MUL_WEIGHT:
-            acc *= tl.load(topk_w_ptr + pid)
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + e[:, None] * stride_bias_e + rows * stride_bias_n,
-                           mask=row_ok, other=0.0).to(tl.float32)
-        gate = tl.sum(tl.where(parts[:, None] == 0, acc, 0.0), axis=0)
-        up = tl.sum(tl.where(parts[:, None] == 1, acc, 0.0), axis=0)
-        out = gated_act(gate, up, ACTIVATION)
-        if OUT_AMAX:
-            tl.atomic_max(amax_ptr, tl.max(tl.where(n_ok, tl.abs(out), 0.0), axis=0))
-        cols = offs_n
-        if OUT_PERM:  # write in the next GEMM's act-order (sorted) column order
-            cols = tl.load(perm_ptr + e0.to(tl.int64) * stride_pe + offs_n, mask=n_ok, other=0)
-        tl.store(c_ptr + pid.to(tl.int64) * stride_cm + cols * stride_cn, out.to(c_ptr.dtype.element_ty),
-                 mask=n_ok)
+    gemv_epilogue(acc, pid, e, parts, slot, p_ok, row_ok, n_ok, offs_n, rows, es_ptr, topk_w_ptr, bias_ptr, c_ptr,
+                  amax_ptr, perm_ptr, stride_ese, stride_esj, stride_bias_e, stride_bias_n, stride_cm, stride_cn,
+                  stride_pe, DOWN, W_SCALE, MUL_WEIGHT, HAS_BIAS, ACTIVATION, OUT_AMAX, OUT_PERM, SPLIT_K)
