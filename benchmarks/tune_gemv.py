@@ -1,9 +1,11 @@
 """Sweep the decode (GEMV) kernel's block sizes through the whole layer forward and cache the winners.
 
 For each shape, scheme and token count M, one GEMV (up: gate/up + activation, down: W2 + top-k sum) at a time gets
-candidate configs while the other keeps its current best; each candidate is timed as one FusedMoE forward (CUDA graph).
-The search is coordinate-wise from the heuristic: BLOCK_N, then NG (groups per chunk), then num_warps, twice. Winners go
-into the tuning cache (moequant/kernels/configs/<device>.json) under gemv.kernel_name (e.g. "gemv-up-int4-g128").
+candidate configs while the other keeps its current best; each candidate is timed as FusedMoE forwards (CUDA graph)
+over bench_moe's REPLICAS input sets routed to different experts, so weights come from DRAM as in a model's decode
+step. The search is coordinate-wise from the heuristic: STAGES (rows kernel), BLOCK_N, NG (groups per chunk),
+num_warps, SPLIT_K (GEMM2 of the rows kernel), TUNE_GEMV_PASSES times. Winners go into the tuning cache
+(moequant/kernels/configs/<device>.json) under gemv.kernel_name (e.g. "gemv-up-int4-g128").
 Shape legend: M tokens, E experts, K top-k, H hidden, I intermediate.
 
     python benchmarks/tune_gemv.py --schemes w4a16:g128,nvfp4a16,fp8-tensor --shapes qwen3-30b-a3b --ms 1
@@ -18,12 +20,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.bench_moe import SHAPES, make_inputs, random_layer  # noqa: E402
+from benchmarks.bench_moe import REPLICAS, SHAPES, make_inputs, random_layer  # noqa: E402
 from benchmarks.tune_moe import layer_tuner_main, time_config  # noqa: E402
 
 PASSES = int(__import__("os").environ.get("TUNE_GEMV_PASSES", 1))
-AXES = {"BLOCK_N": (1, 2, 4, 8, 16, 32, 64, 128), "NG": (1, 2, 4, 8, 16, 32, 64, 128), "num_warps": (2, 4, 8),
-        "SPLIT_K": (1, 2, 4, 8)}
+AXES = {"STAGES": (1, 2, 3, 4), "BLOCK_N": (1, 2, 4, 8, 16, 32, 64, 128), "NG": (1, 2, 4, 8, 16, 32, 64, 128),
+        "num_warps": (2, 4, 8), "SPLIT_K": (1, 2, 4, 8)}
 
 
 class Recorder:
@@ -62,26 +64,34 @@ def tune(shape_name: str, scheme: str, ms, seed: int = 0) -> dict:
     out: dict = {}
     with Recorder(gv) as rec, torch.no_grad():
         for M in ms:
-            x, logits = make_inputs(sh, M, "cuda", torch.Generator(device="cuda").manual_seed(M), 1)[0]
+            # REPLICAS input sets route to different experts, so each forward streams weights the previous one did
+            # not leave in L2 (as in a model's decode step; Qwen3-30B's 8 routed experts fit in L2 otherwise)
+            inputs = make_inputs(sh, M, "cuda", torch.Generator(device="cuda").manual_seed(M), REPLICAS)
             gv.OVERRIDE.clear()
             rec.asked.clear()
-            run = lambda: layer(x, logits)  # noqa: E731
+
+            def run():
+                for x, logits in inputs:
+                    layer(x, logits)
+
             run()
             if set(rec.asked) != {False, True}:
                 print(f"{shape_name} {scheme} M={M}: the forward does not take the GEMV path", flush=True)
                 continue
             cur = dict(rec.got)  # the heuristic's (or the cache's) choice is the starting point
             gv.OVERRIDE.update(cur)
-            base = best_t = time_config(run)
+            base = best_t = time_config(run) / REPLICAS
             for _ in range(PASSES):
                 for down in (False, True):
                     for axis in AXES:
                         if axis == "SPLIT_K" and (not down or "fp8" in rec.asked[down][0]
                                                   or "fp4" in rec.asked[down][0] and "rows" not in rec.asked[down][0]):
                             continue  # only GEMM2 of the rows kernel (int, fp4) splits
+                        if axis == "STAGES" and "fp8" in rec.asked[down][0]:
+                            continue  # only the rows kernel pipelines its steps
                         for cand in neighbours(cur[down], axis):
                             gv.OVERRIDE[down] = cand
-                            t = time_config(run)
+                            t = time_config(run) / REPLICAS
                             if t < best_t:
                                 best_t, cur[down] = t, cand
                         gv.OVERRIDE[down] = cur[down]

@@ -84,7 +84,6 @@ def test_gemv_interpreter_matches_reference(case, always_gemv):
 
 
 @pytest.mark.skipif(not INTERP, reason="interpreter test (CPU)")
-@pytest.mark.skipif(not INTERP, reason="interpreter test (CPU)")
 @pytest.mark.parametrize("case", [("w4a16", 32, False, 3), ("w4a16", 128, True, 2), ("w4a16-asym", 64, False, 2)],
                          ids=lambda c: f"{c[0]}-G{c[1]}-act{int(c[2])}-split{c[3]}")
 def test_gemv_int_split_k_and_wide_blocks(case, always_gemv, monkeypatch):
@@ -97,6 +96,7 @@ def test_gemv_int_split_k_and_wide_blocks(case, always_gemv, monkeypatch):
     assert compare(layer, 3, torch.float32, "cpu") < 1e-5
 
 
+@pytest.mark.skipif(not INTERP, reason="interpreter test (CPU)")
 @pytest.mark.parametrize("scheme", ["w4a16", "nvfp4a16", "fp8-channel"])
 def test_gemv_expert_parallel_and_weight_on_input(scheme, always_gemv):
     """Slots routed to another rank's experts (-1 ids) contribute nothing; top-1 with the routing weight applied to
@@ -125,6 +125,45 @@ def test_gemv_gpu_bf16_matches_reference(case, always_gemv):
     for T in (1, 2, 5):
         err = compare(layer, T, torch.bfloat16, "cuda", seed=T)
         assert err <= _tol(scheme, torch.bfloat16), (scheme, T, err)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("case", [("w4a16", 128, True), ("w4a16-asym", 64, False), ("w8a16", 32, False),
+                                  ("nvfp4a16", None, False), ("mxfp4", None, False)], ids=lambda c: f"{c[0]}-G{c[1]}")
+def test_gemv_gpu_pipelined_steps(case, always_gemv, monkeypatch):
+    """The rows kernel with its steps software-pipelined through shared memory (STAGES 3 and 4; the interpreter
+    ignores it), one group per step so there are several steps, GEMM2 split in two, against the reference."""
+    scheme, G, act_order = case
+    monkeypatch.setattr(gv, "OVERRIDE", {False: gv.GemvConfig(32, 1, 4, STAGES=3),
+                                         True: gv.GemvConfig(16, 1, 4, SPLIT_K=2, STAGES=4)})
+    layer = build(scheme, G, act_order, False, torch.bfloat16, "cuda")
+    for T in (1, 3):
+        assert compare(layer, T, torch.bfloat16, "cuda", seed=T) <= 1e-2, (scheme, T)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
+def test_gemv_gpu_graph_replay_with_split(always_gemv, monkeypatch):
+    """Routing -> GEMM1 -> GEMM2 captured in a CUDA graph with GEMM2 split in three (GEMM1 zeroes the split buffer
+    and counters on every replay, the last program of a block casts it): replays with new inputs match eager
+    forwards (fp32 atomics may add in another order: a bf16 rounding apart at most)."""
+    monkeypatch.setattr(gv, "OVERRIDE", {False: gv.GemvConfig(32, 1, 4), True: gv.GemvConfig(16, 1, 4, SPLIT_K=3)})
+    layer = build("w4a16", 128, False, False, torch.bfloat16, "cuda")
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    x = torch.randn(1, H, device="cuda", dtype=torch.bfloat16, generator=gen)
+    logits = torch.randn(1, E, device="cuda", generator=gen)
+    layer(x, logits)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = layer(x, logits)
+    for _ in range(3):
+        x.copy_(torch.randn(1, H, device="cuda", dtype=torch.bfloat16, generator=gen))
+        logits.copy_(torch.randn(1, E, device="cuda", generator=gen))
+        g.replay()
+        torch.cuda.synchronize()
+        assert rel_err(out, layer(x, logits)) <= 4e-3
 
 
 def test_use_gemv_follows_slots_per_expert(monkeypatch):

@@ -22,8 +22,8 @@ GEMM1 (not DOWN): grid (S, cdiv(N, BN)); parts = gate rows n and up rows N + n o
 GEMM2 (DOWN): grid (T, cdiv(N, BN)); parts = the token's TOP_K slots; out[t, n] = sum_k w[slot_k] * (part_k + b2),
   summed in fp32, so no separate top-k sum. Slots whose expert id is negative (another rank's) contribute nothing.
 Act-order (SORTED): column k of expert e reads a[sort_idx[e, k]] (the weights' columns were sorted by group).
-z_ptr, its strides, HAS_ZP and BITS (int zero points and widths) are unused here: gemv.py passes the rows kernel's
-argument list to both kernels.
+z_ptr, its strides, HAS_ZP and BITS (int zero points and widths), split_ptr, count_ptr, n_split and n_count (the rows
+kernel's split-K buffers) are unused here: gemv.py passes the rows kernel's argument list to both kernels.
 """
 
 import triton
@@ -97,15 +97,29 @@ def _group_scale(c, s_base, as_base, row_ok4, NUM_G, stride_sg, stride_asg, NG: 
 
 
 @triton.jit
-def gemv_epilogue(acc, pid, e, parts, slot, p_ok, row_ok, n_ok, offs_n, rows, es_ptr, topk_w_ptr, bias_ptr, c_ptr,
-                  amax_ptr, perm_ptr, stride_ese, stride_esj, stride_bias_e, stride_bias_n, stride_cm, stride_cn,
-                  stride_pe, DOWN: tl.constexpr, W_SCALE: tl.constexpr, MUL_WEIGHT: tl.constexpr,
-                  HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, OUT_AMAX: tl.constexpr, OUT_PERM: tl.constexpr,
-                  SPLIT_K: tl.constexpr):
+def _split_store(out, c_ptrs, part_ptrs, n_ok, count_ptr, SPLIT_K: tl.constexpr):
+    """GEMM2 split over its reduction: each program adds its share to the fp32 split buffer (zeroed by GEMM1), then
+    counts itself in the block's counter (also zeroed by GEMM1); the program that arrives last casts the block's
+    sums into c. The barrier and the counter's release/acquire order every thread's adds before the last
+    program's reads (which go to L2, past L1)."""
+    tl.atomic_add(part_ptrs, out, mask=n_ok, sem="relaxed")
+    tl.debug_barrier()
+    arrived = tl.atomic_add(count_ptr, 1, sem="acq_rel")
+    if arrived == SPLIT_K - 1:
+        tot = tl.load(part_ptrs, mask=n_ok, other=0.0, cache_modifier=".cg")
+        tl.store(c_ptrs, tot.to(c_ptrs.dtype.element_ty), mask=n_ok)
+
+
+@triton.jit
+def gemv_epilogue(acc, pid, e, parts, slot, p_ok, row_ok, n_ok, offs_n, rows, N, es_ptr, topk_w_ptr, bias_ptr,
+                  c_ptr, amax_ptr, perm_ptr, split_ptr, count_ptr, stride_ese, stride_esj, stride_bias_e,
+                  stride_bias_n, stride_cm, stride_cn, stride_pe, DOWN: tl.constexpr, W_SCALE: tl.constexpr,
+                  MUL_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, OUT_AMAX: tl.constexpr,
+                  OUT_PERM: tl.constexpr, SPLIT_K: tl.constexpr):
     """Both GEMV kernels' epilogue from acc [P, BN] (the parts' sums, group scales applied): the per-expert or
     per-row weight scale, then GEMM2: out[t, n] = sum_k w_k * (acc_k + b2) (bias from the first split only; with
-    SPLIT_K > 1 added atomically to the zeroed fp32 c), or GEMM1: c[slot, perm(n)] = act(gate + b, up + b) (routing
-    weight first when applied on the input; OUT_AMAX folds max |out| into amax_ptr)."""
+    SPLIT_K > 1 see _split_store), or GEMM1: c[slot, perm(n)] = act(gate + b, up + b) (routing weight first when
+    applied on the input; OUT_AMAX folds max |out| into amax_ptr)."""
     if W_SCALE == 1:  # per expert and part (fp8 per-tensor, nvfp4's second-level scale)
         acc *= tl.load(es_ptr + e * stride_ese + parts * stride_esj, mask=p_ok, other=0.0)[:, None]
     elif W_SCALE == 2:  # per output row (fp8 per-channel, int per-channel)
@@ -119,8 +133,9 @@ def gemv_epilogue(acc, pid, e, parts, slot, p_ok, row_ok, n_ok, offs_n, rows, es
             acc *= tl.load(topk_w_ptr + slot, mask=p_ok, other=0.0)[:, None]
         out = tl.sum(tl.where(row_ok, acc, 0.0), axis=0)
         c_ptrs = c_ptr + pid.to(tl.int64) * stride_cm + offs_n * stride_cn
-        if SPLIT_K > 1:  # c is fp32 and zeroed by the launcher
-            tl.atomic_add(c_ptrs, out, mask=n_ok, sem="relaxed")
+        if SPLIT_K > 1:
+            _split_store(out, c_ptrs, split_ptr + pid.to(tl.int64) * N + offs_n, n_ok,
+                         count_ptr + pid.to(tl.int64) * tl.num_programs(1) + tl.program_id(1), SPLIT_K)
         else:
             tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=n_ok)
     else:
@@ -144,7 +159,7 @@ def gemv_epilogue(acc, pid, e, parts, slot, p_ok, row_ok, n_ok, offs_n, rows, es
 @triton.jit
 def gemv_moe_kernel(
     a_ptr, w_ptr, s_ptr, z_ptr, sidx_ptr, es_ptr, as_ptr, ids_ptr, topk_w_ptr, bias_ptr, c_ptr, amax_ptr, perm_ptr,
-    N, C, NUM_G,
+    split_ptr, count_ptr, N, C, NUM_G, n_split, n_count,
     stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sg,
     stride_ze, stride_zn, stride_zg, stride_ie, stride_ese, stride_esj, stride_asm, stride_asg,
     stride_bias_e, stride_bias_n, stride_cm, stride_cn, stride_pe,
@@ -216,6 +231,7 @@ def gemv_moe_kernel(
         acc *= tl.load(as_ptr)
     elif A_SCALE == 2:
         acc *= tl.load(as_ptr + a_row * stride_asm, mask=p_ok, other=0.0)[:, None]
-    gemv_epilogue(acc, pid, e, parts, slot, p_ok, row_ok, n_ok, offs_n, rows, es_ptr, topk_w_ptr, bias_ptr, c_ptr,
-                  amax_ptr, perm_ptr, stride_ese, stride_esj, stride_bias_e, stride_bias_n, stride_cm, stride_cn,
-                  stride_pe, DOWN, W_SCALE, MUL_WEIGHT, HAS_BIAS, ACTIVATION, OUT_AMAX, OUT_PERM, 1)
+    gemv_epilogue(acc, pid, e, parts, slot, p_ok, row_ok, n_ok, offs_n, rows, N, es_ptr, topk_w_ptr, bias_ptr,
+                  c_ptr, amax_ptr, perm_ptr, split_ptr, count_ptr, stride_ese, stride_esj, stride_bias_e,
+                  stride_bias_n, stride_cm, stride_cn, stride_pe, DOWN, W_SCALE, MUL_WEIGHT, HAS_BIAS, ACTIVATION,
+                  OUT_AMAX, OUT_PERM, 1)

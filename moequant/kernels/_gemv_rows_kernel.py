@@ -20,12 +20,16 @@ fp4: bytes and block scales (rows-contiguous) read as int32 words [E, N/4, C/2] 
   holds byte column j (two e2m1 codes, low nibble = column 2j) of rows 4q..4q+3; _e2m1_pair decodes one nibble of
   two rows per instruction; w = e2m1 * block_scale (e4m3 or E8M0) * s2[e, part].
   out[part, n] = sum_g scale[part, n, g] * sum_{k in g} wq[part, n, k] * a[part, k]   (a: x's dtype or fp32)
-EVEN (C a multiple of a step, N of BN) drops the column and row masks from the loop.
+EVEN (C a multiple of a step, N of BN) drops the column and row masks from the loop. STAGES > 1 software-pipelines
+the steps: the weight words and scales of the next STAGES - 1 steps are copied to shared memory asynchronously
+(cp.async) while the current step computes, keeping more bytes in flight than the registers would hold.
 GEMM1 (not DOWN): grid (S, cdiv(N, BN), 1); inter[slot, n] = act(gate, up) (+ biases, routing weight when applied on
   the input), stored at column perm[e, n] with OUT_PERM (GEMM2's act-order), so GEMM2 reads its input unpermuted.
 GEMM2 (DOWN): grid (T, cdiv(N, BN), SPLIT_K); out[t, n] = sum_k w[t, k] * (part_k + b2[e_k]): the top-k sum in fp32,
-  no separate launch; with SPLIT_K > 1 each program adds its share to a zeroed fp32 out atomically. Parts whose
-  expert id is negative (another rank's) or beyond TOP_K read nothing.
+  no separate launch; with SPLIT_K > 1 each program adds its share atomically to an fp32 split buffer [T, N] and the
+  last of a block's programs (int32 counters [T, cdiv(N, BN)]) casts the block into out; GEMM1 zeroes both
+  (ZERO_SPLIT: ZB elements of each per program, n_split / n_count in all), so the split costs no extra launch. Parts whose expert id is negative (another rank's) or beyond
+  TOP_K read nothing.
 Act-order (SORTED): column k of expert e reads a[sort_idx[e, k]].
 as_ptr and stride_asm (activation scales) are unused here (A16 only): gemv.py passes one argument list to both kernels;
 the epilogue is _gemv_kernel.gemv_epilogue.
@@ -132,7 +136,7 @@ def _sum_steps(t):
 @triton.jit
 def gemv_rows_kernel(
     a_ptr, w_ptr, s_ptr, z_ptr, sidx_ptr, es_ptr, as_ptr, ids_ptr, topk_w_ptr, bias_ptr, c_ptr, amax_ptr, perm_ptr,
-    N, C, NUM_G, two23,
+    split_ptr, count_ptr, N, C, NUM_G, n_split, n_count, two23,
     stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sg,
     stride_ze, stride_zn, stride_zg, stride_ie, stride_ese, stride_esj, stride_asm,
     stride_bias_e, stride_bias_n, stride_cm, stride_cn, stride_pe,
@@ -140,9 +144,14 @@ def gemv_rows_kernel(
     FMT: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr, GROUP_SCALES: tl.constexpr, HAS_ZP: tl.constexpr,
     SCALE_KIND: tl.constexpr, W_SCALE: tl.constexpr, A_SCALE: tl.constexpr, SORTED: tl.constexpr,
     MUL_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_AMAX: tl.constexpr, OUT_PERM: tl.constexpr,
-    EVEN: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr, NG: tl.constexpr,
+    EVEN: tl.constexpr, SPLIT_K: tl.constexpr, STAGES: tl.constexpr, ZERO_SPLIT: tl.constexpr, ZB: tl.constexpr,
+    BLOCK_N: tl.constexpr, NG: tl.constexpr,
 ):
     pid = tl.program_id(0)
+    if ZERO_SPLIT:  # GEMM1 zeroes GEMM2's split-K buffer and counters: ZB elements of each per program
+        z = (pid * tl.num_programs(1) + tl.program_id(1)).to(tl.int64) * ZB + tl.arange(0, ZB)
+        tl.store(split_ptr + z, tl.zeros((ZB,), dtype=tl.float32), mask=z < n_split)
+        tl.store(count_ptr + z, tl.zeros((ZB,), dtype=tl.int32), mask=z < n_count)
     parts = tl.arange(0, P)
     if DOWN:
         slot = pid * TOP_K + parts
@@ -200,7 +209,7 @@ def gemv_rows_kernel(
         CW = C // PW
         acc_a = tl.zeros((PA, NG, GW, BLOCK_N), dtype=tl.float32)
         acc_b = tl.zeros((1, NG, GW, BLOCK_N), dtype=tl.float32)
-        for c in range(c0, c1):
+        for c in tl.range(c0, c1, num_stages=STAGES):
             g4 = (c * NG + tl.arange(0, NG))[None, :, None, None]  # [1, NG, 1, 1]
             j4 = g4 * GW + tl.arange(0, GW)[None, None, :, None]  # unit index [1, NG, GW, 1]
             if EVEN:
@@ -270,7 +279,7 @@ def gemv_rows_kernel(
         up1 = tl.zeros((1, NG, GW4, BQ), dtype=tl.float32)
         up2 = tl.zeros((1, NG, GW4, BQ), dtype=tl.float32)
         up3 = tl.zeros((1, NG, GW4, BQ), dtype=tl.float32)
-        for c in range(c0, c1):
+        for c in tl.range(c0, c1, num_stages=STAGES):
             g4 = (c * NG + tl.arange(0, NG))[None, :, None, None]
             j4 = g4 * GW4 + tl.arange(0, GW4)[None, None, :, None]  # byte column [1, NG, GW, 1]
             if EVEN:
@@ -296,6 +305,7 @@ def gemv_rows_kernel(
             acc = tl.where(parts[:, None] == 0, tl.sum(acc, axis=0)[None, :], tl.sum(up, axis=0)[None, :])
         acc *= FP4_FACTOR
 
-    gemv_epilogue(acc, pid, e, parts, slot, p_ok, row_ok, n_ok, offs_n, rows, es_ptr, topk_w_ptr, bias_ptr, c_ptr,
-                  amax_ptr, perm_ptr, stride_ese, stride_esj, stride_bias_e, stride_bias_n, stride_cm, stride_cn,
-                  stride_pe, DOWN, W_SCALE, MUL_WEIGHT, HAS_BIAS, ACTIVATION, OUT_AMAX, OUT_PERM, SPLIT_K)
+    gemv_epilogue(acc, pid, e, parts, slot, p_ok, row_ok, n_ok, offs_n, rows, N, es_ptr, topk_w_ptr, bias_ptr,
+                  c_ptr, amax_ptr, perm_ptr, split_ptr, count_ptr, stride_ese, stride_esj, stride_bias_e,
+                  stride_bias_n, stride_cm, stride_cn, stride_pe, DOWN, W_SCALE, MUL_WEIGHT, HAS_BIAS, ACTIVATION,
+                  OUT_AMAX, OUT_PERM, SPLIT_K)

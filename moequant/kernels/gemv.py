@@ -75,6 +75,7 @@ class GemvConfig:
     NG: int  # scale groups per chunk
     num_warps: int = 4
     SPLIT_K: int = 1  # GEMM2 of the rows kernel: programs per output block, each over a share of the reduction
+    STAGES: int = 1  # rows kernel: steps in flight (> 1: the next steps' words stream into shared memory)
 
 
 def use_gemv(T: int, K: int, E: int, slots_per_expert: float = 1.0) -> bool:
@@ -169,20 +170,56 @@ def _bytes(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
 
 
-def gemv(a, w: GemvWeights, c, topk_ids, *, down: bool, top_k: int, activation: str = "silu", a_scale=None,
-         a_scale_kind=None, bias=None, topk_weights=None, out_amax=None, cfg: GemvConfig | None = None):
-    """GEMM1 (down=False): c[slot] = act(W13[e] a[slot // top_k]) for every slot; GEMM2 (down=True):
-    c[t] = sum_k w[t, k] * (W2[e_k] a[t*top_k + k] + b2[e_k]). a_scale_kind: None (A16), "tensor" [1],
-    "row" [rows] or "group" [rows, C/128] scales of a (fp8 or pre-quantized nvfp4)."""
-    ids = topk_ids.reshape(-1)
-    C = w.columns
-    n_total = w.data.shape[1]
-    N = n_total if down else n_total // 2
-    rows = c.shape[0]
+@dataclass(frozen=True)
+class GemvPlan:
+    """How one GEMV launches: its output rows N, parts P, grid rows, kernel, config and GEMM2's split."""
+
+    N: int
+    P: int
+    grid_rows: int
+    rows_kernel: bool
+    cfg: GemvConfig
+    split: int
+
+    @property
+    def programs(self) -> int:
+        return self.grid_rows * triton.cdiv(self.N, self.cfg.BLOCK_N)
+
+
+def plan_gemv(w: GemvWeights, out_rows: int, topk_ids, *, down: bool, top_k: int, a_scale_kind=None,
+              cfg: GemvConfig | None = None) -> GemvPlan:
+    """The launch of one GEMV (cfg: given, else the tuned cache's or the heuristic's); fused_experts_gemv plans GEMM2
+    before GEMM1 so that GEMM1 can zero GEMM2's split buffers."""
+    N = w.data.shape[1] if down else w.data.shape[1] // 2
     P = triton.next_power_of_2(top_k) if down else 2
-    grid_rows = rows if down else ids.numel()
+    grid_rows = out_rows if down else topk_ids.numel()
     rows_kernel = uses_rows_kernel(w, a_scale_kind)
     cfg = cfg or gemv_config(P, N, w, topk_ids.shape[0], down, grid_rows, rows_kernel)
+    split = max(1, min(cfg.SPLIT_K, triton.cdiv(w.columns, cfg.NG * _group(w)))) if down and rows_kernel else 1
+    return GemvPlan(N, P, grid_rows, rows_kernel, cfg, split)
+
+
+def split_buffers(plan: GemvPlan, out_rows: int, device) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """GEMM2's split-K buffers, uninitialised (GEMM1 zeroes them): fp32 partial sums [T, N] and int32 arrival
+    counters [T, cdiv(N, BLOCK_N)]; None without a split."""
+    if plan.split == 1:
+        return None
+    return (torch.empty(out_rows, plan.N, dtype=torch.float32, device=device),
+            torch.empty(out_rows, triton.cdiv(plan.N, plan.cfg.BLOCK_N), dtype=torch.int32, device=device))
+
+
+def gemv(a, w: GemvWeights, c, topk_ids, *, down: bool, top_k: int, activation: str = "silu", a_scale=None,
+         a_scale_kind=None, bias=None, topk_weights=None, out_amax=None, cfg: GemvConfig | None = None,
+         plan: GemvPlan | None = None, split_bufs=None, zero_bufs=None):
+    """GEMM1 (down=False): c[slot] = act(W13[e] a[slot // top_k]) for every slot; GEMM2 (down=True):
+    c[t] = sum_k w[t, k] * (W2[e_k] a[t*top_k + k] + b2[e_k]). a_scale_kind: None (A16), "tensor" [1],
+    "row" [rows] or "group" [rows, C/128] scales of a (fp8 or pre-quantized nvfp4).
+    GEMM2 with a split (plan.split > 1) uses split_bufs (zeroed by the GEMM1 that got them as zero_bufs; zeroed
+    here when not given)."""
+    ids = topk_ids.reshape(-1)
+    C = w.columns
+    plan = plan or plan_gemv(w, c.shape[0], topk_ids, down=down, top_k=top_k, a_scale_kind=a_scale_kind, cfg=cfg)
+    N, P, rows_kernel, cfg = plan.N, plan.P, plan.rows_kernel, plan.cfg
     G = _group(w)
     data = _bytes(w.data)
     dummy = c
@@ -205,15 +242,19 @@ def gemv(a, w: GemvWeights, c, topk_ids, *, down: bool, top_k: int, activation: 
         as_strides = (a_scale.stride(0), 0)
     elif a_scale_kind == "group":
         as_strides = (a_scale.stride(0), a_scale.stride(1))
-    grid = (grid_rows, triton.cdiv(N, cfg.BLOCK_N))
+    grid = (plan.grid_rows, triton.cdiv(N, cfg.BLOCK_N))
     if rows_kernel and w.fmt == "fp4":  # bytes and scales of rows 4q..4q+3 as one int32 word: [E, N/4, C/2 | C/G]
         data, s = _row_words(w.data), _row_words(w.scale.view(torch.uint8))
         s_strides = s.stride()
+    if down and plan.split > 1 and split_bufs is None:
+        split_bufs = tuple(b.zero_() for b in split_buffers(plan, c.shape[0], c.device))
+    bufs = split_bufs if down and plan.split > 1 else zero_bufs if not down else None
     args = [
         a, data, s, zp if zp is not None else dummy, si if si is not None else dummy, es, a_s, ids,
         topk_weights if topk_weights is not None else dummy, bias if bias is not None else dummy, c,
         out_amax if out_amax is not None else dummy, w.out_perm if w.out_perm is not None else dummy,
-        N, C, triton.cdiv(C, G),
+        *(bufs if bufs is not None else (dummy, dummy)),
+        N, C, triton.cdiv(C, G), *((bufs[0].numel(), bufs[1].numel()) if bufs is not None else (0, 0)),
         a.stride(0), a.stride(1), data.stride(0), data.stride(1), data.stride(2), *s_strides,
         *(zp.stride() if zp is not None else (0, 0, 0)), si.stride(0) if si is not None else 0,
         *es_strides, *(as_strides[:1] if rows_kernel else as_strides),
@@ -231,15 +272,15 @@ def gemv(a, w: GemvWeights, c, topk_ids, *, down: bool, top_k: int, activation: 
     )
     if rows_kernel:  # rows-contiguous int words or fp4 bytes (methods.base.rows_contiguous)
         even = C % (cfg.NG * G) == 0 and N % cfg.BLOCK_N == 0
-        split = max(1, min(cfg.SPLIT_K, triton.cdiv(C, cfg.NG * G))) if down else 1
-        args.insert(16, 0x4B000000)  # two23, after NUM_G
-        if split > 1:  # partial sums meet in a zeroed fp32 buffer (atomic adds), cast into c after
-            acc = torch.zeros(c.shape, dtype=torch.float32, device=c.device)
-            args[10], args[-3], args[-2] = acc, acc.stride(0), acc.stride(1)
-        gemv_rows_kernel[grid + (split,)](*args, EVEN=even, SPLIT_K=split, **consts)
-        if split > 1:
-            c.copy_(acc)
+        zero = not down and zero_bufs is not None  # ZB: elements of each buffer one GEMM1 program zeroes
+        zb = triton.next_power_of_2(max(16, triton.cdiv(zero_bufs[0].numel(), plan.programs))) if zero else 16
+        args.insert(20, 0x4B000000)  # two23, after n_count
+        gemv_rows_kernel[grid + (plan.split,)](*args, EVEN=even, SPLIT_K=plan.split, STAGES=cfg.STAGES,
+                                               ZERO_SPLIT=zero, ZB=zb, **consts)
     else:
+        if zero_bufs is not None:
+            zero_bufs[0].zero_()
+            zero_bufs[1].zero_()
         gemv_moe_kernel[grid](*args, **consts)
     return c
 
@@ -257,9 +298,13 @@ def fused_experts_gemv(x, w13: GemvWeights, w2: GemvWeights, topk_weights, topk_
     topk_weights = topk_weights.reshape(-1).float().contiguous()
     a, s, kind = quantize(x, 1) if quantize is not None else (x, None, None)
     inter = torch.empty(T * K, I, dtype=inter_dtype or x.dtype, device=x.device)
+    # GEMM2's split buffers are zeroed by GEMM1 (A16 only: the split exists on the rows kernel)
+    plan2 = plan_gemv(w2, T, topk_ids, down=True, top_k=K) if quantize is None else None
+    bufs = split_buffers(plan2, T, x.device) if plan2 is not None else None
     gemv(a, w13, inter, topk_ids, down=False, top_k=K, activation=activation, a_scale=s, a_scale_kind=kind,
-         bias=w13_bias, topk_weights=topk_weights if apply_router_weight_on_input else None, out_amax=out_amax)
+         bias=w13_bias, topk_weights=topk_weights if apply_router_weight_on_input else None, out_amax=out_amax,
+         zero_bufs=bufs)
     a, s, kind = quantize(inter, 2) if quantize is not None else (inter, None, None)
     out = torch.empty(T, H, dtype=x.dtype, device=x.device)
     return gemv(a, w2, out, topk_ids, down=True, top_k=K, a_scale=s, a_scale_kind=kind, bias=w2_bias,
-                topk_weights=None if apply_router_weight_on_input else topk_weights)
+                topk_weights=None if apply_router_weight_on_input else topk_weights, plan=plan2, split_bufs=bufs)
