@@ -132,7 +132,8 @@ class Fp4MethodBase(FusedMoEMethodBase):
         return fused_experts_fp4(
             x, layer.w13_weight_packed, layer.w13_weight_scale, layer.w2_weight_packed, layer.w2_weight_scale,
             topk_weights, topk_ids, scale_kind="e8m0" if self.scale_dtype == torch.uint8 else "fp8",
-            w13_scale_2=getattr(layer, "w13_weight_scale_2", None), w2_scale_2=getattr(layer, "w2_weight_scale_2", None),
+            w13_scale_2=getattr(layer, "w13_weight_scale_2", None),
+            w2_scale_2=getattr(layer, "w2_weight_scale_2", None),
             w13_input_scale=getattr(layer, "w13_input_scale", None) if self.act_fp4 else None,
             w2_input_scale=getattr(layer, "w2_input_scale", None) if self.act_fp4 else None,
             act_fp4=self.act_fp4, activation=self.moe.activation,
@@ -171,7 +172,8 @@ class Nvfp4Base(Fp4MethodBase):
         self.share_w13_scale_2(layer)
 
     def share_w13_scale_2(self, layer) -> None:
-        """w1 and w3 of an expert share max(s1, s3); the other half's fp8 block scales are requantized by s_small / s_max."""
+        """w1 and w3 of an expert share max(s1, s3); the other half's fp8 block scales are requantized by
+        s_small / s_max."""
         s2 = layer.w13_weight_scale_2.data
         target = s2.max(dim=1).values
         differ = (s2[:, 0] != s2[:, 1]).nonzero().flatten().tolist()
@@ -234,7 +236,8 @@ class Nvfp4FusedMoEMethod(Nvfp4Base):
 
     def collapse_input_scale(self, layer, name: str) -> None:
         """[E] -> [1] = max over experts. None loaded: dynamic per-tensor scales, unless the config asks
-        for static ones. Some missing: an error naming the expert. Zero / NaN / inf (uncalibrated): warned and skipped."""
+        for static ones. Some missing: an error naming the expert. Zero / NaN / inf (uncalibrated): warned and
+        skipped."""
         p = getattr(layer, name)
         s = p.data.float()
         if s.numel() == 1:
