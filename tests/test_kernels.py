@@ -188,6 +188,27 @@ def test_fused_topk_ties_go_to_the_lower_index():
     assert ids.cpu().tolist() == [[1, 2]]
 
 
+@pytest.mark.parametrize("T,K,C,row_div", [(3, 2, 1500, 2), (5, 3, 40, 1), (1, 8, 64, 8)])
+def test_gather_slot_columns_matches_twin(T, K, C, row_div):
+    """Each slot's row in its expert's sorted column order (x rows shared by a token's slots: row_div = K; GEMM1's
+    output: one row per slot); a slot routed to another rank (-1) stays zero; C over one program's block."""
+    from moequant.kernels.gather import gather_slot_columns
+    from moequant.kernels.reference import gather_slot_columns_ref
+
+    gen = torch.Generator().manual_seed(C)
+    E = 4
+    a = torch.randn(T * K // row_div, C, generator=gen).to(torch.float16)
+    sort_idx = torch.stack([torch.randperm(C, generator=gen) for _ in range(E)]).int()
+    ids = torch.randint(0, E, (T, K), generator=gen).int()
+    ids[0, 0] = -1
+    got = gather_slot_columns(a.to(DEVICE), sort_idx.to(DEVICE), ids.to(DEVICE), row_div).cpu()
+    want = gather_slot_columns_ref(a, sort_idx, ids, row_div)
+    assert torch.equal(got, want)
+    assert not got[0].any()
+    with pytest.raises(ValueError, match="do not match"):
+        gather_slot_columns(a.to(DEVICE), sort_idx[:, :-1].to(DEVICE), ids.to(DEVICE), row_div)
+
+
 @pytest.mark.parametrize("T,K,H", [(1, 8, 2048), (7, 3, 33), (0, 2, 16)])
 def test_moe_sum_matches_twin(T, K, H):
     from moequant.kernels.moe_gemm import moe_sum

@@ -7,7 +7,7 @@ A K block of BK columns is read as a [BK/PW, BN] word tile and unpacked in regis
 Groups: GROUP > 0 and not GIDX: g(k) = k // GROUP (BK a multiple of GROUP: the [BK/GROUP, BN] scale tile is broadcast
 over GROUP rows; GROUP a multiple of BK: one scale row per block); GROUP = 0: per channel (g = 0);
 GIDX: g(k) = gidx[e, k] (sorted act-order groups of uneven size, e.g. w2 under tensor parallelism), gathered.
-Act-order (SORTED): A column k of the tile is A[slot, sort_idx[e, k]], gathered in the A load (no permuted copy of x).
+Act-order: A holds each slot's row already in its expert's sorted column order (int_gemm.py gathers it first).
 GEMM1 (GATED): gate rows n and up rows N + n, epilogue act(gate, up). GEMM2: bias and routing weight.
 SPLIT_K > 1 (GEMM2 of few-token batches, grid axis 1): each program sums a slice of the K blocks and atomically adds
 its (linear) epilogue into a zeroed fp32 output.
@@ -62,13 +62,13 @@ def _dequant(b_ptrs, w_mask, s_base, z_base, g_vec, k_ok, col_ok, k_start, K, st
 
 @triton.jit
 def int_moe_gemm_kernel(
-    a_ptr, b_ptr, s_ptr, z_ptr, gidx_ptr, sidx_ptr, c_ptr, bias_ptr, topk_w_ptr,
+    a_ptr, b_ptr, s_ptr, z_ptr, gidx_ptr, c_ptr, bias_ptr, topk_w_ptr,
     sorted_ids_ptr, expert_ids_ptr, total_ptr,
     N, K, S, P_total, NUM_GROUPS,
     stride_am, stride_ak, stride_be, stride_bn, stride_bk, stride_se, stride_sn, stride_sk,
     stride_ze, stride_zn, stride_zk, stride_ge, stride_cm, stride_cn, stride_bias_e, stride_bias_n,
     A_ROW_DIV: tl.constexpr, GATED: tl.constexpr, ACTIVATION: tl.constexpr,
-    BITS: tl.constexpr, GROUP: tl.constexpr, GIDX: tl.constexpr, SORTED: tl.constexpr, HAS_ZP: tl.constexpr,
+    BITS: tl.constexpr, GROUP: tl.constexpr, GIDX: tl.constexpr, HAS_ZP: tl.constexpr,
     MUL_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -99,11 +99,7 @@ def int_moe_gemm_kernel(
         k_start = k0 * BLOCK_K
         k = k_start + offs_k
         k_ok = k < K
-        if SORTED:
-            cols = tl.load(sidx_ptr + e * stride_ge + k, mask=k_ok, other=0).to(tl.int64)
-        else:
-            cols = k.to(tl.int64)
-        a = tl.load(a_rows + cols[None, :] * stride_ak, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        a = tl.load(a_rows + k.to(tl.int64)[None, :] * stride_ak, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         g_vec = k
         if GIDX:
             g_vec = tl.load(gidx_ptr + e * stride_ge + k, mask=k_ok, other=0)

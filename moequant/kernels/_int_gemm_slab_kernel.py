@@ -9,7 +9,7 @@ Each slab is one tensor-core dot [BM, BKW] x [BKW, BN], with no reshape of the u
     acc += (sum_i A_i @ (q_i - zp)) * scale[e, n, g(k0)]      (one [BM, BN] multiply per block)
   otherwise (G < BK, or act-order groups of uneven size): w_i = (q_i - zp[g(k)]) * scale[g(k)] per element, with
     g(k) = k // G or gidx[e, k] gathered for the slab's columns.
-Act-order (SORTED): A column k is A[slot, sort_idx[e, k]], gathered in the A load (no permuted copy of x).
+Act-order: A holds each slot's row already in its expert's sorted column order (int_gemm.py gathers it first).
 GEMM1 (GATED): gate rows n and up rows N + n. SPLIT_K > 1 (GEMM2): each program sums a slice of the K blocks.
 """
 
@@ -32,13 +32,13 @@ def _slab(words, i, zp, BITS: tl.constexpr, HAS_ZP: tl.constexpr):
 
 @triton.jit
 def int_moe_gemm_slab_kernel(
-    a_ptr, b_ptr, s_ptr, z_ptr, gidx_ptr, sidx_ptr, c_ptr, bias_ptr, topk_w_ptr,
+    a_ptr, b_ptr, s_ptr, z_ptr, gidx_ptr, c_ptr, bias_ptr, topk_w_ptr,
     sorted_ids_ptr, expert_ids_ptr, total_ptr,
     N, K, S, P_total, NUM_GROUPS,
     stride_am, stride_ak, stride_be, stride_bn, stride_bk, stride_se, stride_sn, stride_sk,
     stride_ze, stride_zn, stride_zk, stride_ge, stride_cm, stride_cn, stride_bias_e, stride_bias_n,
     A_ROW_DIV: tl.constexpr, GATED: tl.constexpr, ACTIVATION: tl.constexpr,
-    BITS: tl.constexpr, GROUP: tl.constexpr, GIDX: tl.constexpr, SORTED: tl.constexpr, HAS_ZP: tl.constexpr,
+    BITS: tl.constexpr, GROUP: tl.constexpr, GIDX: tl.constexpr, HAS_ZP: tl.constexpr,
     MUL_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -86,11 +86,7 @@ def int_moe_gemm_slab_kernel(
         for i in tl.static_range(PW):
             k = j * PW + i
             k_ok = k < K
-            if SORTED:
-                cols = tl.load(sidx_ptr + e * stride_ge + k, mask=k_ok, other=0).to(tl.int64)
-            else:
-                cols = k.to(tl.int64)
-            a = tl.load(a_rows + cols[None, :] * stride_ak, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            a = tl.load(a_rows + k.to(tl.int64)[None, :] * stride_ak, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
             if FACTORED:
                 part = tl.dot(a, _slab(words, i, zp, BITS, HAS_ZP).to(dtype), part, input_precision=DOT_PRECISION)
                 if GATED:

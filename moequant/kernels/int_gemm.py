@@ -1,7 +1,9 @@
 """Launchers of the int4/int8 weight-only fused MoE: align -> GEMM1 (+gated activation) -> GEMM2 (+routing weight)
 -> sum over K, with packed integer weights dequantized in registers (see _int_gemm_kernel); few slots per expert
-take the two-launch GEMV path instead (gemv.py). No dequantized copy of the weights and no permuted copy of the
-activations is ever made.
+take the two-launch GEMV path instead (gemv.py). No dequantized copy of the weights is ever made. Act-order: the
+GEMV gathers x's columns in its loads (GEMM1) and GEMM1 writes its output in w2's sorted order; the grouped GEMMs
+read per-slot copies of their inputs in the expert's sorted column order (gather.py: one launch each), because
+gathering in their tensor-core loads measured 1.3x (Qwen3-30B) to 2.5x (Mixtral) slower at M=64 on the H200.
 
 T tokens, K top-k, S = T*K slots, E experts (local), H hidden, I intermediate (per rank), G group size, PW = 32 / b.
 x [T, H]; IntWeights: packed int32 [E, N, K/PW], scale [E, N, groups], zero_point int8 [E, N, groups] or None,
@@ -20,6 +22,7 @@ import triton
 from moequant.kernels._int_gemm_kernel import int_moe_gemm_kernel
 from moequant.kernels._int_gemm_slab_kernel import int_moe_gemm_slab_kernel
 from moequant.kernels.align import moe_align
+from moequant.kernels.gather import gather_slot_columns
 from moequant.kernels.gemv import GemvWeights, fused_experts_gemv, use_gemv
 from moequant.kernels.moe_gemm import _ACT_CODE, _dot_precision, moe_sum
 from moequant.kernels.tuning import get_config
@@ -90,7 +93,8 @@ def split_k_for(S: int, E: int, N: int, K: int, cfg, device: torch.device) -> in
 def int_grouped_gemm(a, w: IntWeights, c, routing, cfg, layout: IntLayout, *, gated: bool, a_row_div: int,
                      activation: str = "silu", bias=None, topk_weights=None, split_k: int = 1,
                      slab: bool = False) -> torch.Tensor:
-    """c[slot] = epilogue(a[slot // a_row_div][:, sort_idx] @ dequant(w[expert(slot)]).T); see _int_gemm_kernel."""
+    """c[slot] = epilogue(a[slot // a_row_div] @ dequant(w[expert(slot)]).T); see _int_gemm_kernel. Act-order
+    weights need a already in sorted column order (gather_slot_columns) and w without sort_idx."""
     sorted_ids, expert_ids, total = routing
     pw = 32 // layout.bits
     N = w.packed.shape[1] // 2 if gated else w.packed.shape[1]
@@ -101,21 +105,24 @@ def int_grouped_gemm(a, w: IntWeights, c, routing, cfg, layout: IntLayout, *, ga
         raise ValueError("int MoE: split-K needs the non-gated GEMM and an fp32 (zeroed) output")
     grid = (triton.cdiv(P, cfg.BLOCK_M) * triton.cdiv(N, cfg.BLOCK_N), split_k)
     dummy = c
-    zp, gi, si = w.zero_point, w.g_idx, w.sort_idx
+    if w.sort_idx is not None:
+        raise ValueError("int_grouped_gemm: act-order activations must be gathered into sorted order first "
+                         "(gather_slot_columns) and the weights passed without sort_idx")
+    zp, gi = w.zero_point, w.g_idx
     gidx = layout.act_order and not w.uniform_groups
     kernel = int_moe_gemm_slab_kernel if slab else int_moe_gemm_kernel
     kernel[grid](
-        a, w.packed, w.scale, zp if zp is not None else dummy, gi if gidx else dummy, si if si is not None else dummy,
-        c, bias if bias is not None else dummy, topk_weights if topk_weights is not None else dummy,
+        a, w.packed, w.scale, zp if zp is not None else dummy, gi if gidx else dummy, c,
+        bias if bias is not None else dummy, topk_weights if topk_weights is not None else dummy,
         sorted_ids, expert_ids, total,
         N, K, S, P, w.scale.shape[2],
         a.stride(0), a.stride(1), w.packed.stride(0), w.packed.stride(1), w.packed.stride(2),
         w.scale.stride(0), w.scale.stride(1), w.scale.stride(2),
-        *(zp.stride() if zp is not None else (0, 0, 0)), si.stride(0) if si is not None else 0,
+        *(zp.stride() if zp is not None else (0, 0, 0)), gi.stride(0) if gidx else 0,
         c.stride(0), c.stride(1),
         bias.stride(0) if bias is not None else 0, bias.stride(1) if bias is not None else 0,
         A_ROW_DIV=a_row_div, GATED=gated, ACTIVATION=_ACT_CODE[activation],
-        BITS=layout.bits, GROUP=layout.group_size or 0, GIDX=gidx, SORTED=si is not None, HAS_ZP=zp is not None,
+        BITS=layout.bits, GROUP=layout.group_size or 0, GIDX=gidx, HAS_ZP=zp is not None,
         MUL_WEIGHT=topk_weights is not None, HAS_BIAS=bias is not None, DOT_PRECISION=_dot_precision(a.dtype),
         SPLIT_K=split_k, **cfg.launch_kwargs(),
     )
@@ -167,9 +174,16 @@ def fused_experts_int(x, w13: IntWeights, w2: IntWeights, topk_weights, topk_ids
     route1 = moe_align(topk_ids, E, cfg1.BLOCK_M)
     route2 = route1 if cfg2.BLOCK_M == cfg1.BLOCK_M else moe_align(topk_ids, E, cfg2.BLOCK_M)
     new = torch.zeros if has_remote_experts else torch.empty
+    a_div = K
+    if w13.sort_idx is not None:  # act-order: each slot's x row in its expert's sorted column order
+        x = gather_slot_columns(x, w13.sort_idx, topk_ids, K, out=new(S, H, dtype=x.dtype, device=x.device))
+        w13, a_div = dataclasses.replace(w13, sort_idx=None), 1
     inter = new(S, I, dtype=x.dtype, device=x.device)
-    int_grouped_gemm(x, w13, inter, route1, cfg1, layout, gated=True, a_row_div=K, activation=activation,
+    int_grouped_gemm(x, w13, inter, route1, cfg1, layout, gated=True, a_row_div=a_div, activation=activation,
                      bias=w13_bias, topk_weights=topk_weights if apply_router_weight_on_input else None, slab=slab)
+    if w2.sort_idx is not None:
+        inter = gather_slot_columns(inter, w2.sort_idx, topk_ids, 1, out=new(S, I, dtype=x.dtype, device=x.device))
+        w2 = dataclasses.replace(w2, sort_idx=None)
     if split_k is None:
         split_k = split_k_for(S, E, H, I, cfg2, x.device)
     if split_k > 1:

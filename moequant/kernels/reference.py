@@ -66,6 +66,16 @@ def moe_sum_ref(y: torch.Tensor, T: int, K: int) -> torch.Tensor:
     return y.float().view(T, K, y.shape[1]).sum(1).to(y.dtype)
 
 
+def gather_slot_columns_ref(a: torch.Tensor, sort_idx: torch.Tensor, topk_ids: torch.Tensor,
+                            row_div: int) -> torch.Tensor:
+    """out[s, k] = a[s // row_div, sort_idx[e_s, k]], e_s = topk_ids[s]; rows of remote slots (e_s < 0) are 0."""
+    ids = topk_ids.reshape(-1).long()
+    rows = a[torch.arange(ids.numel(), device=a.device) // row_div]
+    cols = sort_idx[ids.clamp(min=0)].long()
+    out = torch.gather(rows, 1, cols)
+    return torch.where((ids >= 0)[:, None], out, torch.zeros((), dtype=a.dtype, device=a.device))
+
+
 def padded_capacity(num_slots: int, num_experts: int, block_m: int) -> int:
     """Most padded slots moe_align can produce: every non-empty expert adds at most BM - 1 padding slots."""
     cap = num_slots + min(num_experts, num_slots) * (block_m - 1)

@@ -11,8 +11,9 @@ Checkpoint layout (compressed-tensors pack-quantized names, w13_/w2_ prefixed; w
   w13_weight_g_idx int32 [E, H], w2_weight_g_idx [E, I_p]  (act-order only; group of each input channel)
 Kernel layout (after process_weights_after_loading):
   *_weight_packed: same words, but with act-order the input channels are sorted by group (stable), so every group is
-    contiguous; *_sort_idx int32 [E, K] keeps, for sorted position j, the original input channel (the kernel gathers
-    activation column sort_idx[j] in its A load); *_weight_g_idx becomes the sorted g_idx (non-decreasing).
+    contiguous; *_sort_idx int32 [E, K] keeps, for sorted position j, the original input channel (the decode GEMV
+    gathers activation column sort_idx[j] in its loads; the grouped GEMMs read a per-slot copy of the activations in
+    sorted order, kernels/gather.py); *_weight_g_idx becomes the sorted g_idx (non-decreasing).
   *_weight_zero_point: unpacked, int8 [E, N, groups]; scales unchanged (params dtype).
 Dequantized w[n, k_sorted] = (q - zp[n, g]) * scale[n, g], g = g_idx_sorted[k_sorted] (k // G without act-order).
 """
