@@ -26,16 +26,14 @@ _SCALE_KIND = {"fp8": 0, "e8m0": 1}
 
 def quantize_act_nvfp4(a: torch.Tensor, input_scale: torch.Tensor,
                        out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """NVFP4 activation emulation: (a_q = e2m1(a / eff) * fp8 block scale in out_dtype (default a's), s = input scale
-    [1] fp32) with a ~= a_q * s. eff = scale / gs, gs = 1 / s; a NaN input scale means dynamic: s = amax(a) / (6 * 448).
-    a_q is exact in bf16/fp16 (a 2-bit e2m1 significand times a 4-bit e4m3 one). No host sync."""
+    """NVFP4 activation emulation: (a_q = e2m1 code * fp8 block scale in out_dtype (default a's), s = input scale [1]
+    fp32) with a ~= a_q * s, the codes and block scales from fp4_math.nvfp4_act_codes (the reference's own, so ties
+    round alike); a NaN input scale means dynamic: s = amax(a) / (6 * 448). a_q is exact in bf16/fp16 (a 2-bit e2m1
+    significand times a 4-bit e4m3 one). No host sync."""
     s = input_scale.float().reshape(1)
     dyn = (a.float().abs().amax() / (f4.FP4_MAX * f4.FP8_MAX)).clamp(min=torch.finfo(torch.float32).tiny)
     s = torch.where(torch.isnan(s), dyn.reshape(1), s)
-    blocks = a.float().reshape(a.shape[0], -1, f4.NVFP4_GROUP)
-    scale = (blocks.abs().amax(-1, keepdim=True) / f4.FP4_MAX / s).clamp(max=f4.FP8_MAX).to(f4.FP8_DTYPE).float()
-    eff = scale * s
-    q = torch.where(eff > 0, f4.round_to_e2m1(blocks / torch.where(eff > 0, eff, torch.ones_like(eff))), 0.0)
+    q, scale, _ = f4.nvfp4_act_codes(a, s)
     return (q * scale).reshape(a.shape).to(out_dtype or a.dtype), s
 
 

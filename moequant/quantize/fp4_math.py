@@ -106,17 +106,25 @@ def dequantize_nvfp4(packed: torch.Tensor, scale: torch.Tensor, weight_scale_2: 
     return v * s * ws2
 
 
-def fake_quant_nvfp4_act(x: torch.Tensor, input_scale: torch.Tensor) -> torch.Tensor:
-    """NVFP4 activation fake-quant along the last dim: gs = 1 / input_scale (input_scale = amax / (6*448), ModelOpt),
-    block scale fp8(amax_16 / 6 * gs), q = e2m1(x / (scale / gs)); returns q * scale / gs in x's dtype (math in fp32)."""
-    xf = x.float()
+def nvfp4_act_codes(x: torch.Tensor, input_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """NVFP4 activation quantization along the last dim, the one implementation of it (the reference and the
+    kernels' activation quantizer both call it, so that values exactly on an e2m1 rounding boundary, common with
+    fp16/bf16 inputs, round the same way in both): gs = 1 / input_scale (input_scale = amax / (6*448), ModelOpt),
+    block scale fp8(amax_16 / 6 * gs), q = e2m1(x / (scale / gs)). Returns (q [..., C/16, 16], scale [..., C/16, 1]
+    as fp32 values, gs), all fp32; x ~= q * scale / gs."""
     gs = 1.0 / input_scale.float()
-    blocks = _groups(xf, NVFP4_GROUP, "fake_quant_nvfp4_act")
+    blocks = _groups(x.float(), NVFP4_GROUP, "nvfp4 activation quantization")
     amax = blocks.abs().amax(-1, keepdim=True)
     scale = (amax / FP4_MAX * gs).clamp(max=FP8_MAX).to(FP8_DTYPE).float()
     eff = scale / gs
     q = torch.where(eff > 0, round_to_e2m1(blocks / torch.where(eff > 0, eff, torch.ones_like(eff))), 0.0)
-    return (q.clamp(-FP4_MAX, FP4_MAX) * eff).reshape(x.shape).to(x.dtype)
+    return q, scale, gs
+
+
+def fake_quant_nvfp4_act(x: torch.Tensor, input_scale: torch.Tensor) -> torch.Tensor:
+    """NVFP4 activation fake-quant (nvfp4_act_codes): q * scale / gs in x's dtype (math in fp32)."""
+    q, scale, gs = nvfp4_act_codes(x, input_scale)
+    return (q * (scale / gs)).reshape(x.shape).to(x.dtype)
 
 
 def rescale_block_scales(scale: torch.Tensor, ratio: torch.Tensor | float) -> torch.Tensor:
