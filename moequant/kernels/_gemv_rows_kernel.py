@@ -28,8 +28,8 @@ GEMM1 (not DOWN): grid (S, cdiv(N, BN), 1); inter[slot, n] = act(gate, up) (+ bi
 GEMM2 (DOWN): grid (T, cdiv(N, BN), SPLIT_K); out[t, n] = sum_k w[t, k] * (part_k + b2[e_k]): the top-k sum in fp32,
   no separate launch; with SPLIT_K > 1 each program adds its share atomically to an fp32 split buffer [T, N] and the
   last of a block's programs (int32 counters [T, cdiv(N, BN)]) casts the block into out; GEMM1 zeroes both
-  (ZERO_SPLIT: ZB elements of each per program, n_split / n_count in all), so the split costs no extra launch. Parts whose expert id is negative (another rank's) or beyond
-  TOP_K read nothing.
+  (ZERO_SPLIT: ZB elements of each per program, n_split / n_count in all), so the split costs no extra launch.
+  Parts whose expert id is negative (another rank's) or beyond TOP_K read nothing.
 Act-order (SORTED): column k of expert e reads a[sort_idx[e, k]].
 as_ptr and stride_asm (activation scales) are unused here (A16 only): gemv.py passes one argument list to both kernels;
 the epilogue is _gemv_kernel.gemv_epilogue.
