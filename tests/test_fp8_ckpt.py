@@ -70,8 +70,9 @@ def test_compressed_tensors_checkpoint_matches_reference(checkpoints, preset):
     # the same fake-quantized activations on compressed-tensors' dequantized weights
     ref = fake_quant_loop(layer, x, w13, w2, w, ids)
     assert rel_err(out, ref) <= 1e-5
-    layer.backend = "triton"  # the interpreter on the CPU
-    assert rel_err(layer(x, logits), ref) <= 1e-4
+    if not torch.cuda.is_available():  # the Triton path on these CPU tensors: the interpreter
+        layer.backend = "triton"
+        assert rel_err(layer(x, logits), ref) <= 1e-4
 
 
 @pytest.mark.parametrize("preset", list(PRESET_SCHEME))
