@@ -46,6 +46,20 @@ def test_act_quant_kernel_matches_twin_bit_exactly(granularity, T, C):
     assert torch.equal(s.reshape(-1), sr.reshape(-1))
 
 
+@pytest.mark.parametrize("granularity", ["token", "group"])
+def test_act_quant_of_bf16_ties_matches_twin(granularity):
+    # bf16 inputs often sit exactly on an fp8 tie (x / s = 21.0, 152.0) or one ulp of s away from one, so the twin's
+    # s = amax / 448 must be the IEEE quotient on every device: torch on CUDA divides by a Python number through its
+    # rounded reciprocal, which put 151 of 257 per-token scales one ulp off on the H200 and moved ~0.1% of x
+    T, C = (257, 1024) if ON_GPU else (24, 512)
+    x = torch.randn(T, C, generator=torch.Generator().manual_seed(1)).to(DEV, torch.bfloat16)
+    q, s = act_quant(x, granularity)
+    qr, sr = fm.act_quant_ref(x, granularity)
+    assert torch.equal(s.reshape(-1), sr.reshape(-1))
+    assert same_bits(q, qr)
+    assert torch.equal(fm.act_scale(torch.tensor([3.0], device=DEV)), torch.tensor([3.0 / 448], device=DEV))
+
+
 def test_act_quant_rounding_at_every_fp8_midpoint():
     # every e4m3 value, the midpoints between neighbours and the fp32 values either side of each midpoint:
     # ties to even, carries into the next binade (124.3 -> 128), subnormals, clamping past 448

@@ -9,7 +9,10 @@ w ~= q * s; scales are s = amax / 448 with an all-zero slice given a tiny positi
   tensor:  s [1]             channel: s [R, 1]             block: s [ceil(R/G), C/G], block (i, j) covers
   rows [iG, (i+1)G), cols [jG, (j+1)G).
 Activations: s = max(amax, ACT_EPS) / 448 per tensor, per token (row) or per token-group of G columns; x / s is
-computed in fp32 (division, not a reciprocal multiply, so the kernel and this twin agree bit for bit).
+computed in fp32 (division, not a reciprocal multiply, so the kernel and this twin agree bit for bit). Every division
+here is by a tensor (div_by_max): torch on CUDA turns a division by a Python number into a multiply by its rounded
+reciprocal, one ulp off the IEEE quotient for some amax, which moved fp8 ties (x / s = 21 -> 22 or 20) between the
+GPU kernels and this twin.
 """
 
 from __future__ import annotations
@@ -23,8 +26,14 @@ ACT_EPS = 1e-10  # smallest activation amax used for a scale (an all-zero row ge
 WEIGHT_EPS = torch.finfo(torch.float32).eps  # compressed-tensors' replacement for a zero fp32 scale
 
 
+def div_by_max(amax: torch.Tensor) -> torch.Tensor:
+    """amax / 448 in fp32, correctly rounded on every device (a tensor divisor: no reciprocal multiply on CUDA)."""
+    a = amax.float()
+    return a / torch.full_like(a, FP8_MAX)
+
+
 def _scale_from_amax(amax: torch.Tensor) -> torch.Tensor:
-    s = amax.float() / FP8_MAX
+    s = div_by_max(amax)
     return torch.where(s == 0, torch.full_like(s, WEIGHT_EPS), s)
 
 
@@ -78,7 +87,7 @@ def requantize_shared(q1: torch.Tensor, s1: torch.Tensor, q3: torch.Tensor, s3: 
 # --- activations -----------------------------------------------------------------------------------------------
 def act_scale(amax: torch.Tensor) -> torch.Tensor:
     """s = max(amax, ACT_EPS) / 448 (fp32)."""
-    return amax.float().clamp_min(ACT_EPS) / FP8_MAX
+    return div_by_max(amax.float().clamp_min(ACT_EPS))
 
 
 def act_quant_ref(x: torch.Tensor, granularity: str, scale: torch.Tensor | None = None,
