@@ -164,6 +164,34 @@ def test_gemv_gpu_graph_replay_with_split(always_gemv, monkeypatch):
         assert rel_err(out, layer(x, logits)) <= 4e-3
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("case", [("w4a16", 128, False), ("w4a16", 32, True), ("w4a16-asym", 64, False),
+                                  ("w4a16-asym", None, False)], ids=lambda c: f"{c[0]}-G{c[1]}-act{int(c[2])}")
+@pytest.mark.parametrize("magnitude", [1e-6, 1.0, 3e4])
+def test_gemv_gpu_packed_bf16_products(case, magnitude, always_gemv, monkeypatch):
+    """int4 with bf16 activations forms each word's products in bf16x2 chains (PACKED; int32 activation pairs, or
+    gathered columns with act-order): against the reference and against the fp32-product kernel, for activations
+    far below and above 1 (bf16 has fp32's exponent range: nothing underflows or overflows)."""
+    scheme, G, act_order = case
+    layer = build(scheme, G, act_order, False, torch.bfloat16, "cuda")
+    x = (torch.randn(3, H, generator=torch.Generator().manual_seed(7)) * magnitude).to("cuda", torch.bfloat16)
+    logits = torch.randn(3, E, generator=torch.Generator().manual_seed(8)).to("cuda")
+    w, ids = layer.route(x, logits)
+    layer.backend = "reference"
+    ref = layer.experts_forward(x.float(), w, ids)
+    layer.backend = "triton"
+    seen = []
+    choose = gv.uses_packed
+    monkeypatch.setattr(gv, "uses_packed", lambda wt, a: seen.append(choose(wt, a)) or seen[-1])
+    out = layer.experts_forward(x, w, ids)
+    assert seen == [True, True]  # GEMM1 and GEMM2 both took the bf16x2 path
+    monkeypatch.setattr(gv, "PACKED", False)
+    fp32_products = layer.experts_forward(x, w, ids)
+    assert rel_err(out, ref) <= 1e-2
+    assert rel_err(out, fp32_products) <= 1e-2
+
+
 def test_use_gemv_follows_slots_per_expert(monkeypatch):
     monkeypatch.setattr(gv, "MODE", "auto")
     assert gv.use_gemv(1, 2, 8) and gv.use_gemv(4, 2, 8) and not gv.use_gemv(8, 2, 8)  # Mixtral: T*K <= E

@@ -16,6 +16,10 @@ int: words [E, N(*2), C/PW], N stride 1 (methods.base.rows_contiguous); a step's
   Elements become fp32 without a conversion instruction (_int_elem; two23 = 0x4B000000, the bits of 2^23, is an
   argument so that it sits in a register and mask-and-or is one LOP3: ptxas cannot fuse two immediates); a zero
   point is applied per word as zp * sum(a over the word).
+  PACKED (int4, bf16 activations, GPU): a word's eight products in bf16x2 instead (_int4_word_dot_bf16: mask-and-or
+  into bf16 128 + u, one fma to u - 8, four fmas against activation pairs (x_i, x_i+4) regrouped from int32 pairs by
+  byte permutes), each bf16 chain of four products summed in fp32: about 3.1 SASS instructions per element against
+  4.2, at a bf16 rounding per product.
 fp4: bytes and block scales (rows-contiguous) read as int32 words [E, N/4, C/2] and [E, N/4, C/G]: word (q, j)
   holds byte column j (two e2m1 codes, low nibble = column 2j) of rows 4q..4q+3; _e2m1_pair decodes one nibble of
   two rows per instruction; w = e2m1 * block_scale (e4m3 or E8M0) * s2[e, part].
@@ -23,8 +27,10 @@ fp4: bytes and block scales (rows-contiguous) read as int32 words [E, N/4, C/2] 
 EVEN (C a multiple of a step, N of BN) drops the column and row masks from the loop. STAGES > 1 software-pipelines
 the steps: the weight words and scales of the next STAGES - 1 steps are copied to shared memory asynchronously
 (cp.async) while the current step computes, keeping more bytes in flight than the registers would hold.
-GEMM1 (not DOWN): grid (S, cdiv(N, BN), 1); inter[slot, n] = act(gate, up) (+ biases, routing weight when applied on
-  the input), stored at column perm[e, n] with OUT_PERM (GEMM2's act-order), so GEMM2 reads its input unpermuted.
+GEMM1 (not DOWN): grid (S, cdiv(N, BN), 1); activation row slot // A_ROW_DIV (TOP_K; 1 when the launcher
+  pre-gathered each slot's row in its expert's act-order); inter[slot, n] = act(gate, up) (+ biases, routing weight
+  when applied on the input), stored at column perm[e, n] with OUT_PERM (GEMM2's act-order), so GEMM2 reads its
+  input unpermuted.
 GEMM2 (DOWN): grid (T, cdiv(N, BN), SPLIT_K); out[t, n] = sum_k w[t, k] * (part_k + b2[e_k]): the top-k sum in fp32,
   no separate launch; with SPLIT_K > 1 each program adds its share atomically to an fp32 split buffer [T, N] and the
   last of a block's programs (int32 counters [T, cdiv(N, BN)]) casts the block into out; GEMM1 zeroes both
@@ -56,6 +62,88 @@ def _int_elem(words, hi_words, off, i: tl.constexpr, BITS: tl.constexpr, two23=0
     src = words if i < LO else hi_words
     f = ((src & MASK) | two23).to(tl.float32, bitcast=True)
     return f - (8388608.0 + off * (1 << (P * BITS)))
+
+
+@triton.jit
+def _bf16_pair(lo, hi):
+    """int32 holding the bf16 values lo (low half) and hi (high half): one register move, no conversion."""
+    return tl.inline_asm_elementwise("mov.b32 $0, {$1, $2};", "=r,h,h",
+                                     [lo.to(tl.int16, bitcast=True), hi.to(tl.int16, bitcast=True)],
+                                     dtype=tl.int32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _prmt(a, b, SEL: tl.constexpr):
+    """prmt.b32: bytes of (b:a) picked by the selector's nibbles (0x5410: the low halves of a and b; 0x7632: the high
+    halves)."""
+    return tl.inline_asm_elementwise(f"prmt.b32 $0, $1, $2, {SEL};", "=r,r,r", [a, b], dtype=tl.int32, is_pure=True,
+                                     pack=1)
+
+
+@triton.jit
+def _bf16_halves_sum(w):
+    """fp32 sum of the two bf16 values in each int32."""
+    return (w << 16).to(tl.float32, bitcast=True) + (w & -65536).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _act_pair(a_base, m, ok, MASKED: tl.constexpr):
+    """int32 word m of a bf16 activation row (contiguous, 4-byte aligned): the pair (x_2m, x_2m+1)."""
+    ap = a_base.to(tl.pointer_type(tl.int32), bitcast=True)
+    if MASKED:
+        return tl.load(ap + m, mask=ok, other=0)
+    return tl.load(ap + m)
+
+
+@triton.jit
+def _act_raw(a_base, sidx_base, k, ok, stride_ak, SORTED: tl.constexpr, MASKED: tl.constexpr):
+    """Activation column k as stored (bf16), through sort_idx when SORTED (as _act_col, without the fp32 cast)."""
+    if SORTED:
+        if MASKED:
+            k = tl.load(sidx_base + k, mask=ok, other=0)
+        else:
+            k = tl.load(sidx_base + k)
+    if MASKED:
+        return tl.load(a_base + k * stride_ak, mask=ok, other=0)
+    return tl.load(a_base + k * stride_ak)
+
+
+@triton.jit
+def _int4_word_dot_bf16(u, x04, x15, x26, x37):
+    """sum_i (u_i - 8) * x_i over the eight int4 elements of each word, in fp32 from two bf16x2 chains (PACKED).
+    Elements i and i + 4 sit at bits 4i and 4i + 16: one mask-and-or with 0x43004300 (bf16 128.0 twice) puts both
+    into bf16 mantissas (128 + u_i), one bf16x2 fma subtracts 136, exactly; x04 .. x37 hold (x_i, x_i+4) as bf16x2.
+    Each half of the chain sums four products in bf16 (round to nearest at every fma: relative error about 2^-9 of
+    the partial, below the bf16 output's own rounding after the fp32 sums); both halves then add in fp32."""
+    return tl.inline_asm_elementwise(
+        """{
+        .reg .b32 m, c, one, neg, zero, t0, t1, t2, t3, s, acc;
+        .reg .f32 lo, hi;
+        mov.b32 m, 0x000F000F;
+        mov.b32 c, 0x43004300;
+        mov.b32 one, 0x3F803F80;
+        mov.b32 neg, 0xC308C308;
+        mov.b32 zero, 0;
+        lop3.b32 t0, $1, m, c, 0xEA;
+        shr.u32 s, $1, 4;
+        lop3.b32 t1, s, m, c, 0xEA;
+        shr.u32 s, $1, 8;
+        lop3.b32 t2, s, m, c, 0xEA;
+        shr.u32 s, $1, 12;
+        lop3.b32 t3, s, m, c, 0xEA;
+        fma.rn.bf16x2 t0, t0, one, neg;
+        fma.rn.bf16x2 t1, t1, one, neg;
+        fma.rn.bf16x2 t2, t2, one, neg;
+        fma.rn.bf16x2 t3, t3, one, neg;
+        fma.rn.bf16x2 acc, t0, $2, zero;
+        fma.rn.bf16x2 acc, t1, $3, acc;
+        fma.rn.bf16x2 acc, t2, $4, acc;
+        fma.rn.bf16x2 acc, t3, $5, acc;
+        shl.b32 lo, acc, 16;
+        and.b32 hi, acc, 0xFFFF0000;
+        add.f32 $0, lo, hi;
+        }""",
+        "=f,r,r,r,r,r", [u, x04, x15, x26, x37], dtype=tl.float32, is_pure=True, pack=1)
 
 
 @triton.jit
@@ -145,6 +233,7 @@ def gemv_rows_kernel(
     SCALE_KIND: tl.constexpr, W_SCALE: tl.constexpr, A_SCALE: tl.constexpr, SORTED: tl.constexpr,
     MUL_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_AMAX: tl.constexpr, OUT_PERM: tl.constexpr,
     EVEN: tl.constexpr, SPLIT_K: tl.constexpr, STAGES: tl.constexpr, ZERO_SPLIT: tl.constexpr, ZB: tl.constexpr,
+    PACKED: tl.constexpr, A_ROW_DIV: tl.constexpr,
     BLOCK_N: tl.constexpr, NG: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -167,7 +256,7 @@ def gemv_rows_kernel(
         slot = pid + parts * 0
         e = e0 + parts * 0
         p_ok = parts < 2
-        a_off = (pid // TOP_K).to(tl.int64) * stride_am  # one activation row serves both parts
+        a_off = (pid // A_ROW_DIV).to(tl.int64) * stride_am  # one activation row serves both parts
         row_off = parts * N
     e = tl.where(p_ok, e, 0).to(tl.int64)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -231,14 +320,47 @@ def gemv_rows_kernel(
                 hb = ub >> (12 if BITS == 4 else 16)
                 tb = tl.zeros(ub.shape, dtype=tl.float32)
             a_sum = tl.zeros(j4.shape, dtype=tl.float32)
-            for i in tl.static_range(PW):
-                a = _act_col(a_base, sidx_base, j4 * PW + i, x_ok, stride_ak, SORTED, MASKED)
-                if HAS_ZP:
-                    a_sum += a
-                a = a * _int_act_factor(i, BITS)
-                ta += _int_elem(ua, ha, 1 << (BITS - 1), i, BITS, two23) * a
+            if PACKED:  # int4, bf16 activations: a word's eight products in two bf16x2 chains
+                if SORTED:  # act-order: gathered column by column
+                    a0 = _act_raw(a_base, sidx_base, j4 * 8, x_ok, stride_ak, SORTED, MASKED)
+                    a1 = _act_raw(a_base, sidx_base, j4 * 8 + 1, x_ok, stride_ak, SORTED, MASKED)
+                    a2 = _act_raw(a_base, sidx_base, j4 * 8 + 2, x_ok, stride_ak, SORTED, MASKED)
+                    a3 = _act_raw(a_base, sidx_base, j4 * 8 + 3, x_ok, stride_ak, SORTED, MASKED)
+                    a4 = _act_raw(a_base, sidx_base, j4 * 8 + 4, x_ok, stride_ak, SORTED, MASKED)
+                    a5 = _act_raw(a_base, sidx_base, j4 * 8 + 5, x_ok, stride_ak, SORTED, MASKED)
+                    a6 = _act_raw(a_base, sidx_base, j4 * 8 + 6, x_ok, stride_ak, SORTED, MASKED)
+                    a7 = _act_raw(a_base, sidx_base, j4 * 8 + 7, x_ok, stride_ak, SORTED, MASKED)
+                    if HAS_ZP:
+                        a_sum = ((a0.to(tl.float32) + a1.to(tl.float32)) + (a2.to(tl.float32) + a3.to(tl.float32))
+                                 + ((a4.to(tl.float32) + a5.to(tl.float32)) + (a6.to(tl.float32) + a7.to(tl.float32))))
+                    x04 = _bf16_pair(a0, a4)
+                    x15 = _bf16_pair(a1, a5)
+                    x26 = _bf16_pair(a2, a6)
+                    x37 = _bf16_pair(a3, a7)
+                else:  # contiguous: int32 pairs (x_2m, x_2m+1), four per word, regrouped by byte permutes
+                    p0 = _act_pair(a_base, j4 * 4, x_ok, MASKED)
+                    p1 = _act_pair(a_base, j4 * 4 + 1, x_ok, MASKED)
+                    p2 = _act_pair(a_base, j4 * 4 + 2, x_ok, MASKED)
+                    p3 = _act_pair(a_base, j4 * 4 + 3, x_ok, MASKED)
+                    if HAS_ZP:
+                        a_sum = (_bf16_halves_sum(p0) + _bf16_halves_sum(p1)) + (_bf16_halves_sum(p2)
+                                                                                 + _bf16_halves_sum(p3))
+                    x04 = _prmt(p0, p2, 0x5410)
+                    x15 = _prmt(p0, p2, 0x7632)
+                    x26 = _prmt(p1, p3, 0x5410)
+                    x37 = _prmt(p1, p3, 0x7632)
+                ta = _int4_word_dot_bf16(ua, x04, x15, x26, x37)
                 if not DOWN:
-                    tb += _int_elem(ub, hb, 1 << (BITS - 1), i, BITS, two23) * a
+                    tb = _int4_word_dot_bf16(ub, x04, x15, x26, x37)
+            else:
+                for i in tl.static_range(PW):
+                    a = _act_col(a_base, sidx_base, j4 * PW + i, x_ok, stride_ak, SORTED, MASKED)
+                    if HAS_ZP:
+                        a_sum += a
+                    a = a * _int_act_factor(i, BITS)
+                    ta += _int_elem(ua, ha, 1 << (BITS - 1), i, BITS, two23) * a
+                    if not DOWN:
+                        tb += _int_elem(ub, hb, 1 << (BITS - 1), i, BITS, two23) * a
             if HAS_ZP:
                 ta -= tl.load(za_base + g4 * stride_zg, mask=g_ok, other=0).to(tl.float32) * a_sum
                 if not DOWN:

@@ -13,13 +13,14 @@ GemvWeights holds one GEMM's weights in the kernel's layout; the methods build t
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
 
 from moequant.kernels._gemv_kernel import gemv_moe_kernel
 from moequant.kernels._gemv_rows_kernel import gemv_rows_kernel
+from moequant.kernels.gather import gather_slot_columns
 from moequant.kernels.moe_gemm import _ACT_CODE
 from moequant.kernels.tuning import cached_entry
 
@@ -27,6 +28,8 @@ _FMT = {"int": 0, "fp4": 1, "fp8": 2}
 _A_CODE = {None: 0, "tensor": 1, "row": 2, "group": 3}
 _W_CODE = {None: 0, "expert": 1, "row": 2}
 MODE = os.environ.get("MOEQUANT_GEMV", "auto")  # auto | always | never (see use_gemv)
+# int4 weights with bf16 activations on a GPU: products in bf16x2 (gemv_rows_kernel's PACKED); 0 keeps fp32 products
+PACKED = os.environ.get("MOEQUANT_GEMV_PACKED", "1") == "1"
 FP8_GROUP = 128  # fp8: block scales and per-group activation scales cover 128 columns; also the chunking unit
 STEP_UNITS = 1024  # rows kernel heuristic: int32 words per program and step
 ELEMS_PER_THREAD = 256  # fp4 on gemv_moe_kernel: weight elements per thread and chunk (4 warps)
@@ -113,6 +116,15 @@ def uses_rows_kernel(w: GemvWeights, a_scale_kind=None) -> bool:
         return False
     return (w.fmt == "fp4" and a_scale_kind is None and w.data.shape[1] % 8 == 0 and w.data.data_ptr() % 16 == 0
             and w.scale is not None and w.scale.stride(1) == 1 and w.scale.data_ptr() % 4 == 0)
+
+
+def uses_packed(w: GemvWeights, a: torch.Tensor) -> bool:
+    """int4 weights and bf16 activations (rows contiguous, 4-byte aligned) on a GPU: the rows kernel forms each
+    word's eight products in bf16x2 (inline PTX, which the interpreter cannot run) and sums them in fp32 per word;
+    otherwise fp32 products."""
+    pairs = a.stride(1) == 1 and a.stride(0) % 2 == 0 and a.data_ptr() % 4 == 0  # rows read as int32 pairs
+    return (PACKED and w.fmt == "int" and w.bits == 4 and a.dtype == torch.bfloat16 and a.is_cuda and pairs
+            and os.environ.get("TRITON_INTERPRET") != "1")
 
 
 def kernel_name(w: GemvWeights, down: bool, rows: bool = False) -> str:
@@ -210,12 +222,12 @@ def split_buffers(plan: GemvPlan, out_rows: int, device) -> tuple[torch.Tensor, 
 
 def gemv(a, w: GemvWeights, c, topk_ids, *, down: bool, top_k: int, activation: str = "silu", a_scale=None,
          a_scale_kind=None, bias=None, topk_weights=None, out_amax=None, cfg: GemvConfig | None = None,
-         plan: GemvPlan | None = None, split_bufs=None, zero_bufs=None):
+         plan: GemvPlan | None = None, split_bufs=None, zero_bufs=None, a_per_slot: bool = False):
     """GEMM1 (down=False): c[slot] = act(W13[e] a[slot // top_k]) for every slot; GEMM2 (down=True):
     c[t] = sum_k w[t, k] * (W2[e_k] a[t*top_k + k] + b2[e_k]). a_scale_kind: None (A16), "tensor" [1],
     "row" [rows] or "group" [rows, C/128] scales of a (fp8 or pre-quantized nvfp4).
     GEMM2 with a split (plan.split > 1) uses split_bufs (zeroed by the GEMM1 that got them as zero_bufs; zeroed
-    here when not given)."""
+    here when not given). a_per_slot (GEMM1, rows kernel): a holds one row per slot instead of one per token."""
     ids = topk_ids.reshape(-1)
     C = w.columns
     plan = plan or plan_gemv(w, c.shape[0], topk_ids, down=down, top_k=top_k, a_scale_kind=a_scale_kind, cfg=cfg)
@@ -276,8 +288,11 @@ def gemv(a, w: GemvWeights, c, topk_ids, *, down: bool, top_k: int, activation: 
         zb = triton.next_power_of_2(max(16, triton.cdiv(zero_bufs[0].numel(), plan.programs))) if zero else 16
         args.insert(20, 0x4B000000)  # two23, after n_count
         gemv_rows_kernel[grid + (plan.split,)](*args, EVEN=even, SPLIT_K=plan.split, STAGES=cfg.STAGES,
-                                               ZERO_SPLIT=zero, ZB=zb, **consts)
+                                               ZERO_SPLIT=zero, ZB=zb, PACKED=uses_packed(w, a),
+                                               A_ROW_DIV=1 if a_per_slot else top_k, **consts)
     else:
+        if a_per_slot:
+            raise ValueError("gemv: one activation row per slot needs the rows kernel (int or A16 fp4 weights)")
         if zero_bufs is not None:
             zero_bufs[0].zero_()
             zero_bufs[1].zero_()
@@ -297,13 +312,18 @@ def fused_experts_gemv(x, w13: GemvWeights, w2: GemvWeights, topk_weights, topk_
     I = w13.data.shape[1] // 2
     topk_weights = topk_weights.reshape(-1).float().contiguous()
     a, s, kind = quantize(x, 1) if quantize is not None else (x, None, None)
+    per_slot = w13.sort_idx is not None and quantize is None and uses_rows_kernel(w13)
+    if per_slot:  # act-order: each slot's row of x in its expert's sorted column order (one launch), read in order
+        a = gather_slot_columns(x, w13.sort_idx, topk_ids, K,
+                                out=torch.empty(T * K, H, dtype=x.dtype, device=x.device))
+        w13 = replace(w13, sort_idx=None)
     inter = torch.empty(T * K, I, dtype=inter_dtype or x.dtype, device=x.device)
     # GEMM2's split buffers are zeroed by GEMM1 (A16 only: the split exists on the rows kernel)
     plan2 = plan_gemv(w2, T, topk_ids, down=True, top_k=K) if quantize is None else None
     bufs = split_buffers(plan2, T, x.device) if plan2 is not None else None
     gemv(a, w13, inter, topk_ids, down=False, top_k=K, activation=activation, a_scale=s, a_scale_kind=kind,
          bias=w13_bias, topk_weights=topk_weights if apply_router_weight_on_input else None, out_amax=out_amax,
-         zero_bufs=bufs)
+         zero_bufs=bufs, a_per_slot=per_slot)
     a, s, kind = quantize(inter, 2) if quantize is not None else (inter, None, None)
     out = torch.empty(T, H, dtype=x.dtype, device=x.device)
     return gemv(a, w2, out, topk_ids, down=True, top_k=K, a_scale=s, a_scale_kind=kind, bias=w2_bias,

@@ -158,8 +158,8 @@ def fused_experts_int(x, w13: IntWeights, w2: IntWeights, topk_weights, topk_ids
     if T == 0:
         return torch.zeros(0, H, dtype=x.dtype, device=x.device)
     if use_gemv(T, K, E) and w13.uniform_groups and w2.uniform_groups:
-        # act-order: GEMM1 gathers x's columns; it writes its output already in w2's sorted order (inverse sort),
-        # so GEMM2 reads it contiguously
+        # act-order: each slot's x row is gathered in w13's sorted order first; GEMM1 writes its output already in
+        # w2's sorted order (inverse sort), so GEMM2 reads it contiguously
         g13 = gemv_weights(w13, layout, sort_idx=w13.sort_idx, out_perm=w2.inv_sort_idx)
         g2 = gemv_weights(w2, layout, sort_idx=w2.sort_idx if w2.inv_sort_idx is None else None)
         return fused_experts_gemv(x, g13, g2, topk_weights, topk_ids,
