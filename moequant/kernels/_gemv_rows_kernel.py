@@ -16,10 +16,10 @@ int: words [E, N(*2), C/PW], N stride 1 (methods.base.rows_contiguous); a step's
   Elements become fp32 without a conversion instruction (_int_elem; two23 = 0x4B000000, the bits of 2^23, is an
   argument so that it sits in a register and mask-and-or is one LOP3: ptxas cannot fuse two immediates); a zero
   point is applied per word as zp * sum(a over the word).
-  PACKED (int4, bf16 activations, GPU): a word's eight products in bf16x2 instead (_int4_word_dot_bf16: mask-and-or
-  into bf16 128 + u, one fma to u - 8, four fmas against activation pairs (x_i, x_i+4) regrouped from int32 pairs by
-  byte permutes), each bf16 chain of four products summed in fp32: about 3.1 SASS instructions per element against
-  4.2, at a bf16 rounding per product.
+  PACKED (int4, bf16 activations in order, GPU): a word's eight products in bf16x2 instead (_int4_word_dot_bf16:
+  mask-and-or into bf16 128 + u, one fma to u - 8, four fmas against activation pairs (x_i, x_i+4) regrouped from
+  int32 pairs by byte permutes), each bf16 chain of four products summed in fp32: about 3.1 SASS instructions per
+  element against 4.2, at a bf16 rounding per product.
 fp4: bytes and block scales (rows-contiguous) read as int32 words [E, N/4, C/2] and [E, N/4, C/G]: word (q, j)
   holds byte column j (two e2m1 codes, low nibble = column 2j) of rows 4q..4q+3; _e2m1_pair decodes one nibble of
   two rows per instruction; w = e2m1 * block_scale (e4m3 or E8M0) * s2[e, part].
@@ -36,7 +36,7 @@ GEMM2 (DOWN): grid (T, cdiv(N, BN), SPLIT_K); out[t, n] = sum_k w[t, k] * (part_
   last of a block's programs (int32 counters [T, cdiv(N, BN)]) casts the block into out; GEMM1 zeroes both
   (ZERO_SPLIT: ZB elements of each per program, n_split / n_count in all), so the split costs no extra launch.
   Parts whose expert id is negative (another rank's) or beyond TOP_K read nothing.
-Act-order (SORTED): column k of expert e reads a[sort_idx[e, k]].
+Act-order (SORTED, not with PACKED): column k of expert e reads a[sort_idx[e, k]].
 as_ptr and stride_asm (activation scales) are unused here (A16 only): gemv.py passes one argument list to both kernels;
 the epilogue is _gemv_kernel.gemv_epilogue.
 """
@@ -65,14 +65,6 @@ def _int_elem(words, hi_words, off, i: tl.constexpr, BITS: tl.constexpr, two23=0
 
 
 @triton.jit
-def _bf16_pair(lo, hi):
-    """int32 holding the bf16 values lo (low half) and hi (high half): one register move, no conversion."""
-    return tl.inline_asm_elementwise("mov.b32 $0, {$1, $2};", "=r,h,h",
-                                     [lo.to(tl.int16, bitcast=True), hi.to(tl.int16, bitcast=True)],
-                                     dtype=tl.int32, is_pure=True, pack=1)
-
-
-@triton.jit
 def _prmt(a, b, SEL: tl.constexpr):
     """prmt.b32: bytes of (b:a) picked by the selector's nibbles (0x5410: the low halves of a and b; 0x7632: the high
     halves)."""
@@ -93,19 +85,6 @@ def _act_pair(a_base, m, ok, MASKED: tl.constexpr):
     if MASKED:
         return tl.load(ap + m, mask=ok, other=0)
     return tl.load(ap + m)
-
-
-@triton.jit
-def _act_raw(a_base, sidx_base, k, ok, stride_ak, SORTED: tl.constexpr, MASKED: tl.constexpr):
-    """Activation column k as stored (bf16), through sort_idx when SORTED (as _act_col, without the fp32 cast)."""
-    if SORTED:
-        if MASKED:
-            k = tl.load(sidx_base + k, mask=ok, other=0)
-        else:
-            k = tl.load(sidx_base + k)
-    if MASKED:
-        return tl.load(a_base + k * stride_ak, mask=ok, other=0)
-    return tl.load(a_base + k * stride_ak)
 
 
 @triton.jit
@@ -320,35 +299,18 @@ def gemv_rows_kernel(
                 hb = ub >> (12 if BITS == 4 else 16)
                 tb = tl.zeros(ub.shape, dtype=tl.float32)
             a_sum = tl.zeros(j4.shape, dtype=tl.float32)
-            if PACKED:  # int4, bf16 activations: a word's eight products in two bf16x2 chains
-                if SORTED:  # act-order: gathered column by column
-                    a0 = _act_raw(a_base, sidx_base, j4 * 8, x_ok, stride_ak, SORTED, MASKED)
-                    a1 = _act_raw(a_base, sidx_base, j4 * 8 + 1, x_ok, stride_ak, SORTED, MASKED)
-                    a2 = _act_raw(a_base, sidx_base, j4 * 8 + 2, x_ok, stride_ak, SORTED, MASKED)
-                    a3 = _act_raw(a_base, sidx_base, j4 * 8 + 3, x_ok, stride_ak, SORTED, MASKED)
-                    a4 = _act_raw(a_base, sidx_base, j4 * 8 + 4, x_ok, stride_ak, SORTED, MASKED)
-                    a5 = _act_raw(a_base, sidx_base, j4 * 8 + 5, x_ok, stride_ak, SORTED, MASKED)
-                    a6 = _act_raw(a_base, sidx_base, j4 * 8 + 6, x_ok, stride_ak, SORTED, MASKED)
-                    a7 = _act_raw(a_base, sidx_base, j4 * 8 + 7, x_ok, stride_ak, SORTED, MASKED)
-                    if HAS_ZP:
-                        a_sum = ((a0.to(tl.float32) + a1.to(tl.float32)) + (a2.to(tl.float32) + a3.to(tl.float32))
-                                 + ((a4.to(tl.float32) + a5.to(tl.float32)) + (a6.to(tl.float32) + a7.to(tl.float32))))
-                    x04 = _bf16_pair(a0, a4)
-                    x15 = _bf16_pair(a1, a5)
-                    x26 = _bf16_pair(a2, a6)
-                    x37 = _bf16_pair(a3, a7)
-                else:  # contiguous: int32 pairs (x_2m, x_2m+1), four per word, regrouped by byte permutes
-                    p0 = _act_pair(a_base, j4 * 4, x_ok, MASKED)
-                    p1 = _act_pair(a_base, j4 * 4 + 1, x_ok, MASKED)
-                    p2 = _act_pair(a_base, j4 * 4 + 2, x_ok, MASKED)
-                    p3 = _act_pair(a_base, j4 * 4 + 3, x_ok, MASKED)
-                    if HAS_ZP:
-                        a_sum = (_bf16_halves_sum(p0) + _bf16_halves_sum(p1)) + (_bf16_halves_sum(p2)
-                                                                                 + _bf16_halves_sum(p3))
-                    x04 = _prmt(p0, p2, 0x5410)
-                    x15 = _prmt(p0, p2, 0x7632)
-                    x26 = _prmt(p1, p3, 0x5410)
-                    x37 = _prmt(p1, p3, 0x7632)
+            if PACKED:  # int4, bf16 activations read as int32 pairs (x_2m, x_2m+1), regrouped by byte permutes
+                p0 = _act_pair(a_base, j4 * 4, x_ok, MASKED)
+                p1 = _act_pair(a_base, j4 * 4 + 1, x_ok, MASKED)
+                p2 = _act_pair(a_base, j4 * 4 + 2, x_ok, MASKED)
+                p3 = _act_pair(a_base, j4 * 4 + 3, x_ok, MASKED)
+                if HAS_ZP:
+                    a_sum = (_bf16_halves_sum(p0) + _bf16_halves_sum(p1)) + (_bf16_halves_sum(p2)
+                                                                             + _bf16_halves_sum(p3))
+                x04 = _prmt(p0, p2, 0x5410)
+                x15 = _prmt(p0, p2, 0x7632)
+                x26 = _prmt(p1, p3, 0x5410)
+                x37 = _prmt(p1, p3, 0x7632)
                 ta = _int4_word_dot_bf16(ua, x04, x15, x26, x37)
                 if not DOWN:
                     tb = _int4_word_dot_bf16(ub, x04, x15, x26, x37)

@@ -119,12 +119,12 @@ def uses_rows_kernel(w: GemvWeights, a_scale_kind=None) -> bool:
 
 
 def uses_packed(w: GemvWeights, a: torch.Tensor) -> bool:
-    """int4 weights and bf16 activations (rows contiguous, 4-byte aligned) on a GPU: the rows kernel forms each
-    word's eight products in bf16x2 (inline PTX, which the interpreter cannot run) and sums them in fp32 per word;
-    otherwise fp32 products."""
+    """int4 weights and bf16 activations read in order (rows contiguous, 4-byte aligned; act-order's GEMM1 input is
+    pre-gathered by fused_experts_gemv) on a GPU: the rows kernel forms each word's eight products in bf16x2 (inline
+    PTX, which the interpreter cannot run) and sums them in fp32 per word; otherwise fp32 products."""
     pairs = a.stride(1) == 1 and a.stride(0) % 2 == 0 and a.data_ptr() % 4 == 0  # rows read as int32 pairs
-    return (PACKED and w.fmt == "int" and w.bits == 4 and a.dtype == torch.bfloat16 and a.is_cuda and pairs
-            and os.environ.get("TRITON_INTERPRET") != "1")
+    return (PACKED and w.fmt == "int" and w.bits == 4 and w.sort_idx is None and a.dtype == torch.bfloat16
+            and a.is_cuda and pairs and os.environ.get("TRITON_INTERPRET") != "1")
 
 
 def kernel_name(w: GemvWeights, down: bool, rows: bool = False) -> str:
