@@ -170,9 +170,9 @@ def test_gemv_gpu_graph_replay_with_split(always_gemv, monkeypatch):
                                   ("w4a16-asym", None, False)], ids=lambda c: f"{c[0]}-G{c[1]}-act{int(c[2])}")
 @pytest.mark.parametrize("magnitude", [1e-6, 1.0, 3e4])
 def test_gemv_gpu_packed_bf16_products(case, magnitude, always_gemv, monkeypatch):
-    """int4 with bf16 activations forms each word's products in bf16x2 chains (PACKED; int32 activation pairs, or
-    gathered columns with act-order): against the reference and against the fp32-product kernel, for activations
-    far below and above 1 (bf16 has fp32's exponent range: nothing underflows or overflows)."""
+    """int4 with bf16 activations forms each word's products in bf16x2 chains (PACKED, from int32 activation pairs;
+    act-order's GEMM1 input pre-gathered per slot): against the reference and against the fp32-product kernel, for
+    activations far below and above 1 (bf16 has fp32's exponent range: nothing underflows or overflows)."""
     scheme, G, act_order = case
     layer = build(scheme, G, act_order, False, torch.bfloat16, "cuda")
     x = (torch.randn(3, H, generator=torch.Generator().manual_seed(7)) * magnitude).to("cuda", torch.bfloat16)

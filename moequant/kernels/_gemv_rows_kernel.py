@@ -293,11 +293,6 @@ def gemv_rows_kernel(
             ua = tl.load(wa_base + j4 * stride_wk, mask=w_ok, other=0)
             if not DOWN:
                 ub = tl.load(wb_base + j4 * stride_wk, mask=w_ok, other=0)
-            ha = ua >> (12 if BITS == 4 else 16)
-            ta = tl.zeros(ua.shape, dtype=tl.float32)
-            if not DOWN:
-                hb = ub >> (12 if BITS == 4 else 16)
-                tb = tl.zeros(ub.shape, dtype=tl.float32)
             a_sum = tl.zeros(j4.shape, dtype=tl.float32)
             if PACKED:  # int4, bf16 activations read as int32 pairs (x_2m, x_2m+1), regrouped by byte permutes
                 p0 = _act_pair(a_base, j4 * 4, x_ok, MASKED)
@@ -315,6 +310,11 @@ def gemv_rows_kernel(
                 if not DOWN:
                     tb = _int4_word_dot_bf16(ub, x04, x15, x26, x37)
             else:
+                ha = ua >> (12 if BITS == 4 else 16)
+                ta = tl.zeros(ua.shape, dtype=tl.float32)
+                if not DOWN:
+                    hb = ub >> (12 if BITS == 4 else 16)
+                    tb = tl.zeros(ub.shape, dtype=tl.float32)
                 for i in tl.static_range(PW):
                     a = _act_col(a_base, sidx_base, j4 * PW + i, x_ok, stride_ak, SORTED, MASKED)
                     if HAS_ZP:
