@@ -4,8 +4,9 @@ For each shape, scheme and token count M, one GEMV (up: gate/up + activation, do
 candidate configs while the other keeps its current best; each candidate is timed as FusedMoE forwards (CUDA graph)
 over bench_moe's REPLICAS input sets routed to different experts, so weights come from DRAM as in a model's decode
 step. The search is coordinate-wise from the cached or the heuristic config (the faster): STAGES (rows kernel),
-BLOCK_N, NG (groups per chunk), num_warps, SPLIT_K (GEMM2 of the rows kernel), TUNE_GEMV_PASSES times. Winners go
-into the tuning cache (moequant/kernels/configs/<device>.json) under gemv.kernel_name (e.g. "gemv-up-int4-g128").
+BLOCK_N, NG (groups per chunk), num_warps, SPLIT_K and PART_SPLIT (GEMM2 of the rows kernel), TUNE_GEMV_PASSES
+times. Winners go into the tuning cache (moequant/kernels/configs/<device>.json) under gemv.kernel_name (e.g.
+"gemv-up-int4-g128").
 Shape legend: M tokens, E experts, K top-k, H hidden, I intermediate.
 
     python benchmarks/tune_gemv.py --schemes w4a16:g128,nvfp4a16,fp8-tensor --shapes qwen3-30b-a3b --ms 1
@@ -25,7 +26,7 @@ from benchmarks.tune_moe import layer_tuner_main, time_config  # noqa: E402
 
 PASSES = int(__import__("os").environ.get("TUNE_GEMV_PASSES", 1))
 AXES = {"STAGES": (1, 2, 3, 4), "BLOCK_N": (1, 2, 4, 8, 16, 32, 64, 128), "NG": (1, 2, 4, 8, 16, 32, 64, 128),
-        "num_warps": (2, 4, 8), "SPLIT_K": (1, 2, 4, 8)}
+        "num_warps": (2, 4, 8), "SPLIT_K": (1, 2, 4, 8), "PART_SPLIT": (False, True)}
 
 
 class Recorder:
@@ -105,8 +106,9 @@ def tune(shape_name: str, scheme: str, ms, seed: int = 0) -> dict:
             for _ in range(PASSES):
                 for down in (False, True):
                     for axis in AXES:
-                        if axis == "SPLIT_K" and (not down or "fp8" in rec.asked[down][0]
-                                                  or "fp4" in rec.asked[down][0] and "rows" not in rec.asked[down][0]):
+                        if axis in ("SPLIT_K", "PART_SPLIT") and (
+                                not down or "fp8" in rec.asked[down][0]
+                                or "fp4" in rec.asked[down][0] and "rows" not in rec.asked[down][0]):
                             continue  # only GEMM2 of the rows kernel (int, fp4) splits
                         if axis == "STAGES" and "fp8" in rec.asked[down][0]:
                             continue  # only the rows kernel pipelines its steps

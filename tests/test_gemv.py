@@ -95,6 +95,27 @@ def test_gemv_int_split_k_and_wide_blocks(case, always_gemv, monkeypatch):
 
 
 @pytest.mark.skipif(not INTERP, reason="interpreter test (CPU)")
+@pytest.mark.parametrize("case", [("w4a16", 32, False, False, 1), ("w4a16", 128, True, False, 2),
+                                  ("w4a16-asym", 64, False, False, 3), ("mxfp4", None, False, True, 2),
+                                  ("w4a16", 32, False, False, 2, True)],
+                         ids=lambda c: f"{c[0]}-G{c[1]}-act{int(c[2])}-bias{int(c[3])}-split{c[4]}"
+                                       + ("-ep" if len(c) > 5 else ""))
+def test_gemv_part_split(case, always_gemv, monkeypatch):
+    """GEMM2 with one program per top-k expert (PART_SPLIT), alone or times a split of the reduction: every program
+    adds its weighted share (the bias once per expert, from its first split) to the fp32 buffer and the last of the
+    K * SPLIT_K programs casts it; with expert parallelism the other rank's slots still arrive, adding nothing."""
+    scheme, G, act_order, bias, split, *ep = case
+    monkeypatch.setattr(gv, "OVERRIDE", {False: gv.GemvConfig(64, 2, 4),
+                                         True: gv.GemvConfig(32, 1, 2, SPLIT_K=split, PART_SPLIT=True)})
+    layer = build(scheme, G, act_order, bias, torch.float32, "cpu", ep=bool(ep))
+    plans, plan_gemv = [], gv.plan_gemv
+    monkeypatch.setattr(gv, "plan_gemv", lambda *a, **k: plans.append(plan_gemv(*a, **k)) or plans[-1])
+    for T in (1, 3):
+        assert compare(layer, T, torch.float32, "cpu", seed=T) < 1e-5, T
+    assert {(p.part_programs, p.shares) for p in plans if p.P == 1} == {(K, K * split)}, plans
+
+
+@pytest.mark.skipif(not INTERP, reason="interpreter test (CPU)")
 @pytest.mark.parametrize("scheme", ["w4a16", "nvfp4a16", "fp8-channel"])
 def test_gemv_expert_parallel_and_weight_on_input(scheme, always_gemv):
     """Slots routed to another rank's experts (-1 ids) contribute nothing; top-1 with the routing weight applied to

@@ -97,15 +97,16 @@ def _group_scale(c, s_base, as_base, row_ok4, NUM_G, stride_sg, stride_asg, NG: 
 
 
 @triton.jit
-def _split_store(out, c_ptrs, part_ptrs, n_ok, count_ptr, SPLIT_K: tl.constexpr):
-    """GEMM2 split over its reduction: each program adds its share to the fp32 split buffer (zeroed by GEMM1), then
-    counts itself in the block's counter (also zeroed by GEMM1); the program that arrives last casts the block's
-    sums into c. The barrier and the counter's release/acquire order every thread's adds before the last
-    program's reads (which go to L2, past L1)."""
+def _split_store(out, c_ptrs, part_ptrs, n_ok, count_ptr, SHARES: tl.constexpr):
+    """GEMM2 split over its reduction (and, with the rows kernel's PART_SPLIT, over the top-k experts): each of the
+    SHARES programs of an output block adds its share to the fp32 split buffer (zeroed by GEMM1), then counts itself
+    in the block's counter (also zeroed by GEMM1); the program that arrives last casts the block's sums into c. The
+    barrier and the counter's release/acquire order every thread's adds before the last program's reads (which go
+    to L2, past L1)."""
     tl.atomic_add(part_ptrs, out, mask=n_ok, sem="relaxed")
     tl.debug_barrier()
     arrived = tl.atomic_add(count_ptr, 1, sem="acq_rel")
-    if arrived == SPLIT_K - 1:
+    if arrived == SHARES - 1:
         tot = tl.load(part_ptrs, mask=n_ok, other=0.0, cache_modifier=".cg")
         tl.store(c_ptrs, tot.to(c_ptrs.dtype.element_ty), mask=n_ok)
 
@@ -113,29 +114,30 @@ def _split_store(out, c_ptrs, part_ptrs, n_ok, count_ptr, SPLIT_K: tl.constexpr)
 @triton.jit
 def gemv_epilogue(acc, pid, e, parts, slot, p_ok, row_ok, n_ok, offs_n, rows, N, es_ptr, topk_w_ptr, bias_ptr,
                   c_ptr, amax_ptr, perm_ptr, split_ptr, count_ptr, stride_ese, stride_esj, stride_bias_e,
-                  stride_bias_n, stride_cm, stride_cn, stride_pe, DOWN: tl.constexpr, W_SCALE: tl.constexpr,
-                  MUL_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, OUT_AMAX: tl.constexpr,
-                  OUT_PERM: tl.constexpr, SPLIT_K: tl.constexpr):
+                  stride_bias_n, stride_cm, stride_cn, stride_pe, split, DOWN: tl.constexpr,
+                  W_SCALE: tl.constexpr, MUL_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
+                  OUT_AMAX: tl.constexpr, OUT_PERM: tl.constexpr, SHARES: tl.constexpr):
     """Both GEMV kernels' epilogue from acc [P, BN] (the parts' sums, group scales applied): the per-expert or
-    per-row weight scale, then GEMM2: out[t, n] = sum_k w_k * (acc_k + b2) (bias from the first split only; with
-    SPLIT_K > 1 see _split_store), or GEMM1: c[slot, perm(n)] = act(gate + b, up + b) (routing weight first when
-    applied on the input; OUT_AMAX folds max |out| into amax_ptr)."""
+    per-row weight scale, then GEMM2: out[t, n] = sum_k w_k * (acc_k + b2) (the bias from the programs holding the
+    reduction's first share, split = 0; with SHARES > 1 programs per output block see _split_store), or GEMM1:
+    c[slot, perm(n)] = act(gate + b, up + b) (routing weight first when applied on the input; OUT_AMAX folds
+    max |out| into amax_ptr)."""
     if W_SCALE == 1:  # per expert and part (fp8 per-tensor, nvfp4's second-level scale)
         acc *= tl.load(es_ptr + e * stride_ese + parts * stride_esj, mask=p_ok, other=0.0)[:, None]
     elif W_SCALE == 2:  # per output row (fp8 per-channel, int per-channel)
         acc *= tl.load(es_ptr + e[:, None] * stride_ese + rows * stride_esj, mask=row_ok, other=0.0)
     if DOWN:
-        if HAS_BIAS:  # added once: by the first split
-            b_ok = row_ok & ((tl.program_id(2) + parts * 0) == 0)[:, None]
+        if HAS_BIAS:  # added once per expert: by its first share of the reduction
+            b_ok = row_ok & ((split + parts * 0) == 0)[:, None]
             acc += tl.load(bias_ptr + e[:, None] * stride_bias_e + offs_n[None, :] * stride_bias_n,
                            mask=b_ok, other=0.0).to(tl.float32)
         if MUL_WEIGHT:
             acc *= tl.load(topk_w_ptr + slot, mask=p_ok, other=0.0)[:, None]
         out = tl.sum(tl.where(row_ok, acc, 0.0), axis=0)
         c_ptrs = c_ptr + pid.to(tl.int64) * stride_cm + offs_n * stride_cn
-        if SPLIT_K > 1:
+        if SHARES > 1:
             _split_store(out, c_ptrs, split_ptr + pid.to(tl.int64) * N + offs_n, n_ok,
-                         count_ptr + pid.to(tl.int64) * tl.num_programs(1) + tl.program_id(1), SPLIT_K)
+                         count_ptr + pid.to(tl.int64) * tl.num_programs(1) + tl.program_id(1), SHARES)
         else:
             tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=n_ok)
     else:
@@ -233,5 +235,5 @@ def gemv_moe_kernel(
         acc *= tl.load(as_ptr + a_row * stride_asm, mask=p_ok, other=0.0)[:, None]
     gemv_epilogue(acc, pid, e, parts, slot, p_ok, row_ok, n_ok, offs_n, rows, N, es_ptr, topk_w_ptr, bias_ptr,
                   c_ptr, amax_ptr, perm_ptr, split_ptr, count_ptr, stride_ese, stride_esj, stride_bias_e,
-                  stride_bias_n, stride_cm, stride_cn, stride_pe, DOWN, W_SCALE, MUL_WEIGHT, HAS_BIAS, ACTIVATION,
-                  OUT_AMAX, OUT_PERM, 1)
+                  stride_bias_n, stride_cm, stride_cn, stride_pe, 0, DOWN, W_SCALE, MUL_WEIGHT, HAS_BIAS,
+                  ACTIVATION, OUT_AMAX, OUT_PERM, 1)

@@ -211,8 +211,8 @@ def gemv_rows_kernel(
     FMT: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr, GROUP_SCALES: tl.constexpr, HAS_ZP: tl.constexpr,
     SCALE_KIND: tl.constexpr, W_SCALE: tl.constexpr, A_SCALE: tl.constexpr, SORTED: tl.constexpr,
     MUL_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_AMAX: tl.constexpr, OUT_PERM: tl.constexpr,
-    EVEN: tl.constexpr, SPLIT_K: tl.constexpr, STAGES: tl.constexpr, ZERO_SPLIT: tl.constexpr, ZB: tl.constexpr,
-    PACKED: tl.constexpr, A_ROW_DIV: tl.constexpr,
+    EVEN: tl.constexpr, SPLIT_K: tl.constexpr, PART_SPLIT: tl.constexpr, STAGES: tl.constexpr,
+    ZERO_SPLIT: tl.constexpr, ZB: tl.constexpr, PACKED: tl.constexpr, A_ROW_DIV: tl.constexpr,
     BLOCK_N: tl.constexpr, NG: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -221,8 +221,14 @@ def gemv_rows_kernel(
         tl.store(split_ptr + z, tl.zeros((ZB,), dtype=tl.float32), mask=z < n_split)
         tl.store(count_ptr + z, tl.zeros((ZB,), dtype=tl.int32), mask=z < n_count)
     parts = tl.arange(0, P)
+    split = tl.program_id(2)  # this program's share of the reduction (GEMM2)
+    SHARES: tl.constexpr = SPLIT_K * TOP_K if PART_SPLIT else SPLIT_K  # programs adding into one output block
     if DOWN:
-        slot = pid * TOP_K + parts
+        if PART_SPLIT:  # one top-k expert per program (P = 1): program_id(2) = part * SPLIT_K + split
+            slot = pid * TOP_K + tl.program_id(2) // SPLIT_K + parts
+            split = tl.program_id(2) % SPLIT_K
+        else:
+            slot = pid * TOP_K + parts
         p_ok = parts < TOP_K
         e = tl.load(ids_ptr + slot, mask=p_ok, other=-1)
         p_ok = p_ok & (e >= 0)
@@ -258,7 +264,7 @@ def gemv_rows_kernel(
     # split-K (DOWN only): program_id(2) takes chunks [c0, c1) of the reduction and adds its sums atomically
     n_chunks = tl.cdiv(NUM_G, NG)
     per_split = tl.cdiv(n_chunks, SPLIT_K)
-    c0 = tl.program_id(2) * per_split
+    c0 = split * per_split
     c1 = tl.minimum(c0 + per_split, n_chunks)
     if FMT == 0:
         n4 = offs_n[None, None, None, :].to(tl.int64)
@@ -324,13 +330,13 @@ def gemv_rows_kernel(
                     if not DOWN:
                         tb += _int_elem(ub, hb, 1 << (BITS - 1), i, BITS, two23) * a
             if HAS_ZP:
-                ta -= tl.load(za_base + g4 * stride_zg, mask=g_ok, other=0).to(tl.float32) * a_sum
+                ta -= tl.load(za_base + g4 * stride_zg + j4 * 0, mask=g_ok, other=0).to(tl.float32) * a_sum
                 if not DOWN:
-                    tb -= tl.load(zb_base + g4 * stride_zg, mask=g_ok, other=0).to(tl.float32) * a_sum
+                    tb -= tl.load(zb_base + g4 * stride_zg + j4 * 0, mask=g_ok, other=0).to(tl.float32) * a_sum
             if GROUP_SCALES:
-                acc_a += ta * tl.load(sa_base + g4 * stride_sg, mask=g_ok, other=0).to(tl.float32)
+                acc_a += ta * tl.load(sa_base + g4 * stride_sg + j4 * 0, mask=g_ok, other=0).to(tl.float32)
                 if not DOWN:
-                    acc_b += tb * tl.load(sb_base + g4 * stride_sg, mask=g_ok, other=0).to(tl.float32)
+                    acc_b += tb * tl.load(sb_base + g4 * stride_sg + j4 * 0, mask=g_ok, other=0).to(tl.float32)
             else:
                 acc_a += ta
                 if not DOWN:
@@ -391,5 +397,5 @@ def gemv_rows_kernel(
 
     gemv_epilogue(acc, pid, e, parts, slot, p_ok, row_ok, n_ok, offs_n, rows, N, es_ptr, topk_w_ptr, bias_ptr,
                   c_ptr, amax_ptr, perm_ptr, split_ptr, count_ptr, stride_ese, stride_esj, stride_bias_e,
-                  stride_bias_n, stride_cm, stride_cn, stride_pe, DOWN, W_SCALE, MUL_WEIGHT, HAS_BIAS, ACTIVATION,
-                  OUT_AMAX, OUT_PERM, SPLIT_K)
+                  stride_bias_n, stride_cm, stride_cn, stride_pe, split, DOWN, W_SCALE, MUL_WEIGHT, HAS_BIAS,
+                  ACTIVATION, OUT_AMAX, OUT_PERM, SHARES)

@@ -78,6 +78,7 @@ class GemvConfig:
     NG: int  # scale groups per chunk
     num_warps: int = 4
     SPLIT_K: int = 1  # GEMM2 of the rows kernel: programs per output block, each over a share of the reduction
+    PART_SPLIT: bool = False  # GEMM2 of the rows kernel: one program per top-k expert (x SPLIT_K), sums added atomically
     STAGES: int = 1  # rows kernel: steps in flight (> 1: the next steps' words stream into shared memory)
 
 
@@ -192,10 +193,16 @@ class GemvPlan:
     rows_kernel: bool
     cfg: GemvConfig
     split: int
+    part_programs: int = 1  # GEMM2 with PART_SPLIT: top-k programs per output block and split, one per expert
 
     @property
     def programs(self) -> int:
         return self.grid_rows * triton.cdiv(self.N, self.cfg.BLOCK_N)
+
+    @property
+    def shares(self) -> int:
+        """GEMM2's programs per output block, all adding into the split buffer: splits x part programs."""
+        return self.split * self.part_programs
 
 
 def plan_gemv(w: GemvWeights, out_rows: int, topk_ids, *, down: bool, top_k: int, a_scale_kind=None,
@@ -208,13 +215,15 @@ def plan_gemv(w: GemvWeights, out_rows: int, topk_ids, *, down: bool, top_k: int
     rows_kernel = uses_rows_kernel(w, a_scale_kind)
     cfg = cfg or gemv_config(P, N, w, topk_ids.shape[0], down, grid_rows, rows_kernel)
     split = max(1, min(cfg.SPLIT_K, triton.cdiv(w.columns, cfg.NG * _group(w)))) if down and rows_kernel else 1
+    if down and rows_kernel and cfg.PART_SPLIT and top_k > 1:
+        return GemvPlan(N, 1, grid_rows, rows_kernel, cfg, split, top_k)
     return GemvPlan(N, P, grid_rows, rows_kernel, cfg, split)
 
 
 def split_buffers(plan: GemvPlan, out_rows: int, device) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """GEMM2's split-K buffers, uninitialised (GEMM1 zeroes them): fp32 partial sums [T, N] and int32 arrival
-    counters [T, cdiv(N, BLOCK_N)]; None without a split."""
-    if plan.split == 1:
+    """GEMM2's split buffers, uninitialised (GEMM1 zeroes them): fp32 partial sums [T, N] and int32 arrival
+    counters [T, cdiv(N, BLOCK_N)]; None with one program per output block."""
+    if plan.shares == 1:
         return None
     return (torch.empty(out_rows, plan.N, dtype=torch.float32, device=device),
             torch.empty(out_rows, triton.cdiv(plan.N, plan.cfg.BLOCK_N), dtype=torch.int32, device=device))
@@ -226,7 +235,7 @@ def gemv(a, w: GemvWeights, c, topk_ids, *, down: bool, top_k: int, activation: 
     """GEMM1 (down=False): c[slot] = act(W13[e] a[slot // top_k]) for every slot; GEMM2 (down=True):
     c[t] = sum_k w[t, k] * (W2[e_k] a[t*top_k + k] + b2[e_k]). a_scale_kind: None (A16), "tensor" [1],
     "row" [rows] or "group" [rows, C/128] scales of a (fp8 or pre-quantized nvfp4).
-    GEMM2 with a split (plan.split > 1) uses split_bufs (zeroed by the GEMM1 that got them as zero_bufs; zeroed
+    GEMM2 with several programs per output block (plan.shares > 1) uses split_bufs (zeroed by the GEMM1 that got them as zero_bufs; zeroed
     here when not given). a_per_slot (GEMM1, rows kernel): a holds one row per slot instead of one per token."""
     ids = topk_ids.reshape(-1)
     C = w.columns
@@ -258,9 +267,9 @@ def gemv(a, w: GemvWeights, c, topk_ids, *, down: bool, top_k: int, activation: 
     if rows_kernel and w.fmt == "fp4":  # bytes and scales of rows 4q..4q+3 as one int32 word: [E, N/4, C/2 | C/G]
         data, s = _row_words(w.data), _row_words(w.scale.view(torch.uint8))
         s_strides = s.stride()
-    if down and plan.split > 1 and split_bufs is None:
+    if down and plan.shares > 1 and split_bufs is None:
         split_bufs = tuple(b.zero_() for b in split_buffers(plan, c.shape[0], c.device))
-    bufs = split_bufs if down and plan.split > 1 else zero_bufs if not down else None
+    bufs = split_bufs if down and plan.shares > 1 else zero_bufs if not down else None
     args = [
         a, data, s, zp if zp is not None else dummy, si if si is not None else dummy, es, a_s, ids,
         topk_weights if topk_weights is not None else dummy, bias if bias is not None else dummy, c,
@@ -287,9 +296,10 @@ def gemv(a, w: GemvWeights, c, topk_ids, *, down: bool, top_k: int, activation: 
         zero = not down and zero_bufs is not None  # ZB: elements of each buffer one GEMM1 program zeroes
         zb = triton.next_power_of_2(max(16, triton.cdiv(zero_bufs[0].numel(), plan.programs))) if zero else 16
         args.insert(20, 0x4B000000)  # two23, after n_count
-        gemv_rows_kernel[grid + (plan.split,)](*args, EVEN=even, SPLIT_K=plan.split, STAGES=cfg.STAGES,
-                                               ZERO_SPLIT=zero, ZB=zb, PACKED=uses_packed(w, a),
-                                               A_ROW_DIV=1 if a_per_slot else top_k, **consts)
+        gemv_rows_kernel[grid + (plan.shares,)](*args, EVEN=even, SPLIT_K=plan.split,
+                                                PART_SPLIT=plan.part_programs > 1, STAGES=cfg.STAGES,
+                                                ZERO_SPLIT=zero, ZB=zb, PACKED=uses_packed(w, a),
+                                                A_ROW_DIV=1 if a_per_slot else top_k, **consts)
     else:
         if a_per_slot:
             raise ValueError("gemv: one activation row per slot needs the rows kernel (int or A16 fp4 weights)")

@@ -11,10 +11,13 @@ Checkpoint layout (compressed-tensors pack-quantized names, w13_/w2_ prefixed; w
   w13_weight_g_idx int32 [E, H], w2_weight_g_idx [E, I_p]  (act-order only; group of each input channel)
 Kernel layout (after process_weights_after_loading):
   *_weight_packed: same words, but with act-order the input channels are sorted by group (stable), so every group is
-    contiguous; *_sort_idx int32 [E, K] keeps, for sorted position j, the original input channel (the decode GEMV
-    gathers activation column sort_idx[j] in its loads; the grouped GEMMs read a per-slot copy of the activations in
-    sorted order, kernels/gather.py); *_weight_g_idx becomes the sorted g_idx (non-decreasing).
-  *_weight_zero_point: unpacked, int8 [E, N, groups]; scales unchanged (params dtype).
+    contiguous; *_sort_idx int32 [E, K] keeps, for sorted position j, the original input channel (the GEMMs read a
+    per-slot copy of the activations in sorted order, kernels/gather.py); *_weight_g_idx becomes the sorted g_idx
+    (non-decreasing).
+  *_weight_zero_point: unpacked, int8 [E, N, groups]; scales keep their values (params dtype).
+  Words, scales and zero points are stored rows-contiguous (N stride 1, methods.base.rows_contiguous): the decode
+  GEMV loads one packed column of several rows per vector load, and its scale loads then share the words' register
+  layout (K-contiguous scales made Triton move every step's products through shared memory).
 Dequantized w[n, k_sorted] = (q - zp[n, g]) * scale[n, g], g = g_idx_sorted[k_sorted] (k // G without act-order).
 """
 
@@ -189,7 +192,7 @@ class IntWeightOnlyMethod(FusedMoEMethodBase):
             packed = getattr(layer, f"{p}_weight_packed").data
             if not self.symmetric:
                 zp = im.unpack_int32(getattr(layer, f"{p}_weight_zero_point").data, self.bits, n, dim=0)
-                self.register(layer, f"{p}_weight_zero_point", zp.contiguous(), None)
+                self.register(layer, f"{p}_weight_zero_point", rows_contiguous(zp), None)
             if self.act_order:
                 g = getattr(layer, f"{p}_weight_g_idx").data
                 ng = getattr(layer, f"{p}_weight_scale").shape[-1]
@@ -208,7 +211,8 @@ class IntWeightOnlyMethod(FusedMoEMethodBase):
                 # equal-size groups after the sort: the kernel reads scales by k // G (decided once, here)
                 ref = im.default_g_idx(k, self.config.group_size, g.device)
                 self.uniform_groups[p] = bool((getattr(layer, f"{p}_weight_g_idx").data == ref).all())
-            self.register(layer, f"{p}_weight_packed", rows_contiguous(getattr(layer, f"{p}_weight_packed").data), None)
+            for name in ("weight_packed", "weight_scale"):
+                self.register(layer, f"{p}_{name}", rows_contiguous(getattr(layer, f"{p}_{name}").data), None)
         self.processed = True
 
     # --- math -----------------------------------------------------------------------------------------------
