@@ -138,13 +138,9 @@ class FusedMoE(nn.Module):
     def route(self, hidden_states: torch.Tensor, router_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k weights and global expert ids for each token, with this layer's routing settings.
         The plain softmax/sigmoid top-k runs as one Triton launch on the Triton backend."""
-        plain = not self.use_grouped_topk and self.custom_routing_function is None and self.e_score_correction_bias is None
-        if plain and self.resolved_backend(hidden_states) == "triton":
+        if self._fused_routing(hidden_states, router_logits):
             from moequant.kernels.topk import fused_topk
 
-            if router_logits.dim() != 2 or router_logits.shape != (hidden_states.shape[0], self.global_num_experts):
-                raise ValueError(f"router_logits must be [T, {self.global_num_experts}] with T = {hidden_states.shape[0]}, "
-                                 f"got {tuple(router_logits.shape)}")
             return fused_topk(router_logits, self.top_k, self.renormalize, self.scoring_func, self.routed_scaling_factor)
         return self.select_experts(
             hidden_states, router_logits, self.top_k, self.use_grouped_topk, self.renormalize,
@@ -152,6 +148,16 @@ class FusedMoE(nn.Module):
             custom_routing_function=self.custom_routing_function, scoring_func=self.scoring_func,
             routed_scaling_factor=self.routed_scaling_factor, e_score_correction_bias=self.e_score_correction_bias,
         )
+
+    def _fused_routing(self, hidden_states: torch.Tensor, router_logits: torch.Tensor) -> bool:
+        """Plain softmax/sigmoid top-k on the Triton backend: routing runs as one Triton launch (checked logits)."""
+        plain = not self.use_grouped_topk and self.custom_routing_function is None and self.e_score_correction_bias is None
+        if not plain or self.resolved_backend(hidden_states) != "triton":
+            return False
+        if router_logits.dim() != 2 or router_logits.shape != (hidden_states.shape[0], self.global_num_experts):
+            raise ValueError(f"router_logits must be [T, {self.global_num_experts}] with T = {hidden_states.shape[0]}, "
+                             f"got {tuple(router_logits.shape)}")
+        return True
 
     def to_local_ids(self, topk_ids: torch.Tensor) -> torch.Tensor:
         """Global expert ids -> this rank's local ids; -1 for experts held by other ranks."""
@@ -173,14 +179,27 @@ class FusedMoE(nn.Module):
     def forward(self, hidden_states: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
         if hidden_states.dim() != 2 or hidden_states.shape[1] != self.hidden_size:
             raise ValueError(f"hidden_states must be [T, {self.hidden_size}], got {tuple(hidden_states.shape)}")
+        order = None
+        if self.expert_map is None and self._fused_routing(hidden_states, router_logits):
+            order = self.quant_method.slot_column_order(self, hidden_states)
+        if order is not None:  # routing also writes each slot's x row in its expert's column order (one launch)
+            from moequant.kernels.topk import fused_topk_gather
+
+            topk_weights, topk_ids, rows = fused_topk_gather(
+                router_logits, self.top_k, self.renormalize, self.scoring_func, self.routed_scaling_factor,
+                hidden_states, order)
+            return self.experts_forward(hidden_states, topk_weights, topk_ids, slot_rows=rows)
         topk_weights, topk_ids = self.route(hidden_states, router_logits)
         return self.experts_forward(hidden_states, topk_weights, topk_ids)
 
-    def experts_forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
-        """The expert part of forward for given routing (global ids)."""
+    def experts_forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                        slot_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """The expert part of forward for given routing (global ids). slot_rows: x's rows per slot in the order
+        the method's slot_column_order asked for (Triton backend only)."""
         local_ids = self.to_local_ids(topk_ids)
         if self.resolved_backend(x) == "triton":
-            out = self.quant_method.apply_triton(self, x, topk_weights, local_ids)
+            extra = {} if slot_rows is None else {"slot_rows": slot_rows}
+            out = self.quant_method.apply_triton(self, x, topk_weights, local_ids, **extra)
         else:
             compute = torch.float64 if x.dtype == torch.float64 else torch.float32
             out = self.quant_method.apply_reference(self, x, topk_weights, local_ids, compute).to(x.dtype)

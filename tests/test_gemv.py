@@ -135,6 +135,34 @@ def test_gemv_expert_parallel_and_weight_on_input(scheme, always_gemv):
     assert rel_err(out, top1.experts_forward(x, w, ids)) <= 1e-5
 
 
+@pytest.mark.parametrize("scheme", ["w4a16", "w8a16", "w4a16-asym"])
+def test_act_order_decode_gathers_in_the_routing_launch(scheme, always_gemv, monkeypatch):
+    """Act-order on the decode path: the layer's forward routes and writes each slot's x row in w13's sorted order
+    in one launch (fused_topk_gather, no gather_slot_columns), and matches the reference forward."""
+    import moequant.kernels.gather as gather_mod
+    import moequant.kernels.topk as topk_mod
+
+    dtype = torch.bfloat16 if ON_GPU else torch.float32
+    dev = "cuda" if ON_GPU else "cpu"
+    if not ON_GPU and not INTERP:
+        pytest.skip("the Triton backend on the CPU needs the interpreter")
+    layer = build(scheme, 64, True, False, dtype, dev)
+    calls = []
+    fused = topk_mod.fused_topk_gather
+    monkeypatch.setattr(topk_mod, "fused_topk_gather", lambda *a: calls.append(1) or fused(*a))
+    monkeypatch.setattr(gather_mod, "gather_slot_columns_kernel", None)  # must not be launched
+    gen = torch.Generator().manual_seed(9)
+    for T in (1, 2):
+        x = torch.randn(T, H, generator=gen).to(dtype).to(dev)
+        logits = torch.randn(T, E, generator=gen).to(dev)
+        layer.backend = "triton"
+        out = layer(x, logits)
+        layer.backend = "reference"
+        ref = layer(x.float(), logits).to(dtype) if dtype != torch.float32 else layer(x, logits)
+        assert rel_err(out, ref) <= (1e-2 if ON_GPU else 1e-5), (scheme, T)
+    assert len(calls) == 2
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("case", SCHEMES, ids=lambda c: f"{c[0]}-G{c[1]}-act{int(c[2])}-bias{int(c[3])}")

@@ -209,6 +209,27 @@ def test_gather_slot_columns_matches_twin(T, K, C, row_div):
         gather_slot_columns(a.to(DEVICE), sort_idx[:, :-1].to(DEVICE), ids.to(DEVICE), row_div)
 
 
+@pytest.mark.parametrize("T,E,K,C,scoring,renorm", [(1, 128, 8, 600, "softmax", True), (5, 8, 2, 64, "sigmoid", False),
+                                                      (0, 8, 2, 64, "softmax", True)])
+def test_fused_topk_gather_matches_topk_and_gather(T, E, K, C, scoring, renorm):
+    """Routing with the act-order gather in the same launch: the same weights and ids as fused_topk (hence
+    select_experts), and each slot's row of x in its expert's sorted order (C over several programs' blocks)."""
+    from moequant.kernels.reference import gather_slot_columns_ref
+    from moequant.kernels.topk import fused_topk, fused_topk_gather
+
+    gen = torch.Generator().manual_seed(C)
+    logits = torch.randn(T, E, generator=gen)
+    x = torch.randn(T, C, generator=gen).to(torch.float16)
+    sort_idx = torch.stack([torch.randperm(C, generator=gen) for _ in range(E)]).int()
+    w, ids, rows = (t.cpu() for t in fused_topk_gather(logits.to(DEVICE), K, renorm, scoring, 2.0, x.to(DEVICE),
+                                                        sort_idx.to(DEVICE)))
+    rw, rids = (t.cpu() for t in fused_topk(logits.to(DEVICE), K, renorm, scoring, 2.0))
+    assert torch.equal(ids, rids) and torch.equal(w, rw)
+    assert torch.equal(rows, gather_slot_columns_ref(x, sort_idx, ids, K))
+    with pytest.raises(ValueError, match="do not match"):
+        fused_topk_gather(logits.to(DEVICE), K, renorm, scoring, 1.0, x.to(DEVICE), sort_idx[:, :-1].to(DEVICE))
+
+
 @pytest.mark.parametrize("T,K,H", [(1, 8, 2048), (7, 3, 33), (0, 2, 16)])
 def test_moe_sum_matches_twin(T, K, H):
     from moequant.kernels.moe_gemm import moe_sum

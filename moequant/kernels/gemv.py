@@ -312,11 +312,12 @@ def gemv(a, w: GemvWeights, c, topk_ids, *, down: bool, top_k: int, activation: 
 
 def fused_experts_gemv(x, w13: GemvWeights, w2: GemvWeights, topk_weights, topk_ids, *, activation="silu",
                        w13_bias=None, w2_bias=None, apply_router_weight_on_input=False, quantize=None,
-                       inter_dtype=None, out_amax=None) -> torch.Tensor:
+                       inter_dtype=None, out_amax=None, slot_rows=None) -> torch.Tensor:
     """out[t] = sum_k w[t,k] * (W2[e] q2(act(W13[e] q1(x[t]) + b13[e])) + b2[e]): two GEMV launches.
     quantize(a, stage) -> (a_q, scale, scale kind) quantizes GEMM1's (stage 1) and GEMM2's (stage 2) input (None:
     A16); inter_dtype: GEMM1's output dtype (fp32 when it is quantized next, so it is rounded once); out_amax: fold
-    max |inter| into it (a dynamic per-tensor stage-2 scale)."""
+    max |inter| into it (a dynamic per-tensor stage-2 scale). slot_rows [T*K, H]: act-order's per-slot rows of x in
+    w13's sorted column order, already written (by the routing launch, kernels.topk.fused_topk_gather)."""
     T, H = x.shape
     K = topk_ids.shape[1]
     I = w13.data.shape[1] // 2
@@ -324,8 +325,8 @@ def fused_experts_gemv(x, w13: GemvWeights, w2: GemvWeights, topk_weights, topk_
     a, s, kind = quantize(x, 1) if quantize is not None else (x, None, None)
     per_slot = w13.sort_idx is not None and quantize is None and uses_rows_kernel(w13)
     if per_slot:  # act-order: each slot's row of x in its expert's sorted column order (one launch), read in order
-        a = gather_slot_columns(x, w13.sort_idx, topk_ids, K,
-                                out=torch.empty(T * K, H, dtype=x.dtype, device=x.device))
+        a = slot_rows if slot_rows is not None else gather_slot_columns(
+            x, w13.sort_idx, topk_ids, K, out=torch.empty(T * K, H, dtype=x.dtype, device=x.device))
         w13 = replace(w13, sort_idx=None)
     inter = torch.empty(T * K, I, dtype=inter_dtype or x.dtype, device=x.device)
     # GEMM2's split buffers are zeroed by GEMM1 (A16 only: the split exists on the rows kernel)

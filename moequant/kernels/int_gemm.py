@@ -144,7 +144,7 @@ def gemv_weights(w: IntWeights, layout: IntLayout, sort_idx=None, out_perm=None)
 
 def fused_experts_int(x, w13: IntWeights, w2: IntWeights, topk_weights, topk_ids, layout: IntLayout, *,
                       activation="silu", w13_bias=None, w2_bias=None, apply_router_weight_on_input=False,
-                      has_remote_experts=False, split_k: int | None = None) -> torch.Tensor:
+                      has_remote_experts=False, split_k: int | None = None, slot_rows=None) -> torch.Tensor:
     """out[t] = sum_k w[t,k] * (W2[e] act(W13[e] x[t] + b13[e]) + b2[e]), W = dequantized int weights.
     split_k: K slices of GEMM2 (None: split_k_for's choice, 1 off the GPU)."""
     T, H = x.shape
@@ -164,7 +164,7 @@ def fused_experts_int(x, w13: IntWeights, w2: IntWeights, topk_weights, topk_ids
         g2 = gemv_weights(w2, layout, sort_idx=w2.sort_idx if w2.inv_sort_idx is None else None)
         return fused_experts_gemv(x, g13, g2, topk_weights, topk_ids,
                                   activation=activation, w13_bias=w13_bias, w2_bias=w2_bias,
-                                  apply_router_weight_on_input=apply_router_weight_on_input)
+                                  apply_router_weight_on_input=apply_router_weight_on_input, slot_rows=slot_rows)
     S = T * K
     tag = f"int{layout.bits}"
     slab = use_slab(S, E)
@@ -176,7 +176,8 @@ def fused_experts_int(x, w13: IntWeights, w2: IntWeights, topk_weights, topk_ids
     new = torch.zeros if has_remote_experts else torch.empty
     a_div = K
     if w13.sort_idx is not None:  # act-order: each slot's x row in its expert's sorted column order
-        x = gather_slot_columns(x, w13.sort_idx, topk_ids, K, out=new(S, H, dtype=x.dtype, device=x.device))
+        x = slot_rows if slot_rows is not None else gather_slot_columns(
+            x, w13.sort_idx, topk_ids, K, out=new(S, H, dtype=x.dtype, device=x.device))
         w13, a_div = dataclasses.replace(w13, sort_idx=None), 1
     inter = new(S, I, dtype=x.dtype, device=x.device)
     int_grouped_gemm(x, w13, inter, route1, cfg1, layout, gated=True, a_row_div=a_div, activation=activation,

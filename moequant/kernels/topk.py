@@ -1,7 +1,9 @@
-"""fused_topk: softmax/sigmoid scores, top-k, renormalisation and scaling in one launch (the common routing case).
+"""fused_topk: softmax/sigmoid scores, top-k, renormalisation and scaling in one launch (the common routing case);
+fused_topk_gather: the same, also writing each slot's row of x in its expert's act-order column order.
 
 logits [T, E] -> (topk_weights fp32 [T, K], topk_ids int32 [T, K]); ties go to the lower expert index.
-Torch twin: moequant.routing.select_experts (without grouped top-k, correction bias or a custom function).
+Torch twins: moequant.routing.select_experts (without grouped top-k, correction bias or a custom function) and
+moequant.kernels.reference.gather_slot_columns_ref.
 """
 
 from __future__ import annotations
@@ -9,7 +11,15 @@ from __future__ import annotations
 import torch
 import triton
 
-from moequant.kernels._topk_kernel import fused_topk_kernel
+from moequant.kernels._topk_kernel import fused_topk_gather_kernel, fused_topk_kernel
+
+GATHER_BLOCK = 256  # fused_topk_gather: columns per program (each program also routes its token)
+
+
+def _consts(router_logits: torch.Tensor, top_k: int, renormalize: bool, scoring_func: str) -> dict:
+    E = router_logits.shape[1]
+    return dict(TOP_K=top_k, K_PAD=max(2, triton.next_power_of_2(top_k)), E_PAD=max(16, triton.next_power_of_2(E)),
+                SIGMOID=scoring_func == "sigmoid", RENORMALIZE=renormalize, num_warps=1 if E <= 256 else 4)
 
 
 def fused_topk(router_logits: torch.Tensor, top_k: int, renormalize: bool, scoring_func: str = "softmax",
@@ -20,9 +30,32 @@ def fused_topk(router_logits: torch.Tensor, top_k: int, renormalize: bool, scori
     if T == 0:
         return weights, ids
     logits = router_logits if router_logits.stride(1) == 1 else router_logits.contiguous()
-    fused_topk_kernel[(T,)](
-        logits, weights, ids, E, logits.stride(0), float(routed_scaling_factor),
-        TOP_K=top_k, K_PAD=max(2, triton.next_power_of_2(top_k)), E_PAD=max(16, triton.next_power_of_2(E)),
-        SIGMOID=scoring_func == "sigmoid", RENORMALIZE=renormalize, num_warps=1 if E <= 256 else 4,
-    )
+    fused_topk_kernel[(T,)](logits, weights, ids, E, logits.stride(0), float(routed_scaling_factor),
+                            **_consts(logits, top_k, renormalize, scoring_func))
     return weights, ids
+
+
+def fused_topk_gather(router_logits: torch.Tensor, top_k: int, renormalize: bool, scoring_func: str,
+                      routed_scaling_factor: float, x: torch.Tensor, sort_idx: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """fused_topk plus rows [T*K, C]: rows[t*K + k, j] = x[t, sort_idx[ids[t, k], j]] (x [T, C]; sort_idx int32
+    [E, C], the experts' act-order column order). One launch of T x K x cdiv(C, GATHER_BLOCK) programs, each routing
+    its token again (cheap next to a launch at decode sizes; fused_topk + gather_slot_columns for many tokens)."""
+    T, E = router_logits.shape
+    C = x.shape[1]
+    if x.shape[0] != T or sort_idx.shape != (E, C):
+        raise ValueError(f"fused_topk_gather: x {tuple(x.shape)} and sort_idx {tuple(sort_idx.shape)} do not match "
+                         f"router_logits {tuple(router_logits.shape)} (expected x [{T}, C], sort_idx [{E}, C])")
+    weights = torch.empty(T, top_k, dtype=torch.float32, device=x.device)
+    ids = torch.empty(T, top_k, dtype=torch.int32, device=x.device)
+    rows = torch.empty(T * top_k, C, dtype=x.dtype, device=x.device)
+    if T == 0:
+        return weights, ids, rows
+    logits = router_logits if router_logits.stride(1) == 1 else router_logits.contiguous()
+    x = x if x.stride(1) == 1 else x.contiguous()
+    sort_idx = sort_idx if sort_idx.stride(1) == 1 else sort_idx.contiguous()
+    block = min(GATHER_BLOCK, triton.next_power_of_2(C))
+    fused_topk_gather_kernel[(T, top_k, triton.cdiv(C, block))](
+        logits, weights, ids, x, sort_idx, rows, E, C, logits.stride(0), x.stride(0), sort_idx.stride(0),
+        rows.stride(0), float(routed_scaling_factor), BLOCK=block, **_consts(logits, top_k, renormalize, scoring_func))
+    return weights, ids, rows

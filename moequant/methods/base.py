@@ -115,6 +115,11 @@ class FusedMoEMethodBase:
         """RTN-quantize full-precision weights (w13 [E, 2I_p, H], w2 [E, H, I_p]) into the layer's parameters."""
         raise NotImplementedError
 
+    def slot_column_order(self, layer: "FusedMoE", x: torch.Tensor) -> torch.Tensor | None:
+        """Column order [E, H] in which apply_triton wants each routed slot's row of x, written by the routing launch
+        and passed as apply_triton(..., slot_rows=[T*K, H]); None (the default): x as it is."""
+        return None
+
     def apply_triton(self, layer: "FusedMoE", x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError(f"method {self.name!r} has no Triton path yet; use backend='reference'")
 
