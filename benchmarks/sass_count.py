@@ -27,12 +27,15 @@ from moequant.kernels._gemv_rows_kernel import gemv_rows_kernel  # noqa: E402
 
 DEFAULTS = dict(DOWN=False, TOP_K=2, P=2, ACTIVATION=0, FMT=0, BITS=4, G=128, GROUP_SCALES=True, HAS_ZP=False,
                 SCALE_KIND=0, W_SCALE=0, A_SCALE=0, SORTED=False, MUL_WEIGHT=False, HAS_BIAS=False, OUT_AMAX=False,
-                OUT_PERM=False, EVEN=True, SPLIT_K=1, STAGES=1, ZERO_SPLIT=False, ZB=16, PACKED=False, A_ROW_DIV=2,
-                BLOCK_N=32, NG=2)
-ROWS_ONLY = ("EVEN", "SPLIT_K", "STAGES", "ZERO_SPLIT", "ZB", "PACKED", "A_ROW_DIV")  # gemv_rows_kernel's own
-POINTERS = {"a_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*bf16", "z_ptr": "*i32", "sidx_ptr": "*i32",
+                OUT_PERM=False, EVEN=True, SPLIT_K=1, PART_SPLIT=False, STAGES=1, ZERO_SPLIT=False, ZB=16,
+                PACKED=False, PREFETCH=False, A_ROW_DIV=2, BLOCK_N=32, NG=2)
+ROWS_ONLY = ("EVEN", "SPLIT_K", "PART_SPLIT", "STAGES", "ZERO_SPLIT", "ZB", "PACKED", "PREFETCH",
+             "A_ROW_DIV")  # gemv_rows_kernel's own
+POINTERS = {"a_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*bf16", "z_ptr": "*i8", "sidx_ptr": "*i32",
             "ids_ptr": "*i32", "c_ptr": "*fp32", "count_ptr": "*i32", "perm_ptr": "*i32", "bias_ptr": "*bf16"}
-ONES = ("stride_ak", "stride_wn", "stride_sg", "stride_cn")  # Triton specializes integer arguments equal to 1
+# Triton specializes integer arguments equal to 1: rows kernel (weights, scales and zero points rows-contiguous)
+ONES_ROWS = ("stride_ak", "stride_wn", "stride_sn", "stride_zn", "stride_cn")
+ONES = ("stride_ak", "stride_wn", "stride_sg", "stride_cn")  # gemv_moe_kernel (K-contiguous scales)
 DIV16 = ("N", "C", "two23", "stride_am", "stride_we", "stride_wk", "stride_se", "stride_sn", "stride_cm")
 
 
@@ -43,11 +46,12 @@ def compile_sm90(consts: dict, num_warps: int):
     kernel = gemv_rows_kernel if rows else gemv_moe_kernel
     if not rows:
         consts = {k: v for k, v in consts.items() if k not in ROWS_ONLY}
+    ones = ONES_ROWS if rows else ONES
     names = kernel.arg_names
     sig, cst = {}, dict(consts)
     for n in names:
-        sig[n] = "constexpr" if n in cst or n in ONES else POINTERS.get(n, "*fp32") if n.endswith("_ptr") else "i32"
-    cst.update({n: 1 for n in ONES})
+        sig[n] = "constexpr" if n in cst or n in ones else POINTERS.get(n, "*fp32") if n.endswith("_ptr") else "i32"
+    cst.update({n: 1 for n in ones})
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names if n.endswith("_ptr") or n in DIV16}
     src = ASTSource(fn=kernel, signature=sig, constexprs={(names.index(k),): v for k, v in cst.items()},
                     attrs=attrs)

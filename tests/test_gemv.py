@@ -218,11 +218,17 @@ def test_gemv_gpu_graph_replay_with_split(always_gemv, monkeypatch):
 @pytest.mark.parametrize("case", [("w4a16", 128, False), ("w4a16", 32, True), ("w4a16-asym", 64, False),
                                   ("w4a16-asym", None, False)], ids=lambda c: f"{c[0]}-G{c[1]}-act{int(c[2])}")
 @pytest.mark.parametrize("magnitude", [1e-6, 1.0, 3e4])
-def test_gemv_gpu_packed_bf16_products(case, magnitude, always_gemv, monkeypatch):
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_gemv_gpu_packed_bf16_products(case, magnitude, prefetch, always_gemv, monkeypatch):
     """int4 with bf16 activations forms each word's products in bf16x2 chains (PACKED, from int32 activation pairs;
     act-order's GEMM1 input pre-gathered per slot): against the reference and against the fp32-product kernel, for
-    activations far below and above 1 (bf16 has fp32's exponent range: nothing underflows or overflows)."""
+    activations far below and above 1 (bf16 has fp32's exponent range: nothing underflows or overflows). prefetch:
+    one group per step, each step's loads issued during the step before (GEMM2 in uneven splits, one expert per
+    program)."""
     scheme, G, act_order = case
+    if prefetch:
+        monkeypatch.setattr(gv, "OVERRIDE", {False: gv.GemvConfig(16, 1, 4, PREFETCH=True),
+                                             True: gv.GemvConfig(16, 1, 4, SPLIT_K=2, PART_SPLIT=True, PREFETCH=True)})
     layer = build(scheme, G, act_order, False, torch.bfloat16, "cuda")
     x = (torch.randn(3, H, generator=torch.Generator().manual_seed(7)) * magnitude).to("cuda", torch.bfloat16)
     logits = torch.randn(3, E, generator=torch.Generator().manual_seed(8)).to("cuda")

@@ -126,6 +126,54 @@ def _int4_word_dot_bf16(u, x04, x15, x26, x37):
 
 
 @triton.jit
+def _int_step_loads(c, c1, wa_base, wb_base, sa_base, sb_base, za_base, zb_base, a_base, ld_ok, pa_ok, stride_wk,
+                    stride_sg, stride_zg, CW, NUM_G, DOWN: tl.constexpr, EVEN: tl.constexpr, MASKED: tl.constexpr,
+                    HAS_ZP: tl.constexpr, GROUP_SCALES: tl.constexpr, LIVE: tl.constexpr, NG: tl.constexpr,
+                    GW: tl.constexpr):
+    """Everything step c of the PACKED int4 path reads: words (gate/all parts; up), group scales and zero points in
+    the words' layout, and the activation pairs (x_2m, x_2m+1) of its four words' columns. LIVE: loads are masked
+    off when c >= c1 (the prefetch of the step after the last)."""
+    g4 = (c * NG + tl.arange(0, NG))[None, :, None, None]  # [1, NG, 1, 1]
+    j4 = g4 * GW + tl.arange(0, GW)[None, None, :, None]  # unit index [1, NG, GW, 1]
+    ok = ld_ok
+    if LIVE:
+        ok = ok & (c < c1)
+    if EVEN:
+        w_ok = ok
+        g_ok = ok
+    else:
+        w_ok = ok & (j4 < CW)
+        g_ok = ok & (g4 < NUM_G)
+    x_ok = j4 < CW
+    if DOWN:
+        x_ok = x_ok & pa_ok
+    if LIVE:
+        x_ok = x_ok & (c < c1)
+    ua = tl.load(wa_base + j4 * stride_wk, mask=w_ok, other=0)
+    ub = ua
+    if not DOWN:
+        ub = tl.load(wb_base + j4 * stride_wk, mask=w_ok, other=0)
+    sa = tl.zeros(ua.shape, dtype=tl.float32)
+    sb = sa
+    if GROUP_SCALES:  # the scale's pointer spans the words' shape (+ j4 * 0) so the load takes the words' layout
+        sa = tl.load(sa_base + g4 * stride_sg + j4 * 0, mask=g_ok, other=0).to(tl.float32)
+        if not DOWN:
+            sb = tl.load(sb_base + g4 * stride_sg + j4 * 0, mask=g_ok, other=0).to(tl.float32)
+    za = sa
+    zb = sa
+    if HAS_ZP:
+        za = tl.load(za_base + g4 * stride_zg + j4 * 0, mask=g_ok, other=0).to(tl.float32)
+        if not DOWN:
+            zb = tl.load(zb_base + g4 * stride_zg + j4 * 0, mask=g_ok, other=0).to(tl.float32)
+    live_x = MASKED or LIVE
+    p0 = _act_pair(a_base, j4 * 4, x_ok, live_x)
+    p1 = _act_pair(a_base, j4 * 4 + 1, x_ok, live_x)
+    p2 = _act_pair(a_base, j4 * 4 + 2, x_ok, live_x)
+    p3 = _act_pair(a_base, j4 * 4 + 3, x_ok, live_x)
+    return ua, ub, sa, sb, za, zb, p0, p1, p2, p3
+
+
+@triton.jit
 def _int_act_factor(i: tl.constexpr, BITS: tl.constexpr):
     """2^-(BITS*p) for element i (see _int_elem)."""
     LO: tl.constexpr = 5 if BITS == 4 else 2
@@ -212,7 +260,8 @@ def gemv_rows_kernel(
     SCALE_KIND: tl.constexpr, W_SCALE: tl.constexpr, A_SCALE: tl.constexpr, SORTED: tl.constexpr,
     MUL_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_AMAX: tl.constexpr, OUT_PERM: tl.constexpr,
     EVEN: tl.constexpr, SPLIT_K: tl.constexpr, PART_SPLIT: tl.constexpr, STAGES: tl.constexpr,
-    ZERO_SPLIT: tl.constexpr, ZB: tl.constexpr, PACKED: tl.constexpr, A_ROW_DIV: tl.constexpr,
+    ZERO_SPLIT: tl.constexpr, ZB: tl.constexpr, PACKED: tl.constexpr, PREFETCH: tl.constexpr,
+    A_ROW_DIV: tl.constexpr,
     BLOCK_N: tl.constexpr, NG: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -258,6 +307,7 @@ def gemv_rows_kernel(
         e4 = e0.to(tl.int64)
         pa_ok = pa[:, None, None, None] < 1
     tl.static_assert(A_SCALE == 0, "activations in x's dtype (A16)")
+    tl.static_assert(PACKED or not PREFETCH, "PREFETCH double-buffers the PACKED int4 path's loads")
     MASKED: tl.constexpr = not EVEN  # parts that read nothing point at row 0 of a and of sort_idx: loads stay in bounds
     a_base = a_ptr + a_off
     sidx_base = sidx_ptr + e4 * stride_ie
@@ -283,6 +333,10 @@ def gemv_rows_kernel(
         CW = C // PW
         acc_a = tl.zeros((PA, NG, GW, BLOCK_N), dtype=tl.float32)
         acc_b = tl.zeros((1, NG, GW, BLOCK_N), dtype=tl.float32)
+        if PREFETCH:  # PACKED: step c + 1's loads are issued before step c's products (register double buffering)
+            nxt = _int_step_loads(c0, c1, wa_base, wb_base, sa_base, sb_base, za_base, zb_base, a_base, ld_ok, pa_ok,
+                                  stride_wk, stride_sg, stride_zg, CW, NUM_G, DOWN, EVEN, MASKED, HAS_ZP,
+                                  GROUP_SCALES, True, NG, GW)
         for c in tl.range(c0, c1, num_stages=STAGES):
             g4 = (c * NG + tl.arange(0, NG))[None, :, None, None]  # [1, NG, 1, 1]
             j4 = g4 * GW + tl.arange(0, GW)[None, None, :, None]  # unit index [1, NG, GW, 1]
@@ -296,15 +350,17 @@ def gemv_rows_kernel(
                 x_ok = pa_ok & (j4 < CW)
             else:
                 x_ok = j4 < CW
-            ua = tl.load(wa_base + j4 * stride_wk, mask=w_ok, other=0)
-            if not DOWN:
-                ub = tl.load(wb_base + j4 * stride_wk, mask=w_ok, other=0)
             a_sum = tl.zeros(j4.shape, dtype=tl.float32)
             if PACKED:  # int4, bf16 activations read as int32 pairs (x_2m, x_2m+1), regrouped by byte permutes
-                p0 = _act_pair(a_base, j4 * 4, x_ok, MASKED)
-                p1 = _act_pair(a_base, j4 * 4 + 1, x_ok, MASKED)
-                p2 = _act_pair(a_base, j4 * 4 + 2, x_ok, MASKED)
-                p3 = _act_pair(a_base, j4 * 4 + 3, x_ok, MASKED)
+                if PREFETCH:
+                    ua, ub, sa, sb, za, zb, p0, p1, p2, p3 = nxt
+                    nxt = _int_step_loads(c + 1, c1, wa_base, wb_base, sa_base, sb_base, za_base, zb_base, a_base,
+                                          ld_ok, pa_ok, stride_wk, stride_sg, stride_zg, CW, NUM_G, DOWN, EVEN,
+                                          MASKED, HAS_ZP, GROUP_SCALES, True, NG, GW)
+                else:
+                    ua, ub, sa, sb, za, zb, p0, p1, p2, p3 = _int_step_loads(
+                        c, c1, wa_base, wb_base, sa_base, sb_base, za_base, zb_base, a_base, ld_ok, pa_ok, stride_wk,
+                        stride_sg, stride_zg, CW, NUM_G, DOWN, EVEN, MASKED, HAS_ZP, GROUP_SCALES, False, NG, GW)
                 if HAS_ZP:
                     a_sum = (_bf16_halves_sum(p0) + _bf16_halves_sum(p1)) + (_bf16_halves_sum(p2)
                                                                              + _bf16_halves_sum(p3))
@@ -316,6 +372,9 @@ def gemv_rows_kernel(
                 if not DOWN:
                     tb = _int4_word_dot_bf16(ub, x04, x15, x26, x37)
             else:
+                ua = tl.load(wa_base + j4 * stride_wk, mask=w_ok, other=0)
+                if not DOWN:
+                    ub = tl.load(wb_base + j4 * stride_wk, mask=w_ok, other=0)
                 ha = ua >> (12 if BITS == 4 else 16)
                 ta = tl.zeros(ua.shape, dtype=tl.float32)
                 if not DOWN:
@@ -329,14 +388,22 @@ def gemv_rows_kernel(
                     ta += _int_elem(ua, ha, 1 << (BITS - 1), i, BITS, two23) * a
                     if not DOWN:
                         tb += _int_elem(ub, hb, 1 << (BITS - 1), i, BITS, two23) * a
+                if HAS_ZP:  # zero points and scales in the words' layout (+ j4 * 0), as _int_step_loads reads them
+                    za = tl.load(za_base + g4 * stride_zg + j4 * 0, mask=g_ok, other=0).to(tl.float32)
+                    if not DOWN:
+                        zb = tl.load(zb_base + g4 * stride_zg + j4 * 0, mask=g_ok, other=0).to(tl.float32)
+                if GROUP_SCALES:
+                    sa = tl.load(sa_base + g4 * stride_sg + j4 * 0, mask=g_ok, other=0).to(tl.float32)
+                    if not DOWN:
+                        sb = tl.load(sb_base + g4 * stride_sg + j4 * 0, mask=g_ok, other=0).to(tl.float32)
             if HAS_ZP:
-                ta -= tl.load(za_base + g4 * stride_zg + j4 * 0, mask=g_ok, other=0).to(tl.float32) * a_sum
+                ta -= za * a_sum
                 if not DOWN:
-                    tb -= tl.load(zb_base + g4 * stride_zg + j4 * 0, mask=g_ok, other=0).to(tl.float32) * a_sum
+                    tb -= zb * a_sum
             if GROUP_SCALES:
-                acc_a += ta * tl.load(sa_base + g4 * stride_sg + j4 * 0, mask=g_ok, other=0).to(tl.float32)
+                acc_a += ta * sa
                 if not DOWN:
-                    acc_b += tb * tl.load(sb_base + g4 * stride_sg + j4 * 0, mask=g_ok, other=0).to(tl.float32)
+                    acc_b += tb * sb
             else:
                 acc_a += ta
                 if not DOWN:

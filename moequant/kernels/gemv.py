@@ -80,6 +80,7 @@ class GemvConfig:
     SPLIT_K: int = 1  # GEMM2 of the rows kernel: programs per output block, each over a share of the reduction
     PART_SPLIT: bool = False  # GEMM2 of the rows kernel: one program per top-k expert (x SPLIT_K), sums added atomically
     STAGES: int = 1  # rows kernel: steps in flight (> 1: the next steps' words stream into shared memory)
+    PREFETCH: bool = False  # rows kernel, int4 bf16x2 path: the next step's loads issued before this step's products
 
 
 def use_gemv(T: int, K: int, E: int, slots_per_expert: float = 1.0) -> bool:
@@ -296,9 +297,11 @@ def gemv(a, w: GemvWeights, c, topk_ids, *, down: bool, top_k: int, activation: 
         zero = not down and zero_bufs is not None  # ZB: elements of each buffer one GEMM1 program zeroes
         zb = triton.next_power_of_2(max(16, triton.cdiv(zero_bufs[0].numel(), plan.programs))) if zero else 16
         args.insert(20, 0x4B000000)  # two23, after n_count
+        packed = uses_packed(w, a)
         gemv_rows_kernel[grid + (plan.shares,)](*args, EVEN=even, SPLIT_K=plan.split,
                                                 PART_SPLIT=plan.part_programs > 1, STAGES=cfg.STAGES,
-                                                ZERO_SPLIT=zero, ZB=zb, PACKED=uses_packed(w, a),
+                                                ZERO_SPLIT=zero, ZB=zb, PACKED=packed,
+                                                PREFETCH=packed and cfg.PREFETCH,
                                                 A_ROW_DIV=1 if a_per_slot else top_k, **consts)
     else:
         if a_per_slot:
