@@ -144,10 +144,10 @@ def gemv_config(parts: int, N: int, w: GemvWeights, T: int, down: bool, grid_row
                 rows: bool = False) -> GemvConfig:
     """The tuned cache's entry for this GEMV near T tokens, else a heuristic. Rows kernel (int, A16 fp4): the widest
     BLOCK_N up to 64 (at least 4 rows for int, 16 for fp4) that still gives 4 programs per multiprocessor over
-    grid_rows x N / BLOCK_N (on the CPU: 64, few programs for the interpreter), and NG groups per step for about
-    STEP_UNITS words per step (8 per thread of 4 warps). gemv_moe_kernel (fp8, nvfp4 with fp4 activations): BLOCK_N
-    4 (fp8, K-contiguous) or 16 (fp4, rows-contiguous bytes) and NG groups to fill the register budget of elements
-    per thread."""
+    grid_rows x N / BLOCK_N (on the CPU: 64, few programs for the interpreter), NG groups per step for about
+    STEP_UNITS words per step (8 per thread of 4 warps), and for int on a GPU one GEMM2 program per expert
+    (PART_SPLIT) at top-k >= 4. gemv_moe_kernel (fp8, nvfp4 with fp4 activations): BLOCK_N 4 (fp8, K-contiguous)
+    or 16 (fp4, rows-contiguous bytes) and NG groups to fill the register budget of elements per thread."""
     if down in OVERRIDE:
         return OVERRIDE[down]
     entry = cached_entry(kernel_name(w, down, rows), T, w.data.shape[0], N, w.columns, w.data.device)
@@ -162,9 +162,12 @@ def gemv_config(parts: int, N: int, w: GemvWeights, T: int, down: bool, grid_row
         while bn > bn_min and grid_rows * triton.cdiv(N, bn) < 4 * sms:
             bn //= 2
         bn = max(bn_min, min(bn, triton.next_power_of_2(N)))
+        # GEMM2 of 4 or more experts per token: one program per expert (a [P, NG, GW, 1] activation tile of as
+        # many elements as the program has threads makes Triton move the words through shared memory every step)
+        part_split = down and parts >= 4 and w.fmt == "int" and w.data.is_cuda
         words_per_row = (G // w.per_unit) * (bn if w.fmt == "int" else bn // 4)
-        ng = max(1, min(triton.next_power_of_2(num_g), STEP_UNITS // (parts * words_per_row)))
-        return GemvConfig(bn, ng, 4)
+        ng = max(1, min(triton.next_power_of_2(num_g), STEP_UNITS // ((1 if part_split else parts) * words_per_row)))
+        return GemvConfig(bn, ng, 4, PART_SPLIT=part_split)
     bn = min(triton.next_power_of_2(N), 4 if w.fmt == "fp8" else 16)
     budget = (FP8_ELEMS_PER_THREAD if w.fmt == "fp8" else ELEMS_PER_THREAD) * 128
     ng = max(1, min(triton.next_power_of_2(num_g), budget // (parts * bn * G)))
