@@ -141,7 +141,8 @@ class FusedMoE(nn.Module):
         if self._fused_routing(hidden_states, router_logits):
             from moequant.kernels.topk import fused_topk
 
-            return fused_topk(router_logits, self.top_k, self.renormalize, self.scoring_func, self.routed_scaling_factor)
+            return fused_topk(router_logits, self.top_k, self.renormalize, self.scoring_func,
+                              self.routed_scaling_factor)
         return self.select_experts(
             hidden_states, router_logits, self.top_k, self.use_grouped_topk, self.renormalize,
             topk_group=self.topk_group, num_expert_group=self.num_expert_group,
@@ -151,12 +152,13 @@ class FusedMoE(nn.Module):
 
     def _fused_routing(self, hidden_states: torch.Tensor, router_logits: torch.Tensor) -> bool:
         """Plain softmax/sigmoid top-k on the Triton backend: routing runs as one Triton launch (checked logits)."""
-        plain = not self.use_grouped_topk and self.custom_routing_function is None and self.e_score_correction_bias is None
+        plain = (not self.use_grouped_topk and self.custom_routing_function is None
+                 and self.e_score_correction_bias is None)
         if not plain or self.resolved_backend(hidden_states) != "triton":
             return False
         if router_logits.dim() != 2 or router_logits.shape != (hidden_states.shape[0], self.global_num_experts):
-            raise ValueError(f"router_logits must be [T, {self.global_num_experts}] with T = {hidden_states.shape[0]}, "
-                             f"got {tuple(router_logits.shape)}")
+            raise ValueError(f"router_logits must be [T, {self.global_num_experts}] with T = "
+                             f"{hidden_states.shape[0]}, got {tuple(router_logits.shape)}")
         return True
 
     def to_local_ids(self, topk_ids: torch.Tensor) -> torch.Tensor:

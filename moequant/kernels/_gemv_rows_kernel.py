@@ -12,6 +12,9 @@ warp's activation loads are broadcasts of a few addresses.
 # GW = G / PW units per group, NG groups per step, BN rows per program (BQ = BN / 4 fp4 words), P parts (2: gate and
 # up; or TOP_K padded to a power of two), SPLIT_K programs sharing one GEMM2 output block
 int: words [E, N(*2), C/PW], N stride 1 (methods.base.rows_contiguous); a step's tile is [P or 1, NG, GW, BN].
+  Group scales [E, N, C/G] and zero points are rows-contiguous too and loaded through pointers spanning the tile
+  (+ j4 * 0), so they take the words' register layout (a [.., NG, 1, BN] load got its own layout, and Triton then
+  moved every step's products through shared memory to match it).
   word j holds elements j*PW + i, lowest bits first, as u = q + 2^(BITS-1); w = (u - 2^(BITS-1) - zp) * scale
   Elements become fp32 without a conversion instruction (_int_elem; two23 = 0x4B000000, the bits of 2^23, is an
   argument so that it sits in a register and mask-and-or is one LOP3: ptxas cannot fuse two immediates); a zero
@@ -26,15 +29,19 @@ fp4: bytes and block scales (rows-contiguous) read as int32 words [E, N/4, C/2] 
   out[part, n] = sum_g scale[part, n, g] * sum_{k in g} wq[part, n, k] * a[part, k]   (a: x's dtype or fp32)
 EVEN (C a multiple of a step, N of BN) drops the column and row masks from the loop. STAGES > 1 software-pipelines
 the steps: the weight words and scales of the next STAGES - 1 steps are copied to shared memory asynchronously
-(cp.async) while the current step computes, keeping more bytes in flight than the registers would hold.
+(cp.async) while the current step computes, keeping more bytes in flight than the registers would hold. PREFETCH
+(PACKED only) double-buffers in registers instead: step c + 1's words, scales, zero points and activation pairs
+(_int_step_loads) are loaded before step c's products.
 GEMM1 (not DOWN): grid (S, cdiv(N, BN), 1); activation row slot // A_ROW_DIV (TOP_K; 1 when the launcher
   pre-gathered each slot's row in its expert's act-order); inter[slot, n] = act(gate, up) (+ biases, routing weight
   when applied on the input), stored at column perm[e, n] with OUT_PERM (GEMM2's act-order), so GEMM2 reads its
   input unpermuted.
-GEMM2 (DOWN): grid (T, cdiv(N, BN), SPLIT_K); out[t, n] = sum_k w[t, k] * (part_k + b2[e_k]): the top-k sum in fp32,
-  no separate launch; with SPLIT_K > 1 each program adds its share atomically to an fp32 split buffer [T, N] and the
-  last of a block's programs (int32 counters [T, cdiv(N, BN)]) casts the block into out; GEMM1 zeroes both
-  (ZERO_SPLIT: ZB elements of each per program, n_split / n_count in all), so the split costs no extra launch.
+GEMM2 (DOWN): grid (T, cdiv(N, BN), SPLIT_K, or SPLIT_K * TOP_K with PART_SPLIT: one expert per program, P = 1);
+  out[t, n] = sum_k w[t, k] * (part_k + b2[e_k]): the top-k sum in fp32, no separate launch; with several programs
+  per output block (SHARES) each adds its share atomically to an fp32 split buffer [T, N] and the last of a block's
+  programs (int32 counters [T, cdiv(N, BN)]) casts the block into out; GEMM1 zeroes both (ZERO_SPLIT: ZB elements
+  of each per program, n_split / n_count in all), so the split costs no extra launch. PART_SPLIT keeps the
+  activation tile [1, NG, GW, 1] (a [TOP_K, NG, GW, 1] one of as many elements as threads gets its own layout).
   Parts whose expert id is negative (another rank's) or beyond TOP_K read nothing.
 Act-order (SORTED, not with PACKED): column k of expert e reads a[sort_idx[e, k]].
 as_ptr and stride_asm (activation scales) are unused here (A16 only): gemv.py passes one argument list to both kernels;

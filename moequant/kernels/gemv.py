@@ -78,7 +78,7 @@ class GemvConfig:
     NG: int  # scale groups per chunk
     num_warps: int = 4
     SPLIT_K: int = 1  # GEMM2 of the rows kernel: programs per output block, each over a share of the reduction
-    PART_SPLIT: bool = False  # GEMM2 of the rows kernel: one program per top-k expert (x SPLIT_K), sums added atomically
+    PART_SPLIT: bool = False  # GEMM2 of the rows kernel: one program per top-k expert (x SPLIT_K), atomic sums
     STAGES: int = 1  # rows kernel: steps in flight (> 1: the next steps' words stream into shared memory)
     PREFETCH: bool = False  # rows kernel, int4 bf16x2 path: the next step's loads issued before this step's products
 
@@ -239,8 +239,9 @@ def gemv(a, w: GemvWeights, c, topk_ids, *, down: bool, top_k: int, activation: 
     """GEMM1 (down=False): c[slot] = act(W13[e] a[slot // top_k]) for every slot; GEMM2 (down=True):
     c[t] = sum_k w[t, k] * (W2[e_k] a[t*top_k + k] + b2[e_k]). a_scale_kind: None (A16), "tensor" [1],
     "row" [rows] or "group" [rows, C/128] scales of a (fp8 or pre-quantized nvfp4).
-    GEMM2 with several programs per output block (plan.shares > 1) uses split_bufs (zeroed by the GEMM1 that got them as zero_bufs; zeroed
-    here when not given). a_per_slot (GEMM1, rows kernel): a holds one row per slot instead of one per token."""
+    GEMM2 with several programs per output block (plan.shares > 1) uses split_bufs (zeroed by the GEMM1 that got
+    them as zero_bufs; zeroed here when not given). a_per_slot (GEMM1, rows kernel): a holds one row per slot
+    instead of one per token."""
     ids = topk_ids.reshape(-1)
     C = w.columns
     plan = plan or plan_gemv(w, c.shape[0], topk_ids, down=down, top_k=top_k, a_scale_kind=a_scale_kind, cfg=cfg)
