@@ -133,15 +133,12 @@ def _int4_word_dot_bf16(u, x04, x15, x26, x37):
 
 
 @triton.jit
-def _int_step_loads(c, c1, wa_base, wb_base, sa_base, sb_base, za_base, zb_base, a_base, ld_ok, pa_ok, stride_wk,
-                    stride_sg, stride_zg, CW, NUM_G, DOWN: tl.constexpr, EVEN: tl.constexpr, MASKED: tl.constexpr,
-                    HAS_ZP: tl.constexpr, GROUP_SCALES: tl.constexpr, LIVE: tl.constexpr, NG: tl.constexpr,
-                    GW: tl.constexpr):
-    """Everything step c of the PACKED int4 path reads: words (gate/all parts; up), group scales and zero points in
-    the words' layout, and the activation pairs (x_2m, x_2m+1) of its four words' columns. LIVE: loads are masked
-    off when c >= c1 (the prefetch of the step after the last)."""
-    g4 = (c * NG + tl.arange(0, NG))[None, :, None, None]  # [1, NG, 1, 1]
-    j4 = g4 * GW + tl.arange(0, GW)[None, None, :, None]  # unit index [1, NG, GW, 1]
+def _int_step_masks(c, c1, ld_ok, pa_ok, CW, NUM_G, DOWN: tl.constexpr, EVEN: tl.constexpr, LIVE: tl.constexpr,
+                    NG: tl.constexpr, GW: tl.constexpr):
+    """Step c's group and unit indices g4 [1, NG, 1, 1], j4 [1, NG, GW, 1] and the masks of its words (w_ok), group
+    parameters (g_ok) and activations (x_ok). LIVE: all off when c >= c1 (the prefetch of the step after the last)."""
+    g4 = (c * NG + tl.arange(0, NG))[None, :, None, None]
+    j4 = g4 * GW + tl.arange(0, GW)[None, None, :, None]
     ok = ld_ok
     if LIVE:
         ok = ok & (c < c1)
@@ -156,13 +153,17 @@ def _int_step_loads(c, c1, wa_base, wb_base, sa_base, sb_base, za_base, zb_base,
         x_ok = x_ok & pa_ok
     if LIVE:
         x_ok = x_ok & (c < c1)
-    ua = tl.load(wa_base + j4 * stride_wk, mask=w_ok, other=0)
-    ub = ua
-    if not DOWN:
-        ub = tl.load(wb_base + j4 * stride_wk, mask=w_ok, other=0)
-    sa = tl.zeros(ua.shape, dtype=tl.float32)
+    return g4, j4, w_ok, g_ok, x_ok
+
+
+@triton.jit
+def _int_group_params(g4, j4, g_ok, sa_base, sb_base, za_base, zb_base, stride_sg, stride_zg, DOWN: tl.constexpr,
+                      HAS_ZP: tl.constexpr, GROUP_SCALES: tl.constexpr):
+    """Group scales and zero points of a step (a: gate / all parts, b: up) as fp32 in the words' layout: the pointers
+    span the words' tile (+ j4 * 0), so the loads take its register layout. Unused ones are zeros."""
+    sa = tl.zeros(j4.shape, dtype=tl.float32)
     sb = sa
-    if GROUP_SCALES:  # the scale's pointer spans the words' shape (+ j4 * 0) so the load takes the words' layout
+    if GROUP_SCALES:
         sa = tl.load(sa_base + g4 * stride_sg + j4 * 0, mask=g_ok, other=0).to(tl.float32)
         if not DOWN:
             sb = tl.load(sb_base + g4 * stride_sg + j4 * 0, mask=g_ok, other=0).to(tl.float32)
@@ -172,6 +173,24 @@ def _int_step_loads(c, c1, wa_base, wb_base, sa_base, sb_base, za_base, zb_base,
         za = tl.load(za_base + g4 * stride_zg + j4 * 0, mask=g_ok, other=0).to(tl.float32)
         if not DOWN:
             zb = tl.load(zb_base + g4 * stride_zg + j4 * 0, mask=g_ok, other=0).to(tl.float32)
+    return sa, sb, za, zb
+
+
+@triton.jit
+def _int_step_loads(c, c1, wa_base, wb_base, sa_base, sb_base, za_base, zb_base, a_base, ld_ok, pa_ok, stride_wk,
+                    stride_sg, stride_zg, CW, NUM_G, DOWN: tl.constexpr, EVEN: tl.constexpr, MASKED: tl.constexpr,
+                    HAS_ZP: tl.constexpr, GROUP_SCALES: tl.constexpr, LIVE: tl.constexpr, NG: tl.constexpr,
+                    GW: tl.constexpr):
+    """Everything step c of the PACKED int4 path reads: words (gate/all parts; up), group scales and zero points in
+    the words' layout, and the activation pairs (x_2m, x_2m+1) of its four words' columns. LIVE: loads are masked
+    off when c >= c1 (the prefetch of the step after the last)."""
+    g4, j4, w_ok, g_ok, x_ok = _int_step_masks(c, c1, ld_ok, pa_ok, CW, NUM_G, DOWN, EVEN, LIVE, NG, GW)
+    ua = tl.load(wa_base + j4 * stride_wk, mask=w_ok, other=0)
+    ub = ua
+    if not DOWN:
+        ub = tl.load(wb_base + j4 * stride_wk, mask=w_ok, other=0)
+    sa, sb, za, zb = _int_group_params(g4, j4, g_ok, sa_base, sb_base, za_base, zb_base, stride_sg, stride_zg, DOWN,
+                                       HAS_ZP, GROUP_SCALES)
     live_x = MASKED or LIVE
     p0 = _act_pair(a_base, j4 * 4, x_ok, live_x)
     p1 = _act_pair(a_base, j4 * 4 + 1, x_ok, live_x)
@@ -345,18 +364,7 @@ def gemv_rows_kernel(
                                   stride_wk, stride_sg, stride_zg, CW, NUM_G, DOWN, EVEN, MASKED, HAS_ZP,
                                   GROUP_SCALES, True, NG, GW)
         for c in tl.range(c0, c1, num_stages=STAGES):
-            g4 = (c * NG + tl.arange(0, NG))[None, :, None, None]  # [1, NG, 1, 1]
-            j4 = g4 * GW + tl.arange(0, GW)[None, None, :, None]  # unit index [1, NG, GW, 1]
-            if EVEN:
-                w_ok = ld_ok
-                g_ok = ld_ok
-            else:
-                w_ok = ld_ok & (j4 < CW)
-                g_ok = ld_ok & (g4 < NUM_G)
-            if DOWN:
-                x_ok = pa_ok & (j4 < CW)
-            else:
-                x_ok = j4 < CW
+            g4, j4, w_ok, g_ok, x_ok = _int_step_masks(c, c1, ld_ok, pa_ok, CW, NUM_G, DOWN, EVEN, False, NG, GW)
             a_sum = tl.zeros(j4.shape, dtype=tl.float32)
             if PACKED:  # int4, bf16 activations read as int32 pairs (x_2m, x_2m+1), regrouped by byte permutes
                 if PREFETCH:
@@ -395,14 +403,8 @@ def gemv_rows_kernel(
                     ta += _int_elem(ua, ha, 1 << (BITS - 1), i, BITS, two23) * a
                     if not DOWN:
                         tb += _int_elem(ub, hb, 1 << (BITS - 1), i, BITS, two23) * a
-                if HAS_ZP:  # zero points and scales in the words' layout (+ j4 * 0), as _int_step_loads reads them
-                    za = tl.load(za_base + g4 * stride_zg + j4 * 0, mask=g_ok, other=0).to(tl.float32)
-                    if not DOWN:
-                        zb = tl.load(zb_base + g4 * stride_zg + j4 * 0, mask=g_ok, other=0).to(tl.float32)
-                if GROUP_SCALES:
-                    sa = tl.load(sa_base + g4 * stride_sg + j4 * 0, mask=g_ok, other=0).to(tl.float32)
-                    if not DOWN:
-                        sb = tl.load(sb_base + g4 * stride_sg + j4 * 0, mask=g_ok, other=0).to(tl.float32)
+                sa, sb, za, zb = _int_group_params(g4, j4, g_ok, sa_base, sb_base, za_base, zb_base, stride_sg,
+                                                   stride_zg, DOWN, HAS_ZP, GROUP_SCALES)
             if HAS_ZP:
                 ta -= za * a_sum
                 if not DOWN:
