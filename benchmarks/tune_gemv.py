@@ -4,7 +4,7 @@ For each shape, scheme and token count M, one GEMV (up: gate/up + activation, do
 candidate configs while the other keeps its current best; each candidate is timed as FusedMoE forwards (CUDA graph)
 over bench_moe's REPLICAS input sets routed to different experts, so weights come from DRAM as in a model's decode
 step. The search is coordinate-wise from the cached or the heuristic config (the faster): STAGES (rows kernel),
-BLOCK_N, NG (groups per chunk), num_warps, SPLIT_K and PART_SPLIT (GEMM2 of the rows kernel), PREFETCH (int4),
+BLOCK_N, NG (groups per chunk), num_warps, SPLIT_K and PART_SPLIT (GEMM2 of the rows kernel), PREFETCH (int4, A16 fp4),
 TUNE_GEMV_PASSES times. Winners go into the tuning cache (moequant/kernels/configs/<device>.json) under gemv.kernel_name (e.g.
 "gemv-up-int4-g128").
 Shape legend: M tokens, E experts, K top-k, H hidden, I intermediate.
@@ -112,8 +112,8 @@ def tune(shape_name: str, scheme: str, ms, seed: int = 0) -> dict:
                             continue  # only GEMM2 of the rows kernel (int, fp4) splits
                         if axis == "STAGES" and "fp8" in rec.asked[down][0]:
                             continue  # only the rows kernel pipelines its steps
-                        if axis == "PREFETCH" and "int4" not in rec.asked[down][0]:
-                            continue  # only its int4 bf16x2 path double-buffers its loads
+                        if axis == "PREFETCH" and not ("int4" in rec.asked[down][0] or "rows" in rec.asked[down][0]):
+                            continue  # only its bf16x2 paths (int4, A16 fp4) double-buffer their loads
                         for cand in neighbours(cur[down], axis):
                             gv.OVERRIDE[down] = cand
                             t = time_config(run) / REPLICAS

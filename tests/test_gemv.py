@@ -216,12 +216,14 @@ def test_gemv_gpu_graph_replay_with_split(always_gemv, monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("case", [("w4a16", 128, False), ("w4a16", 32, True), ("w4a16-asym", 64, False),
-                                  ("w4a16-asym", None, False)], ids=lambda c: f"{c[0]}-G{c[1]}-act{int(c[2])}")
+                                  ("w4a16-asym", None, False), ("nvfp4a16", None, False), ("mxfp4", None, False)],
+                         ids=lambda c: f"{c[0]}-G{c[1]}-act{int(c[2])}")
 @pytest.mark.parametrize("magnitude", [1e-6, 1.0, 3e4])
 @pytest.mark.parametrize("prefetch", [False, True])
 def test_gemv_gpu_packed_bf16_products(case, magnitude, prefetch, always_gemv, monkeypatch):
-    """int4 with bf16 activations forms each word's products in bf16x2 chains (PACKED, from int32 activation pairs;
-    act-order's GEMM1 input pre-gathered per slot): against the reference and against the fp32-product kernel, for
+    """int4 and fp4 with bf16 activations form their products in bf16x2 chains (PACKED, from int32 activation pairs;
+    act-order's GEMM1 input pre-gathered per slot; fp4's activations scaled by 2^64, its e2m1 values read as bf16
+    times 2^-126, subnormal for the code 0.5): against the reference and against the fp32-product kernel, for
     activations far below and above 1 (bf16 has fp32's exponent range: nothing underflows or overflows). prefetch:
     one group per step, each step's loads issued during the step before (GEMM2 in uneven splits, one expert per
     program)."""

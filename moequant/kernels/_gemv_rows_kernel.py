@@ -54,6 +54,8 @@ import triton.language as tl
 from moequant.kernels._fp4_gemm_kernel import block_scale_value
 from moequant.kernels._gemv_kernel import FP4_FACTOR, gemv_epilogue
 
+FP4_PACKED_FACTOR = tl.constexpr(4611686018427387904.0)  # 2^62: _fp4_words_dot_bf16 returns the sums times 2^-62
+
 
 @triton.jit
 def _int_elem(words, hi_words, off, i: tl.constexpr, BITS: tl.constexpr, two23=0x4B000000):
@@ -130,6 +132,90 @@ def _int4_word_dot_bf16(u, x04, x15, x26, x37):
         add.f32 $0, lo, hi;
         }""",
         "=f,r,r,r,r,r", [u, x04, x15, x26, x37], dtype=tl.float32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _bf16_splat_scaled(p, SEL: tl.constexpr):
+    """One bf16 of each int32 pair p twice (SEL 0x1010: the low one, 0x3232: the high one) as bf16x2, times 2^64
+    (exact; see _fp4_words_dot_bf16)."""
+    return tl.inline_asm_elementwise(
+        f"""{{
+        .reg .b32 t, c, z;
+        mov.b32 c, 0x5F805F80;
+        mov.b32 z, 0;
+        prmt.b32 t, $1, $1, {SEL};
+        fma.rn.bf16x2 $0, t, c, z;
+        }}""", "=r,r", [p], dtype=tl.int32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _fp4_words_dot_bf16(ue, uo, elo, ehi, olo, ohi):
+    """Rows r = 0..3 of two fp4 words of byte columns j (ue) and j + 1 (uo), four rows each (row r in byte r, low
+    nibble = element column 2j): sum over the four element columns of e2m1 * x * 2^-62, in fp32 (PACKED fp4).
+    Nibbles k and k + 4 of a word (bits 4k, 4k + 16: rows r and r + 2) become one bf16x2: the sign bit goes to bit
+    15, the three magnitude bits to bits 6-8, which reads as the e2m1 value times 2^-126 (code 1, 0.5, is a bf16
+    subnormal, which bf16 arithmetic keeps). elo .. ohi: the activations of the four columns, each as a bf16x2 pair
+    of itself times 2^64 (_bf16_splat_scaled), so every product is a normal bf16. Per row pair (0, 2) and (1, 3) one
+    chain of four bf16x2 fmas (as _int4_word_dot_bf16's), whose halves are the two rows' sums."""
+    return tl.inline_asm_elementwise(
+        """{
+        .reg .b32 m1, m2, t, s, p0, p1, p2, p3, q0, q1, q2, q3, z, a02, a13;
+        mov.b32 m1, 0x01C001C0;
+        mov.b32 m2, 0x80008000;
+        mov.b32 z, 0;
+        shl.b32 t, $4, 6;
+        shl.b32 s, $4, 12;
+        and.b32 t, t, m1;
+        and.b32 s, s, m2;
+        or.b32 p0, t, s;
+        shl.b32 t, $4, 2;
+        shl.b32 s, $4, 8;
+        and.b32 t, t, m1;
+        and.b32 s, s, m2;
+        or.b32 p1, t, s;
+        shr.u32 t, $4, 2;
+        shl.b32 s, $4, 4;
+        and.b32 t, t, m1;
+        and.b32 s, s, m2;
+        or.b32 p2, t, s;
+        shr.u32 t, $4, 6;
+        and.b32 t, t, m1;
+        and.b32 s, $4, m2;
+        or.b32 p3, t, s;
+        shl.b32 t, $5, 6;
+        shl.b32 s, $5, 12;
+        and.b32 t, t, m1;
+        and.b32 s, s, m2;
+        or.b32 q0, t, s;
+        shl.b32 t, $5, 2;
+        shl.b32 s, $5, 8;
+        and.b32 t, t, m1;
+        and.b32 s, s, m2;
+        or.b32 q1, t, s;
+        shr.u32 t, $5, 2;
+        shl.b32 s, $5, 4;
+        and.b32 t, t, m1;
+        and.b32 s, s, m2;
+        or.b32 q2, t, s;
+        shr.u32 t, $5, 6;
+        and.b32 t, t, m1;
+        and.b32 s, $5, m2;
+        or.b32 q3, t, s;
+        fma.rn.bf16x2 a02, p0, $6, z;
+        fma.rn.bf16x2 a02, p1, $7, a02;
+        fma.rn.bf16x2 a02, q0, $8, a02;
+        fma.rn.bf16x2 a02, q1, $9, a02;
+        fma.rn.bf16x2 a13, p2, $6, z;
+        fma.rn.bf16x2 a13, p3, $7, a13;
+        fma.rn.bf16x2 a13, q2, $8, a13;
+        fma.rn.bf16x2 a13, q3, $9, a13;
+        shl.b32 $0, a02, 16;
+        and.b32 $2, a02, 0xFFFF0000;
+        shl.b32 $1, a13, 16;
+        and.b32 $3, a13, 0xFFFF0000;
+        }""",
+        "=r,=r,=r,=r,r,r,r,r,r,r", [ue, uo, elo, ehi, olo, ohi], dtype=(tl.int32, tl.int32, tl.int32, tl.int32),
+        is_pure=True, pack=1)
 
 
 @triton.jit
@@ -254,6 +340,68 @@ def _fp4_words(r0, r1, r2, r3, w_base, s_base, j4, g4, w_ok, g_ok, stride_wk, st
 
 
 @triton.jit
+def _fp4_step_masks(c, c1, ld_ok, pa_ok, C, NUM_G, DOWN: tl.constexpr, EVEN: tl.constexpr, LIVE: tl.constexpr,
+                    NG: tl.constexpr, GW: tl.constexpr, GJ: tl.constexpr):
+    """fp4 step c's group indices g4 [1, NG, 1, 1], byte columns j4 [1, NG, GJ, 1] (GJ = GW: every column of a
+    group; GW / 2: the even ones, PACKED) and the masks of its words (w_ok), block scales (g_ok) and activations
+    (x_ok). LIVE: all off when c >= c1 (the prefetch of the step after the last)."""
+    g4 = (c * NG + tl.arange(0, NG))[None, :, None, None]
+    j4 = g4 * GW + (GW // GJ) * tl.arange(0, GJ)[None, None, :, None]
+    ok = ld_ok
+    if LIVE:
+        ok = ok & (c < c1)
+    if EVEN:
+        w_ok = ok
+        g_ok = ok
+    else:
+        w_ok = ok & (j4 < C // 2)
+        g_ok = ok & (g4 < NUM_G)
+    x_ok = j4 < C // 2
+    if DOWN:
+        x_ok = x_ok & pa_ok
+    if LIVE:
+        x_ok = x_ok & (c < c1)
+    return g4, j4, w_ok, g_ok, x_ok
+
+
+@triton.jit
+def _fp4_step_loads(c, c1, wa_base, wb_base, sa_base, sb_base, a_base, ld_ok, pa_ok, stride_wk, stride_sg, C, NUM_G,
+                    DOWN: tl.constexpr, EVEN: tl.constexpr, MASKED: tl.constexpr, LIVE: tl.constexpr,
+                    NG: tl.constexpr, GW: tl.constexpr):
+    """Everything step c of the PACKED fp4 path reads, over the tile [.., NG, GW/2, BQ] of even byte columns j: the
+    words of columns j and j + 1 (gate / all parts; up), the four rows' block scales (loaded through pointers
+    spanning the tile, + j4 * 0, so that they take the words' register layout) and the activation pairs of both
+    columns. LIVE: loads are masked off when c >= c1 (the prefetch of the step after the last)."""
+    g4, j4, w_ok, g_ok, x_ok = _fp4_step_masks(c, c1, ld_ok, pa_ok, C, NUM_G, DOWN, EVEN, LIVE, NG, GW, GW // 2)
+    uea = tl.load(wa_base + j4 * stride_wk, mask=w_ok, other=0)
+    uoa = tl.load(wa_base + (j4 + 1) * stride_wk, mask=w_ok, other=0)
+    swa = tl.load(sa_base + g4 * stride_sg + j4 * 0, mask=g_ok, other=0)
+    ueb = uea
+    uob = uoa
+    swb = swa
+    if not DOWN:
+        ueb = tl.load(wb_base + j4 * stride_wk, mask=w_ok, other=0)
+        uob = tl.load(wb_base + (j4 + 1) * stride_wk, mask=w_ok, other=0)
+        swb = tl.load(sb_base + g4 * stride_sg + j4 * 0, mask=g_ok, other=0)
+    live_x = MASKED or LIVE
+    pe = _act_pair(a_base, j4, x_ok, live_x)
+    po = _act_pair(a_base, j4 + 1, x_ok, live_x)
+    return uea, uoa, ueb, uob, swa, swb, pe, po
+
+
+@triton.jit
+def _fp4_pair_math(r0, r1, r2, r3, ue, uo, sw, elo, ehi, olo, ohi, SCALE_KIND: tl.constexpr):
+    """PACKED fp4: r0..r3 plus each row's block scale (from sw, one byte per row) times its share of the words ue, uo
+    of two byte columns (_fp4_words_dot_bf16)."""
+    d0, d1, d2, d3 = _fp4_words_dot_bf16(ue, uo, elo, ehi, olo, ohi)
+    r0 += d0.to(tl.float32, bitcast=True) * _block_scale(sw, 0, SCALE_KIND)
+    r1 += d1.to(tl.float32, bitcast=True) * _block_scale(sw, 8, SCALE_KIND)
+    r2 += d2.to(tl.float32, bitcast=True) * _block_scale(sw, 16, SCALE_KIND)
+    r3 += d3.to(tl.float32, bitcast=True) * _block_scale(sw, 24, SCALE_KIND)
+    return r0, r1, r2, r3
+
+
+@triton.jit
 def _block_scale(sw, SHIFT: tl.constexpr, SCALE_KIND: tl.constexpr):
     """fp32 block scale from byte SHIFT/8 of each word: e4m3 through the hardware conversion, E8M0 as 2^(s-127)."""
     s = (sw >> SHIFT).to(tl.uint8)
@@ -333,7 +481,7 @@ def gemv_rows_kernel(
         e4 = e0.to(tl.int64)
         pa_ok = pa[:, None, None, None] < 1
     tl.static_assert(A_SCALE == 0, "activations in x's dtype (A16)")
-    tl.static_assert(PACKED or not PREFETCH, "PREFETCH double-buffers the PACKED int4 path's loads")
+    tl.static_assert(PACKED or not PREFETCH, "PREFETCH double-buffers the PACKED (bf16x2) paths' loads")
     MASKED: tl.constexpr = not EVEN  # parts that read nothing point at row 0 of a and of sort_idx: loads stay in bounds
     a_base = a_ptr + a_off
     sidx_base = sidx_ptr + e4 * stride_ie
@@ -437,39 +585,52 @@ def gemv_rows_kernel(
         sa_base = s_ptr + e4 * stride_se + q4 * stride_sn
         wb_base = wa_base + NQ * stride_wn
         sb_base = sa_base + NQ * stride_sn
-        acc0 = tl.zeros((PA, NG, GW4, BQ), dtype=tl.float32)
-        acc1 = tl.zeros((PA, NG, GW4, BQ), dtype=tl.float32)
-        acc2 = tl.zeros((PA, NG, GW4, BQ), dtype=tl.float32)
-        acc3 = tl.zeros((PA, NG, GW4, BQ), dtype=tl.float32)
-        up0 = tl.zeros((1, NG, GW4, BQ), dtype=tl.float32)
-        up1 = tl.zeros((1, NG, GW4, BQ), dtype=tl.float32)
-        up2 = tl.zeros((1, NG, GW4, BQ), dtype=tl.float32)
-        up3 = tl.zeros((1, NG, GW4, BQ), dtype=tl.float32)
+        GJ: tl.constexpr = GW4 // 2 if PACKED else GW4  # tile elements per group: byte column pairs (PACKED)
+        acc0 = tl.zeros((PA, NG, GJ, BQ), dtype=tl.float32)
+        acc1 = tl.zeros((PA, NG, GJ, BQ), dtype=tl.float32)
+        acc2 = tl.zeros((PA, NG, GJ, BQ), dtype=tl.float32)
+        acc3 = tl.zeros((PA, NG, GJ, BQ), dtype=tl.float32)
+        up0 = tl.zeros((1, NG, GJ, BQ), dtype=tl.float32)
+        up1 = tl.zeros((1, NG, GJ, BQ), dtype=tl.float32)
+        up2 = tl.zeros((1, NG, GJ, BQ), dtype=tl.float32)
+        up3 = tl.zeros((1, NG, GJ, BQ), dtype=tl.float32)
+        if PREFETCH:  # step c + 1's loads are issued before step c's products (register double buffering)
+            nxt = _fp4_step_loads(c0, c1, wa_base, wb_base, sa_base, sb_base, a_base, ld_ok, pa_ok, stride_wk,
+                                  stride_sg, C, NUM_G, DOWN, EVEN, MASKED, True, NG, GW4)
         for c in tl.range(c0, c1, num_stages=STAGES):
-            g4 = (c * NG + tl.arange(0, NG))[None, :, None, None]
-            j4 = g4 * GW4 + tl.arange(0, GW4)[None, None, :, None]  # byte column [1, NG, GW, 1]
-            if EVEN:
-                w_ok = ld_ok
-                g_ok = ld_ok
+            if PACKED:  # bf16 activation pairs (x_2j, x_2j+1) of byte columns j and j + 1 (j even), splat and scaled
+                if PREFETCH:
+                    uea, uoa, ueb, uob, swa, swb, pe, po = nxt
+                    nxt = _fp4_step_loads(c + 1, c1, wa_base, wb_base, sa_base, sb_base, a_base, ld_ok, pa_ok,
+                                          stride_wk, stride_sg, C, NUM_G, DOWN, EVEN, MASKED, True, NG, GW4)
+                else:
+                    uea, uoa, ueb, uob, swa, swb, pe, po = _fp4_step_loads(
+                        c, c1, wa_base, wb_base, sa_base, sb_base, a_base, ld_ok, pa_ok, stride_wk, stride_sg, C,
+                        NUM_G, DOWN, EVEN, MASKED, False, NG, GW4)
+                elo = _bf16_splat_scaled(pe, 0x1010)
+                ehi = _bf16_splat_scaled(pe, 0x3232)
+                olo = _bf16_splat_scaled(po, 0x1010)
+                ohi = _bf16_splat_scaled(po, 0x3232)
+                acc0, acc1, acc2, acc3 = _fp4_pair_math(acc0, acc1, acc2, acc3, uea, uoa, swa, elo, ehi, olo, ohi,
+                                                        SCALE_KIND)
+                if not DOWN:
+                    up0, up1, up2, up3 = _fp4_pair_math(up0, up1, up2, up3, ueb, uob, swb, elo, ehi, olo, ohi,
+                                                        SCALE_KIND)
             else:
-                w_ok = ld_ok & (j4 < C // 2)
-                g_ok = ld_ok & (g4 < NUM_G)
-            if DOWN:
-                x_ok = pa_ok & (j4 < C // 2)
-            else:
-                x_ok = j4 < C // 2
-            a_lo = _act_col(a_base, sidx_base, j4 * 2, x_ok, stride_ak, SORTED, MASKED)
-            a_hi = _act_col(a_base, sidx_base, j4 * 2 + 1, x_ok, stride_ak, SORTED, MASKED)
-            acc0, acc1, acc2, acc3 = _fp4_words(acc0, acc1, acc2, acc3, wa_base, sa_base, j4, g4, w_ok, g_ok,
-                                                stride_wk, stride_sn, stride_sg, a_lo, a_hi, SCALE_KIND)
-            if not DOWN:
-                up0, up1, up2, up3 = _fp4_words(up0, up1, up2, up3, wb_base, sb_base, j4, g4, w_ok, g_ok,
-                                                stride_wk, stride_sn, stride_sg, a_lo, a_hi, SCALE_KIND)
+                g4, j4, w_ok, g_ok, x_ok = _fp4_step_masks(c, c1, ld_ok, pa_ok, C, NUM_G, DOWN, EVEN, False, NG,
+                                                           GW4, GW4)
+                a_lo = _act_col(a_base, sidx_base, j4 * 2, x_ok, stride_ak, SORTED, MASKED)
+                a_hi = _act_col(a_base, sidx_base, j4 * 2 + 1, x_ok, stride_ak, SORTED, MASKED)
+                acc0, acc1, acc2, acc3 = _fp4_words(acc0, acc1, acc2, acc3, wa_base, sa_base, j4, g4, w_ok, g_ok,
+                                                    stride_wk, stride_sn, stride_sg, a_lo, a_hi, SCALE_KIND)
+                if not DOWN:
+                    up0, up1, up2, up3 = _fp4_words(up0, up1, up2, up3, wb_base, sb_base, j4, g4, w_ok, g_ok,
+                                                    stride_wk, stride_sn, stride_sg, a_lo, a_hi, SCALE_KIND)
         acc = _interleave_rows(_sum_steps(acc0), _sum_steps(acc1), _sum_steps(acc2), _sum_steps(acc3))
         if not DOWN:
             up = _interleave_rows(_sum_steps(up0), _sum_steps(up1), _sum_steps(up2), _sum_steps(up3))
             acc = tl.where(parts[:, None] == 0, tl.sum(acc, axis=0)[None, :], tl.sum(up, axis=0)[None, :])
-        acc *= FP4_FACTOR
+        acc *= FP4_PACKED_FACTOR if PACKED else FP4_FACTOR
 
     gemv_epilogue(acc, pid, e, parts, slot, p_ok, row_ok, n_ok, offs_n, rows, N, es_ptr, topk_w_ptr, bias_ptr,
                   c_ptr, amax_ptr, perm_ptr, split_ptr, count_ptr, stride_ese, stride_esj, stride_bias_e,

@@ -28,7 +28,7 @@ _FMT = {"int": 0, "fp4": 1, "fp8": 2}
 _A_CODE = {None: 0, "tensor": 1, "row": 2, "group": 3}
 _W_CODE = {None: 0, "expert": 1, "row": 2}
 MODE = os.environ.get("MOEQUANT_GEMV", "auto")  # auto | always | never (see use_gemv)
-# int4 weights with bf16 activations on a GPU: products in bf16x2 (gemv_rows_kernel's PACKED); 0 keeps fp32 products
+# int4 / A16 fp4 weights with bf16 activations on a GPU: products in bf16x2 (gemv_rows_kernel's PACKED); 0: fp32
 PACKED = os.environ.get("MOEQUANT_GEMV_PACKED", "1") == "1"
 FP8_GROUP = 128  # fp8: block scales and per-group activation scales cover 128 columns; also the chunking unit
 STEP_UNITS = 1024  # rows kernel heuristic: int32 words per program and step
@@ -80,7 +80,7 @@ class GemvConfig:
     SPLIT_K: int = 1  # GEMM2 of the rows kernel: programs per output block, each over a share of the reduction
     PART_SPLIT: bool = False  # GEMM2 of the rows kernel: one program per top-k expert (x SPLIT_K), atomic sums
     STAGES: int = 1  # rows kernel: steps in flight (> 1: the next steps' words stream into shared memory)
-    PREFETCH: bool = False  # rows kernel, int4 bf16x2 path: the next step's loads issued before this step's products
+    PREFETCH: bool = False  # rows kernel, bf16x2 paths: the next step's loads issued before this step's products
 
 
 def use_gemv(T: int, K: int, E: int, slots_per_expert: float = 1.0) -> bool:
@@ -121,12 +121,14 @@ def uses_rows_kernel(w: GemvWeights, a_scale_kind=None) -> bool:
 
 
 def uses_packed(w: GemvWeights, a: torch.Tensor) -> bool:
-    """int4 weights and bf16 activations read in order (rows contiguous, 4-byte aligned; act-order's GEMM1 input is
-    pre-gathered by fused_experts_gemv) on a GPU: the rows kernel forms each word's eight products in bf16x2 (inline
-    PTX, which the interpreter cannot run) and sums them in fp32 per word; otherwise fp32 products."""
+    """int4 or A16 fp4 weights on the rows kernel and bf16 activations read in order (rows contiguous, 4-byte
+    aligned; act-order's GEMM1 input is pre-gathered by fused_experts_gemv) on a GPU: the rows kernel forms the
+    products in bf16x2 (inline PTX, which the interpreter cannot run), int4 eight per word, fp4 four per row of two
+    words, and sums them in fp32; otherwise fp32 products."""
     pairs = a.stride(1) == 1 and a.stride(0) % 2 == 0 and a.data_ptr() % 4 == 0  # rows read as int32 pairs
-    return (PACKED and w.fmt == "int" and w.bits == 4 and w.sort_idx is None and a.dtype == torch.bfloat16
-            and a.is_cuda and pairs and os.environ.get("TRITON_INTERPRET") != "1")
+    weights = w.fmt == "int" and w.bits == 4 or w.fmt == "fp4" and uses_rows_kernel(w)
+    return (PACKED and weights and w.sort_idx is None and a.dtype == torch.bfloat16 and a.is_cuda and pairs
+            and os.environ.get("TRITON_INTERPRET") != "1")
 
 
 def kernel_name(w: GemvWeights, down: bool, rows: bool = False) -> str:
@@ -145,8 +147,8 @@ def gemv_config(parts: int, N: int, w: GemvWeights, T: int, down: bool, grid_row
     """The tuned cache's entry for this GEMV near T tokens, else a heuristic. Rows kernel (int, A16 fp4): the widest
     BLOCK_N up to 64 (at least 4 rows for int, 16 for fp4) that still gives 4 programs per multiprocessor over
     grid_rows x N / BLOCK_N (on the CPU: 64, few programs for the interpreter), NG groups per step for about
-    STEP_UNITS words per step (8 per thread of 4 warps), and for int on a GPU one GEMM2 program per expert
-    (PART_SPLIT) at top-k >= 4. gemv_moe_kernel (fp8, nvfp4 with fp4 activations): BLOCK_N 4 (fp8, K-contiguous)
+    STEP_UNITS words per step (8 per thread of 4 warps; fp4 GEMM1: 4x), and on a GPU one GEMM2 program per expert
+    (PART_SPLIT) at top-k >= 4 and, for fp4, PREFETCH. gemv_moe_kernel (fp8, nvfp4 with fp4 activations): BLOCK_N 4 (fp8, K-contiguous)
     or 16 (fp4, rows-contiguous bytes) and NG groups to fill the register budget of elements per thread."""
     if down in OVERRIDE:
         return OVERRIDE[down]
@@ -164,10 +166,13 @@ def gemv_config(parts: int, N: int, w: GemvWeights, T: int, down: bool, grid_row
         bn = max(bn_min, min(bn, triton.next_power_of_2(N)))
         # GEMM2 of 4 or more experts per token: one program per expert (a [P, NG, GW, 1] activation tile of as
         # many elements as the program has threads makes Triton move the words through shared memory every step)
-        part_split = down and parts >= 4 and w.fmt == "int" and w.data.is_cuda
+        part_split = down and parts >= 4 and w.data.is_cuda
         words_per_row = (G // w.per_unit) * (bn if w.fmt == "int" else bn // 4)
-        ng = max(1, min(triton.next_power_of_2(num_g), STEP_UNITS // ((1 if part_split else parts) * words_per_row)))
-        return GemvConfig(bn, ng, 4, PART_SPLIT=part_split)
+        units = STEP_UNITS * (4 if w.fmt == "fp4" and not down else 1)  # fp4 GEMM1: 32 words per thread and step
+        ng = max(1, min(triton.next_power_of_2(num_g), units // ((1 if part_split else parts) * words_per_row)))
+        # fp4 on the GPU (bf16x2 products with bf16 activations): the next step's loads in flight (H200: every
+        # tuned fp4 config takes it)
+        return GemvConfig(bn, ng, 4, PART_SPLIT=part_split, PREFETCH=w.fmt == "fp4" and w.data.is_cuda)
     bn = min(triton.next_power_of_2(N), 4 if w.fmt == "fp8" else 16)
     budget = (FP8_ELEMS_PER_THREAD if w.fmt == "fp8" else ELEMS_PER_THREAD) * 128
     ng = max(1, min(triton.next_power_of_2(num_g), budget // (parts * bn * G)))
