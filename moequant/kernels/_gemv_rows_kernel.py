@@ -26,12 +26,17 @@ int: words [E, N(*2), C/PW], N stride 1 (methods.base.rows_contiguous); a step's
 fp4: bytes and block scales (rows-contiguous) read as int32 words [E, N/4, C/2] and [E, N/4, C/G]: word (q, j)
   holds byte column j (two e2m1 codes, low nibble = column 2j) of rows 4q..4q+3; _e2m1_pair decodes one nibble of
   two rows per instruction; w = e2m1 * block_scale (e4m3 or E8M0) * s2[e, part].
+  PACKED (bf16 activations in order, GPU): a tile element is the words of byte columns j and j + 1 (j even; tile
+  [P or 1, NG, GW/2, BQ]), whose sixteen products per row pair (4q + r, 4q + r + 2) form one bf16x2 chain of four
+  fmas (_fp4_words_dot_bf16: e2m1 placed as bf16 times 2^-126, activations splat and scaled by 2^64, so the chain
+  holds the sums times 2^-62); each row's half then meets its block scale in fp32. Block scales load through
+  pointers spanning the tile (+ j4 * 0), in the words' layout. PREFETCH double-buffers these loads too.
   out[part, n] = sum_g scale[part, n, g] * sum_{k in g} wq[part, n, k] * a[part, k]   (a: x's dtype or fp32)
 EVEN (C a multiple of a step, N of BN) drops the column and row masks from the loop. STAGES > 1 software-pipelines
 the steps: the weight words and scales of the next STAGES - 1 steps are copied to shared memory asynchronously
 (cp.async) while the current step computes, keeping more bytes in flight than the registers would hold. PREFETCH
 (PACKED only) double-buffers in registers instead: step c + 1's words, scales, zero points and activation pairs
-(_int_step_loads) are loaded before step c's products.
+(_int_step_loads, _fp4_step_loads) are loaded before step c's products.
 GEMM1 (not DOWN): grid (S, cdiv(N, BN), 1); activation row slot // A_ROW_DIV (TOP_K; 1 when the launcher
   pre-gathered each slot's row in its expert's act-order); inter[slot, n] = act(gate, up) (+ biases, routing weight
   when applied on the input), stored at column perm[e, n] with OUT_PERM (GEMM2's act-order), so GEMM2 reads its
@@ -148,6 +153,32 @@ def _bf16_splat_scaled(p, SEL: tl.constexpr):
         }}""", "=r,r", [p], dtype=tl.int32, is_pure=True, pack=1)
 
 
+def _e2m1_pair_ptx(src: str, dst: str, k: int) -> str:
+    """PTX putting nibbles k and k + 4 of src (bits 4k, 4k + 16) into the bf16 halves of dst as e2m1 * 2^-126:
+    magnitude bits to 6-8 (mask m1), sign bit to 15 (mask m2)."""
+    def shift(n: int) -> str:
+        return f"shl.b32 {{t}}, {src}, {n};" if n > 0 else f"shr.u32 {{t}}, {src}, {-n};" if n < 0 else ""
+
+    mag, sign = shift(6 - 4 * k).format(t="t"), shift(12 - 4 * k).format(t="s")
+    return "\n".join(filter(None, (mag, sign, "and.b32 t, t, m1;", f"and.b32 s, {sign and 's' or src}, m2;",
+                                    f"or.b32 {dst}, t, s;")))
+
+
+def _fp4_dot_ptx() -> str:
+    """_fp4_words_dot_bf16's PTX: $4, $5 the two words, $6..$9 the splat activations of columns 2j, 2j + 1,
+    2j + 2, 2j + 3; $0..$3 rows 0..3 as fp32 bits."""
+    decode = [_e2m1_pair_ptx(w, f"{p}{k}", k) for w, p in (("$4", "p"), ("$5", "q")) for k in range(4)]
+    chains = [f"fma.rn.bf16x2 {acc}, {p}{k + i}, ${6 + 2 * j + i}, {'z' if (i, j) == (0, 0) else acc};"
+              for acc, k in (("a02", 0), ("a13", 2)) for j, p in enumerate("pq") for i in range(2)]
+    return "\n".join(["{", ".reg .b32 m1, m2, t, s, p0, p1, p2, p3, q0, q1, q2, q3, z, a02, a13;",
+                      "mov.b32 m1, 0x01C001C0;", "mov.b32 m2, 0x80008000;", "mov.b32 z, 0;", *decode, *chains,
+                      "shl.b32 $0, a02, 16;", "and.b32 $2, a02, 0xFFFF0000;",
+                      "shl.b32 $1, a13, 16;", "and.b32 $3, a13, 0xFFFF0000;", "}"])
+
+
+_FP4_DOT_PTX = tl.constexpr(_fp4_dot_ptx())
+
+
 @triton.jit
 def _fp4_words_dot_bf16(ue, uo, elo, ehi, olo, ohi):
     """Rows r = 0..3 of two fp4 words of byte columns j (ue) and j + 1 (uo), four rows each (row r in byte r, low
@@ -158,73 +189,18 @@ def _fp4_words_dot_bf16(ue, uo, elo, ehi, olo, ohi):
     of itself times 2^64 (_bf16_splat_scaled), so every product is a normal bf16. Per row pair (0, 2) and (1, 3) one
     chain of four bf16x2 fmas (as _int4_word_dot_bf16's), whose halves are the two rows' sums."""
     return tl.inline_asm_elementwise(
-        """{
-        .reg .b32 m1, m2, t, s, p0, p1, p2, p3, q0, q1, q2, q3, z, a02, a13;
-        mov.b32 m1, 0x01C001C0;
-        mov.b32 m2, 0x80008000;
-        mov.b32 z, 0;
-        shl.b32 t, $4, 6;
-        shl.b32 s, $4, 12;
-        and.b32 t, t, m1;
-        and.b32 s, s, m2;
-        or.b32 p0, t, s;
-        shl.b32 t, $4, 2;
-        shl.b32 s, $4, 8;
-        and.b32 t, t, m1;
-        and.b32 s, s, m2;
-        or.b32 p1, t, s;
-        shr.u32 t, $4, 2;
-        shl.b32 s, $4, 4;
-        and.b32 t, t, m1;
-        and.b32 s, s, m2;
-        or.b32 p2, t, s;
-        shr.u32 t, $4, 6;
-        and.b32 t, t, m1;
-        and.b32 s, $4, m2;
-        or.b32 p3, t, s;
-        shl.b32 t, $5, 6;
-        shl.b32 s, $5, 12;
-        and.b32 t, t, m1;
-        and.b32 s, s, m2;
-        or.b32 q0, t, s;
-        shl.b32 t, $5, 2;
-        shl.b32 s, $5, 8;
-        and.b32 t, t, m1;
-        and.b32 s, s, m2;
-        or.b32 q1, t, s;
-        shr.u32 t, $5, 2;
-        shl.b32 s, $5, 4;
-        and.b32 t, t, m1;
-        and.b32 s, s, m2;
-        or.b32 q2, t, s;
-        shr.u32 t, $5, 6;
-        and.b32 t, t, m1;
-        and.b32 s, $5, m2;
-        or.b32 q3, t, s;
-        fma.rn.bf16x2 a02, p0, $6, z;
-        fma.rn.bf16x2 a02, p1, $7, a02;
-        fma.rn.bf16x2 a02, q0, $8, a02;
-        fma.rn.bf16x2 a02, q1, $9, a02;
-        fma.rn.bf16x2 a13, p2, $6, z;
-        fma.rn.bf16x2 a13, p3, $7, a13;
-        fma.rn.bf16x2 a13, q2, $8, a13;
-        fma.rn.bf16x2 a13, q3, $9, a13;
-        shl.b32 $0, a02, 16;
-        and.b32 $2, a02, 0xFFFF0000;
-        shl.b32 $1, a13, 16;
-        and.b32 $3, a13, 0xFFFF0000;
-        }""",
-        "=r,=r,=r,=r,r,r,r,r,r,r", [ue, uo, elo, ehi, olo, ohi], dtype=(tl.int32, tl.int32, tl.int32, tl.int32),
-        is_pure=True, pack=1)
+        _FP4_DOT_PTX, "=r,=r,=r,=r,r,r,r,r,r,r", [ue, uo, elo, ehi, olo, ohi],
+        dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1)
 
 
 @triton.jit
-def _int_step_masks(c, c1, ld_ok, pa_ok, CW, NUM_G, DOWN: tl.constexpr, EVEN: tl.constexpr, LIVE: tl.constexpr,
-                    NG: tl.constexpr, GW: tl.constexpr):
-    """Step c's group and unit indices g4 [1, NG, 1, 1], j4 [1, NG, GW, 1] and the masks of its words (w_ok), group
+def _step_masks(c, c1, ld_ok, pa_ok, CW, NUM_G, DOWN: tl.constexpr, EVEN: tl.constexpr, LIVE: tl.constexpr,
+                NG: tl.constexpr, GW: tl.constexpr, GJ: tl.constexpr):
+    """Step c's group indices g4 [1, NG, 1, 1], units j4 [1, NG, GJ, 1] (int words or fp4 byte columns, CW per row;
+    GJ = GW: every unit of a group; GW / 2: the even ones, PACKED fp4) and the masks of its words (w_ok), group
     parameters (g_ok) and activations (x_ok). LIVE: all off when c >= c1 (the prefetch of the step after the last)."""
     g4 = (c * NG + tl.arange(0, NG))[None, :, None, None]
-    j4 = g4 * GW + tl.arange(0, GW)[None, None, :, None]
+    j4 = g4 * GW + (GW // GJ) * tl.arange(0, GJ)[None, None, :, None]
     ok = ld_ok
     if LIVE:
         ok = ok & (c < c1)
@@ -270,7 +246,7 @@ def _int_step_loads(c, c1, wa_base, wb_base, sa_base, sb_base, za_base, zb_base,
     """Everything step c of the PACKED int4 path reads: words (gate/all parts; up), group scales and zero points in
     the words' layout, and the activation pairs (x_2m, x_2m+1) of its four words' columns. LIVE: loads are masked
     off when c >= c1 (the prefetch of the step after the last)."""
-    g4, j4, w_ok, g_ok, x_ok = _int_step_masks(c, c1, ld_ok, pa_ok, CW, NUM_G, DOWN, EVEN, LIVE, NG, GW)
+    g4, j4, w_ok, g_ok, x_ok = _step_masks(c, c1, ld_ok, pa_ok, CW, NUM_G, DOWN, EVEN, LIVE, NG, GW, GW)
     ua = tl.load(wa_base + j4 * stride_wk, mask=w_ok, other=0)
     ub = ua
     if not DOWN:
@@ -340,31 +316,6 @@ def _fp4_words(r0, r1, r2, r3, w_base, s_base, j4, g4, w_ok, g_ok, stride_wk, st
 
 
 @triton.jit
-def _fp4_step_masks(c, c1, ld_ok, pa_ok, C, NUM_G, DOWN: tl.constexpr, EVEN: tl.constexpr, LIVE: tl.constexpr,
-                    NG: tl.constexpr, GW: tl.constexpr, GJ: tl.constexpr):
-    """fp4 step c's group indices g4 [1, NG, 1, 1], byte columns j4 [1, NG, GJ, 1] (GJ = GW: every column of a
-    group; GW / 2: the even ones, PACKED) and the masks of its words (w_ok), block scales (g_ok) and activations
-    (x_ok). LIVE: all off when c >= c1 (the prefetch of the step after the last)."""
-    g4 = (c * NG + tl.arange(0, NG))[None, :, None, None]
-    j4 = g4 * GW + (GW // GJ) * tl.arange(0, GJ)[None, None, :, None]
-    ok = ld_ok
-    if LIVE:
-        ok = ok & (c < c1)
-    if EVEN:
-        w_ok = ok
-        g_ok = ok
-    else:
-        w_ok = ok & (j4 < C // 2)
-        g_ok = ok & (g4 < NUM_G)
-    x_ok = j4 < C // 2
-    if DOWN:
-        x_ok = x_ok & pa_ok
-    if LIVE:
-        x_ok = x_ok & (c < c1)
-    return g4, j4, w_ok, g_ok, x_ok
-
-
-@triton.jit
 def _fp4_step_loads(c, c1, wa_base, wb_base, sa_base, sb_base, a_base, ld_ok, pa_ok, stride_wk, stride_sg, C, NUM_G,
                     DOWN: tl.constexpr, EVEN: tl.constexpr, MASKED: tl.constexpr, LIVE: tl.constexpr,
                     NG: tl.constexpr, GW: tl.constexpr):
@@ -372,7 +323,7 @@ def _fp4_step_loads(c, c1, wa_base, wb_base, sa_base, sb_base, a_base, ld_ok, pa
     words of columns j and j + 1 (gate / all parts; up), the four rows' block scales (loaded through pointers
     spanning the tile, + j4 * 0, so that they take the words' register layout) and the activation pairs of both
     columns. LIVE: loads are masked off when c >= c1 (the prefetch of the step after the last)."""
-    g4, j4, w_ok, g_ok, x_ok = _fp4_step_masks(c, c1, ld_ok, pa_ok, C, NUM_G, DOWN, EVEN, LIVE, NG, GW, GW // 2)
+    g4, j4, w_ok, g_ok, x_ok = _step_masks(c, c1, ld_ok, pa_ok, C // 2, NUM_G, DOWN, EVEN, LIVE, NG, GW, GW // 2)
     uea = tl.load(wa_base + j4 * stride_wk, mask=w_ok, other=0)
     uoa = tl.load(wa_base + (j4 + 1) * stride_wk, mask=w_ok, other=0)
     swa = tl.load(sa_base + g4 * stride_sg + j4 * 0, mask=g_ok, other=0)
@@ -512,7 +463,7 @@ def gemv_rows_kernel(
                                   stride_wk, stride_sg, stride_zg, CW, NUM_G, DOWN, EVEN, MASKED, HAS_ZP,
                                   GROUP_SCALES, True, NG, GW)
         for c in tl.range(c0, c1, num_stages=STAGES):
-            g4, j4, w_ok, g_ok, x_ok = _int_step_masks(c, c1, ld_ok, pa_ok, CW, NUM_G, DOWN, EVEN, False, NG, GW)
+            g4, j4, w_ok, g_ok, x_ok = _step_masks(c, c1, ld_ok, pa_ok, CW, NUM_G, DOWN, EVEN, False, NG, GW, GW)
             a_sum = tl.zeros(j4.shape, dtype=tl.float32)
             if PACKED:  # int4, bf16 activations read as int32 pairs (x_2m, x_2m+1), regrouped by byte permutes
                 if PREFETCH:
@@ -617,8 +568,8 @@ def gemv_rows_kernel(
                     up0, up1, up2, up3 = _fp4_pair_math(up0, up1, up2, up3, ueb, uob, swb, elo, ehi, olo, ohi,
                                                         SCALE_KIND)
             else:
-                g4, j4, w_ok, g_ok, x_ok = _fp4_step_masks(c, c1, ld_ok, pa_ok, C, NUM_G, DOWN, EVEN, False, NG,
-                                                           GW4, GW4)
+                g4, j4, w_ok, g_ok, x_ok = _step_masks(c, c1, ld_ok, pa_ok, C // 2, NUM_G, DOWN, EVEN, False, NG,
+                                                       GW4, GW4)
                 a_lo = _act_col(a_base, sidx_base, j4 * 2, x_ok, stride_ak, SORTED, MASKED)
                 a_hi = _act_col(a_base, sidx_base, j4 * 2 + 1, x_ok, stride_ak, SORTED, MASKED)
                 acc0, acc1, acc2, acc3 = _fp4_words(acc0, acc1, acc2, acc3, wa_base, sa_base, j4, g4, w_ok, g_ok,
