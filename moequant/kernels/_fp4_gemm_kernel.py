@@ -4,8 +4,10 @@
 B packed uint8 [E, N, K/2]: byte j of a row holds element 2j (low nibble) and 2j+1 (high nibble). The A tile is read as
 its even and odd columns, so each byte tile [BK/2, BN] is dequantized in registers into two tiles (low, high):
   C[slot, n] = epilogue( s2[e] * a_scale * sum_j (A[slot, 2j] * lo[j, n] + A[slot, 2j+1] * hi[j, n]) ),
-  lo/hi = e2m1(nibble) * block_scale[e, n, 2j // G] (exact in bf16/fp16: <= 6 significant bits); the [BK/G, BN]
-  scale tile is decoded once and broadcast over its G/2 bytes. BLOCK_K must be a multiple of G (the launcher ensures it).
+  lo/hi = e2m1(nibble) * block_scale[e, n, 2j // G] (exact in bf16/fp16: <= 6 significant bits); the scales are
+  loaded through pointers of the bytes' shape (each byte's own, repeated over a group's G/2 bytes), so they share
+  the bytes' register layout (a [BK/G, BN] scale tile broadcast over a reshape cost shared-memory conversions and
+  barriers every K step). BLOCK_K must be a multiple of G (the launcher ensures it).
 Block scales: SCALE_KIND 0 = fp8 e4m3 bits (read as uint8, decoded here), 1 = E8M0 (2^(s-127)).
 s2: nvfp4's second-level scale per expert (HAS_S2); a_scale: nvfp4's activation scale (1 / input global scale, HAS_ASCALE).
 GEMM1 (GATED): gate rows n and up rows N + n, epilogue act(gate, up). GEMM2: bias and routing weight.
@@ -36,26 +38,19 @@ def pow2(ex):
 def block_scale_value(s, SCALE_KIND: tl.constexpr):
     """fp32 value of a block scale byte: fp8 e4m3fn ((1 + m/8) 2^(e-7), subnormal m 2^-9 at e = 0) or E8M0
     (2^(s-127); s = 0, i.e. 2^-127, reads as 0)."""
+    if SCALE_KIND == 0:  # the hardware conversion (0x7f / 0xff, e4m3fn's NaN, never load: dead experts are zeroed)
+        return s.to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float32)
     s = s.to(tl.int32)
-    if SCALE_KIND == 0:
-        ex = (s >> 3) & 15
-        mt = (s & 7).to(tl.float32)
-        mag = tl.where(ex == 0, mt * 0.001953125, (8.0 + mt) * pow2(tl.maximum(ex, 1) - 10))
-        return tl.where((s & 128) != 0, -mag, mag)
-    else:
-        return tl.where(s == 0, 0.0, pow2(s - 127))
+    return tl.where(s == 0, 0.0, pow2(s - 127))
 
 
 @triton.jit
-def _dequant_tile(b_ptrs, s_ptrs, b_mask, s_mask, SCALE_KIND: tl.constexpr, GROUP: tl.constexpr,
-                  HALF_K: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Bytes [BK/2, BN] + block scales [BK/G, BN] -> fp32 (lo, hi) [BK/2, BN]; each scale decoded once."""
+def _dequant_tile(b_ptrs, s_ptrs, b_mask, s_mask, SCALE_KIND: tl.constexpr):
+    """Bytes [BK/2, BN] + their block scales [BK/2, BN] (each byte's own scale: the pointers repeat over a group's
+    G/2 bytes, so scales and bytes share one register layout) -> fp32 (lo, hi) [BK/2, BN]."""
     b = tl.load(b_ptrs, mask=b_mask, other=0).to(tl.int32)
     sc = block_scale_value(tl.load(s_ptrs, mask=s_mask, other=0), SCALE_KIND) * 16384.0  # 2^14: see e2m1_value
-    sc = sc[:, None, :]
-    lo = tl.reshape(e2m1_value(b & 15), (HALF_K // (GROUP // 2), GROUP // 2, BLOCK_N)) * sc
-    hi = tl.reshape(e2m1_value(b >> 4), (HALF_K // (GROUP // 2), GROUP // 2, BLOCK_N)) * sc
-    return tl.reshape(lo, (HALF_K, BLOCK_N)), tl.reshape(hi, (HALF_K, BLOCK_N))
+    return e2m1_value(b & 15) * sc, e2m1_value(b >> 4) * sc
 
 
 @triton.jit
@@ -77,8 +72,6 @@ def fp4_moe_gemm_kernel(
                                                   BLOCK_M, BLOCK_N)
     HALF_K: tl.constexpr = BLOCK_K // 2
     offs_j = tl.arange(0, HALF_K)  # byte index within the K block
-    NUM_G: tl.constexpr = BLOCK_K // GROUP  # scale groups per K block (BLOCK_K is a multiple of GROUP)
-    offs_g = tl.arange(0, NUM_G)
     K2 = K // 2
 
     a_rows = a_ptr + (slots // A_ROW_DIV).to(tl.int64)[:, None] * stride_am
@@ -97,15 +90,13 @@ def fp4_moe_gemm_kernel(
         a_even = tl.load(a_rows + (2 * j)[None, :] * stride_ak, mask=a_mask, other=0.0)
         a_odd = tl.load(a_rows + (2 * j + 1)[None, :] * stride_ak, mask=a_mask, other=0.0)
         b_ptrs = b_base + j[:, None] * stride_bk
-        g = k0 * NUM_G + offs_g
-        s_ptrs = s_base + g[:, None] * stride_sk
+        s_ptrs = s_base + (j // (GROUP // 2))[:, None] * stride_sk  # the scale of every byte
         w_mask = j_ok[:, None] & col_ok[None, :]
-        s_mask = (g < K // GROUP)[:, None] & col_ok[None, :]
-        lo, hi = _dequant_tile(b_ptrs, s_ptrs, w_mask, s_mask, SCALE_KIND, GROUP, HALF_K, BLOCK_N)
+        lo, hi = _dequant_tile(b_ptrs, s_ptrs, w_mask, w_mask, SCALE_KIND)
         acc = tl.dot(a_even, lo.to(dtype), acc, input_precision=DOT_PRECISION)
         acc = tl.dot(a_odd, hi.to(dtype), acc, input_precision=DOT_PRECISION)
         if GATED:
-            lo, hi = _dequant_tile(b_ptrs + b_up, s_ptrs + s_up, w_mask, s_mask, SCALE_KIND, GROUP, HALF_K, BLOCK_N)
+            lo, hi = _dequant_tile(b_ptrs + b_up, s_ptrs + s_up, w_mask, w_mask, SCALE_KIND)
             acc_up = tl.dot(a_even, lo.to(dtype), acc_up, input_precision=DOT_PRECISION)
             acc_up = tl.dot(a_odd, hi.to(dtype), acc_up, input_precision=DOT_PRECISION)
 
