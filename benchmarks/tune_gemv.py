@@ -4,9 +4,9 @@ For each shape, scheme and token count M, one GEMV (up: gate/up + activation, do
 candidate configs while the other keeps its current best; each candidate is timed as FusedMoE forwards (CUDA graph)
 over bench_moe's REPLICAS input sets routed to different experts, so weights come from DRAM as in a model's decode
 step. The search is coordinate-wise from the cached or the heuristic config (the faster): STAGES (rows kernel),
-BLOCK_N, NG (groups per chunk), num_warps, SPLIT_K and PART_SPLIT (GEMM2 of the rows kernel), PREFETCH (int4, A16 fp4),
-TUNE_GEMV_PASSES times. Winners go into the tuning cache (moequant/kernels/configs/<device>.json) under gemv.kernel_name (e.g.
-"gemv-up-int4-g128").
+BLOCK_N, NG (groups per chunk), num_warps, SPLIT_K and PART_SPLIT (GEMM2 of the rows kernel), PREFETCH (int4,
+A16 fp4), TUNE_GEMV_PASSES times. Winners go into the tuning cache (moequant/kernels/configs/<device>.json) under
+gemv.kernel_name (e.g. "gemv-up-int4-g128").
 Shape legend: M tokens, E experts, K top-k, H hidden, I intermediate.
 
     python benchmarks/tune_gemv.py --schemes w4a16:g128,nvfp4a16,fp8-tensor --shapes qwen3-30b-a3b --ms 1

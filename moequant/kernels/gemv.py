@@ -148,8 +148,9 @@ def gemv_config(parts: int, N: int, w: GemvWeights, T: int, down: bool, grid_row
     BLOCK_N up to 64 (at least 4 rows for int, 16 for fp4) that still gives 4 programs per multiprocessor over
     grid_rows x N / BLOCK_N (on the CPU: 64, few programs for the interpreter), NG groups per step for about
     STEP_UNITS words per step (8 per thread of 4 warps; fp4 GEMM1: 4x), and on a GPU one GEMM2 program per expert
-    (PART_SPLIT) at top-k >= 4 and, for fp4, PREFETCH. gemv_moe_kernel (fp8, nvfp4 with fp4 activations): BLOCK_N 4 (fp8, K-contiguous)
-    or 16 (fp4, rows-contiguous bytes) and NG groups to fill the register budget of elements per thread."""
+    (PART_SPLIT) at top-k >= 4 and, for fp4, PREFETCH. gemv_moe_kernel (fp8, nvfp4 with fp4 activations): BLOCK_N 4
+    (fp8, K-contiguous) or 16 (fp4, rows-contiguous bytes) and NG groups to fill the register budget of elements per
+    thread."""
     if down in OVERRIDE:
         return OVERRIDE[down]
     entry = cached_entry(kernel_name(w, down, rows), T, w.data.shape[0], N, w.columns, w.data.device)
