@@ -86,6 +86,8 @@ def main(argv=None) -> int:
             f.write(kernel.asm["cubin"])
         tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
         sass = subprocess.run([tool, "-sass", path], capture_output=True, text=True, check=True).stdout
+        usage = subprocess.run([tool, "-res-usage", path], capture_output=True, text=True, check=True).stdout
+    print(" ".join(re.findall(r"REG:\d+|SHARED:\d+", usage)))  # per thread / per program
     for lo, hi, ops in loops(sass):
         print(f"loop {lo:#x}-{hi:#x}: {sum(ops.values())} instructions:",
               " ".join(f"{k}:{v}" for k, v in ops.most_common(40)))

@@ -8,7 +8,8 @@ import triton.language as tl
 import moequant.methods.fp4  # noqa: F401  (registers the fp4 schemes)
 from conftest import ON_GPU, rel_err
 from moequant import FusedMoE
-from moequant.kernels._fp4_gemm_kernel import block_scale_value, e2m1_value
+import moequant.kernels.fp4_gemm as fp4_gemm
+from moequant.kernels._fp4_gemm_kernel import _dequant_tile, _dequant_tile_bf16, block_scale_value, e2m1_value
 from moequant.kernels.reference import fused_moe_ref
 from moequant.quantize import fp4_math as f4
 
@@ -104,6 +105,57 @@ def test_gpu_nvfp4a16_is_cuda_graph_safe():
     g.replay()
     torch.testing.assert_close(out, eager)
 
+
+
+@triton.jit
+def _dequant_both_kernel(b_ptr, s_ptr, lo_ptr, hi_ptr, lo32_ptr, hi32_ptr, SCALE_KIND: tl.constexpr):
+    """One [64, 64] tile per program through both grouped-GEMM dequantizers (bf16x2 PTX and fp32)."""
+    p = tl.program_id(0) * 4096 + tl.arange(0, 64)[:, None] * 64 + tl.arange(0, 64)[None, :]
+    ok = p >= 0
+    lo, hi = _dequant_tile_bf16(b_ptr + p, s_ptr + p, ok, ok, SCALE_KIND)
+    tl.store(lo_ptr + p, lo)
+    tl.store(hi_ptr + p, hi)
+    lo32, hi32 = _dequant_tile(b_ptr + p, s_ptr + p, ok, ok, SCALE_KIND)
+    tl.store(lo32_ptr + p, lo32)
+    tl.store(hi32_ptr + p, hi32)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("scale_kind", [0, 1])
+def test_gpu_bf16x2_dequant_is_exact_for_every_byte_and_scale(scale_kind):
+    """The grouped GEMM's bf16x2 dequantizer (inline PTX) against its fp32 one on every (byte, scale byte) pair:
+    e2m1 * scale * 2^-8 (e4m3 scales, subnormal ones included) or e2m1 * scale (E8M0), bit for bit; NaN scale
+    bytes (e4m3 0x7f / 0xff, E8M0 0xff) never load and are left out, as are E8M0 scales beyond 2^113, which
+    overflow the fp32 dequantizer's intermediate (the fp32 path folds 2^14 into the scale)."""
+    idx = torch.arange(65536, device="cuda")
+    b = (idx % 256).to(torch.uint8)
+    s = (idx // 256).to(torch.uint8)
+    skip = (s & 0x7F) == 0x7F if scale_kind == 0 else s > 240
+    s = torch.where(skip, torch.zeros_like(s), s)
+    lo, hi = (torch.empty(65536, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    lo32, hi32 = (torch.empty(65536, device="cuda") for _ in range(2))
+    _dequant_both_kernel[(16,)](b, s, lo, hi, lo32, hi32, SCALE_KIND=scale_kind)
+    factor = 256.0 if scale_kind == 0 else 1.0
+    torch.testing.assert_close(lo.float() * factor, lo32, rtol=0, atol=0)
+    torch.testing.assert_close(hi.float() * factor, hi32, rtol=0, atol=0)
+    assert (lo32 != 0).sum() > 30000  # the comparison covers nonzero values
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("scheme", ["nvfp4a16", "mxfp4"])
+def test_gpu_grouped_bf16x2_matches_fp32_dequant(scheme, monkeypatch):
+    """Beyond the GEMV threshold (64 tokens, 8 experts) the layer gives the same output with the bf16x2 and the fp32
+    dequantizer (same dequantized values; the fp32 sums' order is the same)."""
+    layer = build(scheme, 8, 1024, 768, 2, torch.bfloat16, "cuda")
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(64, 1024, generator=gen).cuda().bfloat16()
+    w, ids = torch.softmax(torch.randn(64, 8, generator=gen).cuda(), -1).topk(2, -1)
+    layer.backend = "triton"
+    outs = []
+    for on in (True, False):
+        monkeypatch.setattr(fp4_gemm, "BF16X2", on)
+        outs.append(layer.experts_forward(x, w, ids.int()).float())
+    assert rel_err(outs[0], outs[1]) <= 1e-3
 
 
 @triton.jit

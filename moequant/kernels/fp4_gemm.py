@@ -10,6 +10,7 @@ nvfp4: w13_scale_2 [E, 2], w2_scale_2 [E] fp32; act_fp4: input scales [1] (NaN =
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import torch
 import triton
@@ -22,6 +23,14 @@ from moequant.kernels.tuning import get_config
 from moequant.quantize import fp4_math as f4
 
 _SCALE_KIND = {"fp8": 0, "e8m0": 1}
+# bf16 activations on a GPU: weights dequantized straight to bf16x2 (inline PTX); 0: through fp32
+BF16X2 = os.environ.get("MOEQUANT_FP4_BF16X2", "1") == "1"
+
+
+def uses_bf16x2(a: torch.Tensor) -> bool:
+    """The grouped GEMM dequantizes in bf16x2 (_fp4_gemm_kernel's BF16X2) for bf16 activations on a GPU (inline PTX,
+    which the interpreter cannot run)."""
+    return BF16X2 and a.dtype == torch.bfloat16 and a.is_cuda and os.environ.get("TRITON_INTERPRET") != "1"
 
 
 def quantize_act_nvfp4(a: torch.Tensor, input_scale: torch.Tensor,
@@ -66,7 +75,7 @@ def fp4_grouped_gemm(a, b, bs, c, routing, cfg, *, scale_kind, group, gated, a_r
         A_ROW_DIV=a_row_div, GATED=gated, ACTIVATION=_ACT_CODE[activation], SCALE_KIND=_SCALE_KIND[scale_kind],
         GROUP=group, HAS_S2=scale_2 is not None, HAS_ASCALE=a_scale is not None,
         MUL_WEIGHT=topk_weights is not None, HAS_BIAS=bias is not None, DOT_PRECISION=_dot_precision(a.dtype),
-        **cfg.launch_kwargs(),
+        BF16X2=uses_bf16x2(a), **cfg.launch_kwargs(),
     )
     return c
 
@@ -103,9 +112,9 @@ def fused_experts_fp4(x, w13_packed, w13_scale, w2_packed, w2_scale, topk_weight
     if scale_kind == "fp8":  # the kernel decodes the fp8 bits itself
         w13_scale, w2_scale = w13_scale.view(torch.uint8), w2_scale.view(torch.uint8)
     S = T * K
-    tag = "nvfp4" if scale_kind == "fp8" else "mxfp4"
-    cfg1 = _config(f"w13-{tag}", T, E, I, H, True, x.device, K, group)
-    cfg2 = _config(f"w2-{tag}", T, E, H, I, False, x.device, K, group)
+    # one tuning entry for nvfp4 and mxfp4: the same kernel, only the block scales decode differently
+    cfg1 = _config("w13-fp4", T, E, I, H, True, x.device, K, group)
+    cfg2 = _config("w2-fp4", T, E, H, I, False, x.device, K, group)
     topk_weights = topk_weights.reshape(-1).float().contiguous()
     route1 = moe_align(topk_ids, E, cfg1.BLOCK_M)
     route2 = route1 if cfg2.BLOCK_M == cfg1.BLOCK_M else moe_align(topk_ids, E, cfg2.BLOCK_M)
