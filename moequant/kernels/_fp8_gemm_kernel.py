@@ -9,7 +9,8 @@ partial dot (BLOCK_K divides 128) before it is added. Tensor-core partial sums a
 every IMPRECISE_ACC products (Hopper's fp8 MMA otherwise keeps a narrower accumulator over the whole K loop).
 GEMM1 (GATED): B = w13 [E, 2N, K]; gate rows n, up rows N + n; epilogue act(gate, up); OUT_AMAX atomically folds the
 tile's max |C| into amax_ptr[0] (1: per tensor) or its rows' into amax_ptr[slot] (2: per row), for the dynamic
-quantization of C. GEMM2: bias and routing weight.
+quantization of C; or OUT_QUANT stores C in e4m3 (as bytes) with the static per-tensor scale c_scale_ptr[0], so a
+static scheme needs no fp32 C and no quantizer launch. GEMM2: bias and routing weight.
 A_HP: A arrives in high precision and each tile is quantized here, as the quantizer kernel would, bit for bit:
 per tensor with the scale a_scale_ptr[0] or (A_FROM_AMAX) max(a_scale_ptr[0], EPS) / 448; per row with
 max(a_scale_ptr[row], EPS) / 448, a_scale_ptr holding the row amax that GEMM1 folded in (OUT_AMAX 2).
@@ -32,7 +33,7 @@ def _k_step(a, b, acc, sa_k, sb_k, PER_STEP: tl.constexpr, IMPRECISE_ACC: tl.con
 
 @triton.jit
 def fp8_moe_gemm_kernel(
-    a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, c_ptr, amax_ptr, bias_ptr, topk_w_ptr,
+    a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, c_ptr, amax_ptr, c_scale_ptr, bias_ptr, topk_w_ptr,
     sorted_ids_ptr, expert_ids_ptr, total_ptr,
     N, K, S, P_total,
     stride_am, stride_ak, stride_as_m, stride_as_k,
@@ -43,7 +44,7 @@ def fp8_moe_gemm_kernel(
     A_SCALE: tl.constexpr, B_SCALE: tl.constexpr, OUT_AMAX: tl.constexpr, IMPRECISE_ACC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     A_HP: tl.constexpr = False, A_FROM_AMAX: tl.constexpr = False, EPS: tl.constexpr = 1e-10,
-    EMULATE_CAST: tl.constexpr = False,
+    EMULATE_CAST: tl.constexpr = False, OUT_QUANT: tl.constexpr = False,
 ):
     pid_m, pid_n = tile_coords(P_total, N, BLOCK_M, BLOCK_N, GROUP_M)
     if pid_m * BLOCK_M >= tl.load(total_ptr):
@@ -128,4 +129,7 @@ def fp8_moe_gemm_kernel(
     elif OUT_AMAX == 2:  # per row (token slot)
         tl.atomic_max(amax_ptr + slots, tl.max(tl.where(ok, tl.abs(acc), 0.0), axis=1), mask=row_ok)
     c_ptrs = c_ptr + slots.to(tl.int64)[:, None] * stride_cm + offs_n[None, :] * stride_cn
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=ok)
+    if OUT_QUANT:  # C in e4m3 with the static scale c_scale_ptr[0], as the quantizer kernel would (bit for bit)
+        tl.store(c_ptrs, _quant(acc, tl.load(c_scale_ptr), EMULATE_CAST).to(tl.uint8, bitcast=True), mask=ok)
+    else:
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=ok)

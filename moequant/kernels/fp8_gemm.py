@@ -5,10 +5,11 @@ torch twins: quantize/fp8_math.act_quant_ref and the method's dequantized refere
 T tokens, K top-k, S = T*K slots, E experts (local), H hidden, I intermediate (per rank), G = 128.
 x [T, H] (fp16/bf16/fp32), w13 fp8 [E, 2I, H], w2 fp8 [E, H, I]; weight scales by `Fp8Layout.weight`:
 tensor [E] | channel [E, 2I] and [E, H] | block [E, 2I/G, H/G] and [E, H/G, I/G] (fp32).
-GEMM1 writes its activation in fp32, so the activation is rounded once (to fp8), as in the reference. Launches:
+GEMM1 writes its activation in fp32, so the activation is rounded once (to fp8), as in the reference; with a
+static per-tensor stage-2 scale it writes it in e4m3 directly (the same rounding, in its epilogue). Launches:
 x's quantizer (which also zeroes the amax buffer GEMM1's epilogue folds into), GEMM1, the activation's quantizer
-(skipped for <= FUSE_A2_SLOTS slots with per-tensor / per-token scales: GEMM2 then quantizes its A tiles itself),
-GEMM2, the sum: as many launches as the bf16 path plus one when decoding.
+(skipped with a static per-tensor scale, and for <= FUSE_A2_SLOTS slots with per-tensor / per-token scales: GEMM2
+then quantizes its A tiles itself), GEMM2, the sum: as many launches as the bf16 path plus one (static: plus none).
 """
 
 from __future__ import annotations
@@ -137,11 +138,12 @@ def fp8_config(kernel: str, M: int, E: int, N: int, K: int, gated: bool, device:
 # --- the grouped GEMM ---------------------------------------------------------------------------------------------
 def fp8_grouped_gemm(a, a_scale, b, b_scale, c, routing, cfg, layout: Fp8Layout, *, gated: bool, a_row_div: int,
                      activation: str = "silu", bias=None, topk_weights=None, out_amax=None,
-                     amax_per_row: bool = False, a_from_amax: bool = False) -> torch.Tensor:
+                     amax_per_row: bool = False, a_from_amax: bool = False, c_scale=None) -> torch.Tensor:
     """c[slot] = epilogue(sa * a[slot // a_row_div] @ (sb * b[expert(slot)]).T) for every routed slot.
     An `a` that is not fp8 is quantized tile by tile in the kernel (act "tensor": scale a_scale, or from the amax
     a_scale with a_from_amax; act "token": per row from the row amax in a_scale), exactly as act_quant would.
-    out_amax: fold max |c| into out_amax[0], or with amax_per_row each slot's into out_amax[slot]."""
+    out_amax: fold max |c| into out_amax[0], or with amax_per_row each slot's into out_amax[slot]. An fp8 c is
+    written quantized with the static scale c_scale [1], exactly as act_quant would."""
     sorted_ids, expert_ids, total = routing
     N = b.shape[1] // 2 if gated else b.shape[1]
     K = b.shape[2]
@@ -157,10 +159,15 @@ def fp8_grouped_gemm(a, a_scale, b, b_scale, c, routing, cfg, layout: Fp8Layout,
     grid = (triton.cdiv(P, cfg.BLOCK_M) * triton.cdiv(N, cfg.BLOCK_N),)
     a_s = a_scale if a_scale.dim() == 2 else a_scale.view(-1, 1)
     bs = b_scale if b_scale.dim() == 3 else b_scale.view(b_scale.shape[0], -1, 1)
+    out_quant = c.dtype == FP8_DTYPE
+    if out_quant and (c_scale is None or out_amax is not None):
+        raise ValueError("fp8_grouped_gemm: an fp8 output needs its static scale c_scale (and no out_amax)")
+    if out_quant:
+        c = c.view(torch.uint8)
     dummy = c
     fp8_moe_gemm_kernel[grid](
         a, a_scale, b, b_scale, c, out_amax if out_amax is not None else a_scale,
-        bias if bias is not None else dummy, topk_weights if topk_weights is not None else dummy,
+        c_scale if c_scale is not None else a_scale, bias if bias is not None else dummy, topk_weights if topk_weights is not None else dummy,
         sorted_ids, expert_ids, total,
         N, K, S, P,
         a.stride(0), a.stride(1), a_s.stride(0), a_s.stride(1),
@@ -172,7 +179,7 @@ def fp8_grouped_gemm(a, a_scale, b, b_scale, c, routing, cfg, layout: Fp8Layout,
         A_SCALE=_A_CODE[layout.act], B_SCALE=_B_CODE[layout.weight],
         OUT_AMAX=0 if out_amax is None else 2 if amax_per_row else 1,
         IMPRECISE_ACC=None if FAST_ACCUM else min(cfg.BLOCK_K, 128),
-        A_HP=a_hp, A_FROM_AMAX=a_from_amax, EPS=ACT_EPS, EMULATE_CAST=_interpret(),
+        A_HP=a_hp, A_FROM_AMAX=a_from_amax, EPS=ACT_EPS, EMULATE_CAST=_interpret(), OUT_QUANT=out_quant,
         **cfg.launch_kwargs(),
     )
     return c
@@ -216,12 +223,17 @@ def fused_experts_fp8(x, w13, w2, w13_scale, w2_scale, topk_weights, topk_ids, l
     per_row = amax is not None and layout.act == "token"
     xq, xs = act_quant(x, layout.act, a13_scale, zero=amax, zero_per_row=K if per_row else 1)
     new = torch.zeros if has_remote_experts else torch.empty
-    inter = new(S, I, dtype=torch.float32, device=x.device)
+    # a static per-tensor stage-2 scale: GEMM1 writes its activation in e4m3 itself (no fp32 copy, no quantizer)
+    static2 = layout.act == "tensor" and a2_scale is not None and not fuse2
+    s2 = a2_scale.reshape(1).float() if static2 else None
+    inter = new(S, I, dtype=FP8_DTYPE if static2 else torch.float32, device=x.device)
     fp8_grouped_gemm(xq, xs, w13, w13_scale, inter, route1, cfg1, layout, gated=True, a_row_div=K,
                      activation=activation, bias=w13_bias,
                      topk_weights=topk_weights if apply_router_weight_on_input else None, out_amax=amax,
-                     amax_per_row=per_row)
-    if fuse2:
+                     amax_per_row=per_row, c_scale=s2)
+    if static2:
+        iq, is_ = inter, s2
+    elif fuse2:
         iq, is_ = inter, (a2_scale if a2_scale is not None else amax)
     else:
         iq, is_ = act_quant(inter, layout.act, a2_scale, amax=amax if dyn_tensor else None)
