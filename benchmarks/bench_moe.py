@@ -122,16 +122,19 @@ def make_weights(shape: Shape, device: str, gen: torch.Generator) -> tuple[torch
 
 
 ACT_ORDER = "+actorder"  # scheme suffix: integer scheme with a random act-order channel permutation per expert
-GROUP = re.compile(r"^(?P<base>[\w-]+?)(?::g(?P<g>\d+))?(?P<act>\+actorder)?$")  # e.g. w4a16:g128+actorder
+STATIC = "+static"  # scheme suffix: fp8-tensor with static input scales calibrated on a random batch (CT's FP8 preset)
+GROUP = re.compile(r"^(?P<base>[\w-]+?)(?::g(?P<g>\d+))?(?P<act>\+actorder)?(?P<static>\+static)?$")  # w4a16:g128+actorder
 
 
 def bench_config(name: str) -> moequant.QuantConfig:
     """A benchmark scheme name -> QuantConfig: a registry name, optionally ':gN' (group size N) and '+actorder'."""
     m = GROUP.match(name)
-    if m is None or m["base"] not in moequant.list_methods():
+    if m is None or m["base"] not in moequant.list_methods() or m["static"] and m["base"] != "fp8-tensor":
         raise argparse.ArgumentTypeError(f"bad scheme {name!r}: a registry name ({', '.join(moequant.list_methods())}), "
-                                         f"optionally with ':gN' and, for integer schemes, '{ACT_ORDER}'")
-    return moequant.QuantConfig(scheme=m["base"], group_size=int(m["g"]) if m["g"] else None, act_order=bool(m["act"]))
+                                         f"optionally with ':gN' and, for integer schemes, '{ACT_ORDER}' "
+                                         f"(fp8-tensor: '{STATIC}')")
+    return moequant.QuantConfig(scheme=m["base"], group_size=int(m["g"]) if m["g"] else None, act_order=bool(m["act"]),
+                                activation_scheme="static" if m["static"] else "dynamic")
 
 
 def _random_g_idx(layer: moequant.FusedMoE, gen: torch.Generator) -> None:
@@ -146,15 +149,32 @@ def _random_g_idx(layer: moequant.FusedMoE, gen: torch.Generator) -> None:
             g_idx[e, perm] = (torch.arange(K, device=g_idx.device) // G).to(g_idx.dtype)
 
 
+def _calibrate_input_scales(layer: moequant.FusedMoE, w13: torch.Tensor, w2: torch.Tensor, gen: torch.Generator,
+                            tokens: int = 64) -> None:
+    """Static fp8 input scales as a calibration gives them: max |x| / 448 over a batch like make_inputs' and
+    max |act(x W1^T, x W3^T)| / 448 over every expert's intermediate on it (bf16 weights, silu)."""
+    x = torch.randn(tokens, w13.shape[2], generator=gen, device=w13.device, dtype=torch.bfloat16).float()
+    I = w2.shape[2]
+    inter = max(float((torch.nn.functional.silu(h[:, :I]) * h[:, I:]).abs().max())
+                for h in (x @ w13[e].float().T for e in range(w13.shape[0])))
+    layer.w13_input_scale.data.fill_(float(x.abs().max()) / 448)
+    layer.w2_input_scale.data.fill_(inter / 448)
+
+
 def build_layer(shape: Shape, scheme: str, w13: torch.Tensor, w2: torch.Tensor, device: str) -> moequant.FusedMoE:
     """A FusedMoE on `device` holding w13/w2, quantized by the scheme's RTN (load_dense_weights); a +actorder
-    scheme gets a random act-order grouping before process_weights_after_loading."""
+    scheme gets a random act-order grouping, a +static one calibrated input scales, before
+    process_weights_after_loading."""
     qc = bench_config(scheme)
     with torch.device(device):
         layer = moequant.FusedMoE(shape.E, shape.K, shape.H, shape.I, params_dtype=torch.bfloat16, quant_config=qc)
     if qc.act_order:
         layer.quant_method.quantize_dense(layer, w13, w2)
         _random_g_idx(layer, torch.Generator().manual_seed(1))
+        layer.quant_method.process_weights_after_loading(layer)
+    elif qc.activation_scheme == "static":
+        layer.quant_method.quantize_dense(layer, w13, w2)
+        _calibrate_input_scales(layer, w13, w2, torch.Generator(device=device).manual_seed(2))
         layer.quant_method.process_weights_after_loading(layer)
     else:
         layer.load_dense_weights(w13, w2)

@@ -86,3 +86,19 @@ def test_bad_flags_are_rejected(argv):
 
 def test_card_slug():
     assert bench_moe.card_slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
+
+
+def test_static_fp8_scheme_gets_calibrated_input_scales(tmp_path):
+    """`fp8-tensor+static` builds the layer with static input scales from a calibration batch (CT's FP8 preset), and
+    other schemes refuse the suffix."""
+    layer = bench_moe.build_layer(bench_moe.SHAPES["tiny"], "fp8-tensor+static", *bench_moe.make_weights(
+        bench_moe.SHAPES["tiny"], "cpu", torch.Generator().manual_seed(0)), "cpu")
+    assert layer.quant_method.static
+    for name in ("w13_input_scale", "w2_input_scale"):
+        s = getattr(layer, name)
+        assert s.shape == (1,) and torch.isfinite(s).all() and (s > 0).all()
+    out = tmp_path / "static.json"
+    assert bench_moe.main(["--device", "cpu", "--schemes", "fp8-tensor+static", "--ms", "1", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["rows"][0]["scheme"] == "fp8-tensor+static"
+    with pytest.raises(SystemExit):
+        bench_moe.main(["--device", "cpu", "--schemes", "w4a16+static", "--out", str(out)])
