@@ -123,18 +123,20 @@ def make_weights(shape: Shape, device: str, gen: torch.Generator) -> tuple[torch
 
 ACT_ORDER = "+actorder"  # scheme suffix: integer scheme with a random act-order channel permutation per expert
 STATIC = "+static"  # scheme suffix: fp8-tensor with static input scales calibrated on a random batch (CT's FP8 preset)
-GROUP = re.compile(r"^(?P<base>[\w-]+?)(?::g(?P<g>\d+))?(?P<act>\+actorder)?(?P<static>\+static)?$")  # w4a16:g128+actorder
+# e.g. w4a16:g128+actorder, fp8-tensor+static
+GROUP = re.compile(r"^(?P<base>[\w-]+?)(?::g(?P<g>\d+))?(?P<act>\+actorder)?(?P<static>\+static)?$")
 
 
 def bench_config(name: str) -> moequant.QuantConfig:
-    """A benchmark scheme name -> QuantConfig: a registry name, optionally ':gN' (group size N) and '+actorder'."""
+    """A benchmark scheme name -> QuantConfig: a registry name, optionally ':gN' (group size N), '+actorder' and,
+    for fp8-tensor, '+static'."""
     m = GROUP.match(name)
     if m is None or m["base"] not in moequant.list_methods() or m["static"] and m["base"] != "fp8-tensor":
         raise argparse.ArgumentTypeError(f"bad scheme {name!r}: a registry name ({', '.join(moequant.list_methods())}), "
                                          f"optionally with ':gN' and, for integer schemes, '{ACT_ORDER}' "
                                          f"(fp8-tensor: '{STATIC}')")
-    return moequant.QuantConfig(scheme=m["base"], group_size=int(m["g"]) if m["g"] else None, act_order=bool(m["act"]),
-                                activation_scheme="static" if m["static"] else "dynamic")
+    return moequant.QuantConfig(scheme=m["base"], group_size=int(m["g"]) if m["g"] else None,
+                                act_order=bool(m["act"]), activation_scheme="static" if m["static"] else "dynamic")
 
 
 def _random_g_idx(layer: moequant.FusedMoE, gen: torch.Generator) -> None:

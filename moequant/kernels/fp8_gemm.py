@@ -162,12 +162,12 @@ def fp8_grouped_gemm(a, a_scale, b, b_scale, c, routing, cfg, layout: Fp8Layout,
     out_quant = c.dtype == FP8_DTYPE
     if out_quant and (c_scale is None or out_amax is not None):
         raise ValueError("fp8_grouped_gemm: an fp8 output needs its static scale c_scale (and no out_amax)")
-    if out_quant:
-        c = c.view(torch.uint8)
-    dummy = c
+    c_out = c.view(torch.uint8) if out_quant else c  # e4m3 stored as bytes
+    dummy = c_out
     fp8_moe_gemm_kernel[grid](
-        a, a_scale, b, b_scale, c, out_amax if out_amax is not None else a_scale,
-        c_scale if c_scale is not None else a_scale, bias if bias is not None else dummy, topk_weights if topk_weights is not None else dummy,
+        a, a_scale, b, b_scale, c_out, out_amax if out_amax is not None else a_scale,
+        c_scale if c_scale is not None else a_scale, bias if bias is not None else dummy,
+        topk_weights if topk_weights is not None else dummy,
         sorted_ids, expert_ids, total,
         N, K, S, P,
         a.stride(0), a.stride(1), a_s.stride(0), a_s.stride(1),
