@@ -188,6 +188,21 @@ def test_triton_matches_reference_in_interpreter(case, fuse_a2, dtype, monkeypat
     assert rel_err(out, ref) <= (2e-5 if dtype == torch.float32 else 2e-3)
 
 
+@pytest.mark.skipif(ON_GPU, reason="interpreter test")
+def test_static_scales_quantize_gemm1_output_in_its_epilogue(monkeypatch):
+    """Static per-tensor input scales: GEMM1 writes its activation in e4m3 itself (no fp32 intermediate) and only x
+    goes through the quantizer kernel; the result still matches the reference."""
+    monkeypatch.setattr(fp8_gemm, "FUSE_A2_SLOTS", 0)
+    quants, outputs = [], []
+    act_quant, gemm = fp8_gemm.act_quant, fp8_gemm.fp8_grouped_gemm
+    monkeypatch.setattr(fp8_gemm, "act_quant", lambda *a, **k: quants.append(1) or act_quant(*a, **k))
+    monkeypatch.setattr(fp8_gemm, "fp8_grouped_gemm",
+                        lambda a, s, b, bs, c, *r, **k: outputs.append(c.dtype) or gemm(a, s, b, bs, c, *r, **k))
+    layer, x, w, ids = build(CPU_CASES[1], torch.float32, "cpu")
+    out = layer.quant_method.apply_triton(layer, x, w, ids)
+    assert len(quants) == 1 and outputs == [torch.float8_e4m3fn, torch.float32]
+    assert rel_err(out, layer.quant_method.apply_reference(layer, x, w, ids)) <= 2e-5
+
 def test_no_tokens_gives_empty_output():
     layer, x, w, ids = build(CPU_CASES[0], torch.float32, DEV)
     out = layer.quant_method.apply_triton(layer, x[:0], w[:0], ids[:0])
