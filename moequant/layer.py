@@ -138,7 +138,11 @@ class FusedMoE(nn.Module):
     def route(self, hidden_states: torch.Tensor, router_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k weights and global expert ids for each token, with this layer's routing settings.
         The plain softmax/sigmoid top-k runs as one Triton launch on the Triton backend."""
-        if self._fused_routing(hidden_states, router_logits):
+        return self._route(hidden_states, router_logits, self._fused_routing(hidden_states, router_logits))
+
+    def _route(self, hidden_states: torch.Tensor, router_logits: torch.Tensor, fused: bool):
+        """route, with _fused_routing's answer already known."""
+        if fused:
             from moequant.kernels.topk import fused_topk
 
             return fused_topk(router_logits, self.top_k, self.renormalize, self.scoring_func,
@@ -181,8 +185,9 @@ class FusedMoE(nn.Module):
     def forward(self, hidden_states: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
         if hidden_states.dim() != 2 or hidden_states.shape[1] != self.hidden_size:
             raise ValueError(f"hidden_states must be [T, {self.hidden_size}], got {tuple(hidden_states.shape)}")
+        fused = self._fused_routing(hidden_states, router_logits)
         order = None
-        if self.expert_map is None and self._fused_routing(hidden_states, router_logits):
+        if fused and self.expert_map is None:
             order = self.quant_method.slot_column_order(self, hidden_states)
         if order is not None:  # routing also writes each slot's x row in its expert's column order (one launch)
             from moequant.kernels.topk import fused_topk_gather
@@ -191,7 +196,7 @@ class FusedMoE(nn.Module):
                 router_logits, self.top_k, self.renormalize, self.scoring_func, self.routed_scaling_factor,
                 hidden_states, order)
             return self.experts_forward(hidden_states, topk_weights, topk_ids, slot_rows=rows)
-        topk_weights, topk_ids = self.route(hidden_states, router_logits)
+        topk_weights, topk_ids = self._route(hidden_states, router_logits, fused)
         return self.experts_forward(hidden_states, topk_weights, topk_ids)
 
     def experts_forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
