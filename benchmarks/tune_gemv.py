@@ -5,8 +5,8 @@ candidate configs while the other keeps its current best; each candidate is time
 over bench_moe's REPLICAS input sets routed to different experts, so weights come from DRAM as in a model's decode
 step. The search is coordinate-wise from the cached or the heuristic config (the faster): STAGES (rows kernel),
 BLOCK_N, NG (groups per chunk), num_warps, SPLIT_K and PART_SPLIT (GEMM2 of the rows kernel), PREFETCH (int4,
-A16 fp4), TUNE_GEMV_PASSES times. Winners go into the tuning cache (moequant/kernels/configs/<device>.json) under
-gemv.kernel_name (e.g. "gemv-up-int4-g128").
+A16 fp4), UNIT (A16 fp4), TUNE_GEMV_PASSES times. Winners go into the tuning cache
+(moequant/kernels/configs/<device>.json) under gemv.kernel_name (e.g. "gemv-up-int4-g128").
 Shape legend: M tokens, E experts, K top-k, H hidden, I intermediate.
 
     python benchmarks/tune_gemv.py --schemes w4a16:g128,nvfp4a16,fp8-tensor --shapes qwen3-30b-a3b --ms 1
@@ -26,7 +26,8 @@ from benchmarks.tune_moe import layer_tuner_main, time_config  # noqa: E402
 
 PASSES = int(__import__("os").environ.get("TUNE_GEMV_PASSES", 1))
 AXES = {"STAGES": (1, 2, 3, 4), "BLOCK_N": (1, 2, 4, 8, 16, 32, 64, 128), "NG": (1, 2, 4, 8, 16, 32, 64, 128),
-        "num_warps": (2, 4, 8), "SPLIT_K": (1, 2, 4, 8), "PART_SPLIT": (False, True), "PREFETCH": (False, True)}
+        "num_warps": (2, 4, 8), "SPLIT_K": (1, 2, 4, 8), "PART_SPLIT": (False, True), "PREFETCH": (False, True),
+        "UNIT": (2, 4, 8)}
 
 
 class Recorder:
@@ -114,6 +115,8 @@ def tune(shape_name: str, scheme: str, ms, seed: int = 0) -> dict:
                             continue  # only the rows kernel pipelines its steps
                         if axis == "PREFETCH" and not ("int4" in rec.asked[down][0] or "rows" in rec.asked[down][0]):
                             continue  # only its bf16x2 paths (int4, A16 fp4) double-buffer their loads
+                        if axis == "UNIT" and "rows" not in rec.asked[down][0]:
+                            continue  # byte columns per tile element: A16 fp4's bf16x2 path only
                         for cand in neighbours(cur[down], axis):
                             gv.OVERRIDE[down] = cand
                             t = time_config(run) / REPLICAS

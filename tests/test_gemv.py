@@ -249,6 +249,45 @@ def test_gemv_gpu_packed_bf16_products(case, magnitude, prefetch, always_gemv, m
     assert rel_err(out, fp32_products) <= 1e-2
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("scheme", ["nvfp4a16", "mxfp4"])
+@pytest.mark.parametrize("unit", [2, 4, 8])
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_gemv_gpu_fp4_tile_units(scheme, unit, prefetch, always_gemv, monkeypatch):
+    """A16 fp4's bf16x2 tile elements of 2, 4 and 8 byte columns (their chains added in fp32, one block scale per
+    row and element): a partial last row block in GEMM1 (256 of 384 rows), a partial last step in GEMM2 (16 groups
+    per step of 24 nvfp4 / 12 mxfp4 groups), GEMM2 with every top-k expert in one program and with one expert per
+    program in uneven splits; against the reference and the fp32-product kernel, for T = 1 and 3."""
+    layer = build(scheme, None, False, scheme == "mxfp4", torch.bfloat16, "cuda")
+    configs = [{False: gv.GemvConfig(256, 2, 4, PREFETCH=prefetch, UNIT=unit),
+                True: gv.GemvConfig(32, 16, 4, PREFETCH=prefetch, UNIT=unit)},
+               {False: gv.GemvConfig(16, 1, 4, PREFETCH=prefetch, UNIT=unit),
+                True: gv.GemvConfig(16, 1, 4, SPLIT_K=2, PART_SPLIT=True, PREFETCH=prefetch, UNIT=unit)}]
+    for T in (1, 3):
+        x = torch.randn(T, H, generator=torch.Generator().manual_seed(T)).to("cuda", torch.bfloat16)
+        logits = torch.randn(T, E, generator=torch.Generator().manual_seed(T + 1)).to("cuda")
+        w, ids = layer.route(x, logits)
+        layer.backend = "reference"
+        ref = layer.experts_forward(x.float(), w, ids)
+        layer.backend = "triton"
+        monkeypatch.setattr(gv, "PACKED", False)
+        fp32_products = layer.experts_forward(x, w, ids)
+        monkeypatch.setattr(gv, "PACKED", True)
+        for cfg in configs:
+            monkeypatch.setattr(gv, "OVERRIDE", cfg)
+            out = layer.experts_forward(x, w, ids)
+            assert rel_err(out, ref) <= 1e-2, (T, cfg)
+            assert rel_err(out, fp32_products) <= 1e-2, (T, cfg)
+
+
+def test_fp4_unit_must_fit_a_scale_group():
+    assert gv.fp4_unit(gv.GemvConfig(16, 1, UNIT=8), 16) == 8 and gv.fp4_unit(gv.GemvConfig(16, 1), 32) == 2
+    for unit, G in ((16, 32), (8, 8), (3, 16)):
+        with pytest.raises(ValueError, match="UNIT must be 2, 4 or 8"):
+            gv.fp4_unit(gv.GemvConfig(16, 1, UNIT=unit), G)
+
+
 def test_use_gemv_follows_slots_per_expert(monkeypatch):
     monkeypatch.setattr(gv, "MODE", "auto")
     assert gv.use_gemv(1, 2, 8) and gv.use_gemv(4, 2, 8) and not gv.use_gemv(8, 2, 8)  # Mixtral: T*K <= E

@@ -26,17 +26,14 @@ int: words [E, N(*2), C/PW], N stride 1 (methods.base.rows_contiguous); a step's
 fp4: bytes and block scales (rows-contiguous) read as int32 words [E, N/4, C/2] and [E, N/4, C/G]: word (q, j)
   holds byte column j (two e2m1 codes, low nibble = column 2j) of rows 4q..4q+3; _e2m1_pair decodes one nibble of
   two rows per instruction; w = e2m1 * block_scale (e4m3 or E8M0) * s2[e, part].
-  PACKED (bf16 activations in order, GPU): a tile element is the words of byte columns j and j + 1 (j even; tile
-  [P or 1, NG, GW/2, BQ]), whose sixteen products per row pair (4q + r, 4q + r + 2) form one bf16x2 chain of four
-  fmas (_fp4_words_dot_bf16: e2m1 placed as bf16 times 2^-126, activations splat and scaled by 2^64, so the chain
-  holds the sums times 2^-62); each row's half then meets its block scale in fp32. Block scales load through
-  pointers spanning the tile (+ j4 * 0), in the words' layout. PREFETCH double-buffers these loads too.
+  PACKED (bf16 activations in order, GPU): _gemv_fp4_bf16x2.fp4_bf16x2_sums, its own tile [P or 1, NU, BQ] of UNIT
+  byte columns per element: bf16x2 chains of four products, one block scale per row and element.
   out[part, n] = sum_g scale[part, n, g] * sum_{k in g} wq[part, n, k] * a[part, k]   (a: x's dtype or fp32)
 EVEN (C a multiple of a step, N of BN) drops the column and row masks from the loop. STAGES > 1 software-pipelines
 the steps: the weight words and scales of the next STAGES - 1 steps are copied to shared memory asynchronously
 (cp.async) while the current step computes, keeping more bytes in flight than the registers would hold. PREFETCH
 (PACKED only) double-buffers in registers instead: step c + 1's words, scales, zero points and activation pairs
-(_int_step_loads, _fp4_step_loads) are loaded before step c's products.
+(_int_step_loads, _gemv_fp4_bf16x2._step_loads) are loaded before step c's products.
 GEMM1 (not DOWN): grid (S, cdiv(N, BN), 1); activation row slot // A_ROW_DIV (TOP_K; 1 when the launcher
   pre-gathered each slot's row in its expert's act-order); inter[slot, n] = act(gate, up) (+ biases, routing weight
   when applied on the input), stored at column perm[e, n] with OUT_PERM (GEMM2's act-order), so GEMM2 reads its
@@ -56,11 +53,9 @@ the epilogue is _gemv_kernel.gemv_epilogue.
 import triton
 import triton.language as tl
 
-from moequant.kernels._fp4_gemm_kernel import block_scale_value
+from moequant.kernels._gemv_fp4_bf16x2 import (FP4_PACKED_FACTOR, act_pair, block_scale, fp4_bf16x2_sums,
+                                                interleave_rows)
 from moequant.kernels._gemv_kernel import FP4_FACTOR, gemv_epilogue
-
-FP4_PACKED_FACTOR = tl.constexpr(4611686018427387904.0)  # 2^62: _fp4_words_dot_bf16 returns the sums times 2^-62
-
 
 @triton.jit
 def _int_elem(words, hi_words, off, i: tl.constexpr, BITS: tl.constexpr, two23=0x4B000000):
@@ -90,15 +85,6 @@ def _prmt(a, b, SEL: tl.constexpr):
 def _bf16_halves_sum(w):
     """fp32 sum of the two bf16 values in each int32."""
     return (w << 16).to(tl.float32, bitcast=True) + (w & -65536).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _act_pair(a_base, m, ok, MASKED: tl.constexpr):
-    """int32 word m of a bf16 activation row (contiguous, 4-byte aligned): the pair (x_2m, x_2m+1)."""
-    ap = a_base.to(tl.pointer_type(tl.int32), bitcast=True)
-    if MASKED:
-        return tl.load(ap + m, mask=ok, other=0)
-    return tl.load(ap + m)
 
 
 @triton.jit
@@ -140,67 +126,13 @@ def _int4_word_dot_bf16(u, x04, x15, x26, x37):
 
 
 @triton.jit
-def _bf16_splat_scaled(p, SEL: tl.constexpr):
-    """One bf16 of each int32 pair p twice (SEL 0x1010: the low one, 0x3232: the high one) as bf16x2, times 2^64
-    (exact; see _fp4_words_dot_bf16)."""
-    return tl.inline_asm_elementwise(
-        f"""{{
-        .reg .b32 t, c, z;
-        mov.b32 c, 0x5F805F80;
-        mov.b32 z, 0;
-        prmt.b32 t, $1, $1, {SEL};
-        fma.rn.bf16x2 $0, t, c, z;
-        }}""", "=r,r", [p], dtype=tl.int32, is_pure=True, pack=1)
-
-
-def _e2m1_pair_ptx(src: str, dst: str, k: int) -> str:
-    """PTX putting nibbles k and k + 4 of src (bits 4k, 4k + 16) into the bf16 halves of dst as e2m1 * 2^-126:
-    magnitude bits to 6-8 (mask m1), sign bit to 15 (mask m2)."""
-    def shift(n: int) -> str:
-        return f"shl.b32 {{t}}, {src}, {n};" if n > 0 else f"shr.u32 {{t}}, {src}, {-n};" if n < 0 else ""
-
-    mag, sign = shift(6 - 4 * k).format(t="t"), shift(12 - 4 * k).format(t="s")
-    return "\n".join(filter(None, (mag, sign, "and.b32 t, t, m1;", f"and.b32 s, {sign and 's' or src}, m2;",
-                                    f"or.b32 {dst}, t, s;")))
-
-
-def _fp4_dot_ptx() -> str:
-    """_fp4_words_dot_bf16's PTX: $4, $5 the two words, $6..$9 the splat activations of columns 2j, 2j + 1,
-    2j + 2, 2j + 3; $0..$3 rows 0..3 as fp32 bits."""
-    decode = [_e2m1_pair_ptx(w, f"{p}{k}", k) for w, p in (("$4", "p"), ("$5", "q")) for k in range(4)]
-    chains = [f"fma.rn.bf16x2 {acc}, {p}{k + i}, ${6 + 2 * j + i}, {'z' if (i, j) == (0, 0) else acc};"
-              for acc, k in (("a02", 0), ("a13", 2)) for j, p in enumerate("pq") for i in range(2)]
-    return "\n".join(["{", ".reg .b32 m1, m2, t, s, p0, p1, p2, p3, q0, q1, q2, q3, z, a02, a13;",
-                      "mov.b32 m1, 0x01C001C0;", "mov.b32 m2, 0x80008000;", "mov.b32 z, 0;", *decode, *chains,
-                      "shl.b32 $0, a02, 16;", "and.b32 $2, a02, 0xFFFF0000;",
-                      "shl.b32 $1, a13, 16;", "and.b32 $3, a13, 0xFFFF0000;", "}"])
-
-
-_FP4_DOT_PTX = tl.constexpr(_fp4_dot_ptx())
-
-
-@triton.jit
-def _fp4_words_dot_bf16(ue, uo, elo, ehi, olo, ohi):
-    """Rows r = 0..3 of two fp4 words of byte columns j (ue) and j + 1 (uo), four rows each (row r in byte r, low
-    nibble = element column 2j): sum over the four element columns of e2m1 * x * 2^-62, in fp32 (PACKED fp4).
-    Nibbles k and k + 4 of a word (bits 4k, 4k + 16: rows r and r + 2) become one bf16x2: the sign bit goes to bit
-    15, the three magnitude bits to bits 6-8, which reads as the e2m1 value times 2^-126 (code 1, 0.5, is a bf16
-    subnormal, which bf16 arithmetic keeps). elo .. ohi: the activations of the four columns, each as a bf16x2 pair
-    of itself times 2^64 (_bf16_splat_scaled), so every product is a normal bf16. Per row pair (0, 2) and (1, 3) one
-    chain of four bf16x2 fmas (as _int4_word_dot_bf16's), whose halves are the two rows' sums."""
-    return tl.inline_asm_elementwise(
-        _FP4_DOT_PTX, "=r,=r,=r,=r,r,r,r,r,r,r", [ue, uo, elo, ehi, olo, ohi],
-        dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1)
-
-
-@triton.jit
 def _step_masks(c, c1, ld_ok, pa_ok, CW, NUM_G, DOWN: tl.constexpr, EVEN: tl.constexpr, LIVE: tl.constexpr,
-                NG: tl.constexpr, GW: tl.constexpr, GJ: tl.constexpr):
-    """Step c's group indices g4 [1, NG, 1, 1], units j4 [1, NG, GJ, 1] (int words or fp4 byte columns, CW per row;
-    GJ = GW: every unit of a group; GW / 2: the even ones, PACKED fp4) and the masks of its words (w_ok), group
-    parameters (g_ok) and activations (x_ok). LIVE: all off when c >= c1 (the prefetch of the step after the last)."""
+                NG: tl.constexpr, GW: tl.constexpr):
+    """Step c's group indices g4 [1, NG, 1, 1], units j4 [1, NG, GW, 1] (int words or fp4 byte columns, CW per row)
+    and the masks of its words (w_ok), group parameters (g_ok) and activations (x_ok). LIVE: all off when c >= c1
+    (the prefetch of the step after the last)."""
     g4 = (c * NG + tl.arange(0, NG))[None, :, None, None]
-    j4 = g4 * GW + (GW // GJ) * tl.arange(0, GJ)[None, None, :, None]
+    j4 = g4 * GW + tl.arange(0, GW)[None, None, :, None]
     ok = ld_ok
     if LIVE:
         ok = ok & (c < c1)
@@ -246,7 +178,7 @@ def _int_step_loads(c, c1, wa_base, wb_base, sa_base, sb_base, za_base, zb_base,
     """Everything step c of the PACKED int4 path reads: words (gate/all parts; up), group scales and zero points in
     the words' layout, and the activation pairs (x_2m, x_2m+1) of its four words' columns. LIVE: loads are masked
     off when c >= c1 (the prefetch of the step after the last)."""
-    g4, j4, w_ok, g_ok, x_ok = _step_masks(c, c1, ld_ok, pa_ok, CW, NUM_G, DOWN, EVEN, LIVE, NG, GW, GW)
+    g4, j4, w_ok, g_ok, x_ok = _step_masks(c, c1, ld_ok, pa_ok, CW, NUM_G, DOWN, EVEN, LIVE, NG, GW)
     ua = tl.load(wa_base + j4 * stride_wk, mask=w_ok, other=0)
     ub = ua
     if not DOWN:
@@ -254,10 +186,10 @@ def _int_step_loads(c, c1, wa_base, wb_base, sa_base, sb_base, za_base, zb_base,
     sa, sb, za, zb = _int_group_params(g4, j4, g_ok, sa_base, sb_base, za_base, zb_base, stride_sg, stride_zg, DOWN,
                                        HAS_ZP, GROUP_SCALES)
     live_x = MASKED or LIVE
-    p0 = _act_pair(a_base, j4 * 4, x_ok, live_x)
-    p1 = _act_pair(a_base, j4 * 4 + 1, x_ok, live_x)
-    p2 = _act_pair(a_base, j4 * 4 + 2, x_ok, live_x)
-    p3 = _act_pair(a_base, j4 * 4 + 3, x_ok, live_x)
+    p0 = act_pair(a_base, j4 * 4, x_ok, live_x)
+    p1 = act_pair(a_base, j4 * 4 + 1, x_ok, live_x)
+    p2 = act_pair(a_base, j4 * 4 + 2, x_ok, live_x)
+    p3 = act_pair(a_base, j4 * 4 + 3, x_ok, live_x)
     return ua, ub, sa, sb, za, zb, p0, p1, p2, p3
 
 
@@ -308,64 +240,11 @@ def _fp4_words(r0, r1, r2, r3, w_base, s_base, j4, g4, w_ok, g_ok, stride_wk, st
     h0, h2 = _e2m1_pair(u, 5, 8)
     h1, h3 = _e2m1_pair(u, -3, 0)
     sw = tl.load(s_base + g4 * stride_sg, mask=g_ok, other=0)  # the four rows' block scales, one byte each
-    r0 += (l02 * a_lo + h0 * a_hi) * _block_scale(sw, 0, SCALE_KIND)
-    r1 += (l1 * a_lo + h1 * a_hi) * _block_scale(sw, 8, SCALE_KIND)
-    r2 += (l22 * a_lo + h2 * a_hi) * _block_scale(sw, 16, SCALE_KIND)
-    r3 += (l3 * a_lo + h3 * a_hi) * _block_scale(sw, 24, SCALE_KIND)
+    r0 += (l02 * a_lo + h0 * a_hi) * block_scale(sw, 0, SCALE_KIND)
+    r1 += (l1 * a_lo + h1 * a_hi) * block_scale(sw, 8, SCALE_KIND)
+    r2 += (l22 * a_lo + h2 * a_hi) * block_scale(sw, 16, SCALE_KIND)
+    r3 += (l3 * a_lo + h3 * a_hi) * block_scale(sw, 24, SCALE_KIND)
     return r0, r1, r2, r3
-
-
-@triton.jit
-def _fp4_step_loads(c, c1, wa_base, wb_base, sa_base, sb_base, a_base, ld_ok, pa_ok, stride_wk, stride_sg, C, NUM_G,
-                    DOWN: tl.constexpr, EVEN: tl.constexpr, MASKED: tl.constexpr, LIVE: tl.constexpr,
-                    NG: tl.constexpr, GW: tl.constexpr):
-    """Everything step c of the PACKED fp4 path reads, over the tile [.., NG, GW/2, BQ] of even byte columns j: the
-    words of columns j and j + 1 (gate / all parts; up), the four rows' block scales (loaded through pointers
-    spanning the tile, + j4 * 0, so that they take the words' register layout) and the activation pairs of both
-    columns. LIVE: loads are masked off when c >= c1 (the prefetch of the step after the last)."""
-    g4, j4, w_ok, g_ok, x_ok = _step_masks(c, c1, ld_ok, pa_ok, C // 2, NUM_G, DOWN, EVEN, LIVE, NG, GW, GW // 2)
-    uea = tl.load(wa_base + j4 * stride_wk, mask=w_ok, other=0)
-    uoa = tl.load(wa_base + (j4 + 1) * stride_wk, mask=w_ok, other=0)
-    swa = tl.load(sa_base + g4 * stride_sg + j4 * 0, mask=g_ok, other=0)
-    ueb = uea
-    uob = uoa
-    swb = swa
-    if not DOWN:
-        ueb = tl.load(wb_base + j4 * stride_wk, mask=w_ok, other=0)
-        uob = tl.load(wb_base + (j4 + 1) * stride_wk, mask=w_ok, other=0)
-        swb = tl.load(sb_base + g4 * stride_sg + j4 * 0, mask=g_ok, other=0)
-    live_x = MASKED or LIVE
-    pe = _act_pair(a_base, j4, x_ok, live_x)
-    po = _act_pair(a_base, j4 + 1, x_ok, live_x)
-    return uea, uoa, ueb, uob, swa, swb, pe, po
-
-
-@triton.jit
-def _fp4_pair_math(r0, r1, r2, r3, ue, uo, sw, elo, ehi, olo, ohi, SCALE_KIND: tl.constexpr):
-    """PACKED fp4: r0..r3 plus each row's block scale (from sw, one byte per row) times its share of the words ue, uo
-    of two byte columns (_fp4_words_dot_bf16)."""
-    d0, d1, d2, d3 = _fp4_words_dot_bf16(ue, uo, elo, ehi, olo, ohi)
-    r0 += d0.to(tl.float32, bitcast=True) * _block_scale(sw, 0, SCALE_KIND)
-    r1 += d1.to(tl.float32, bitcast=True) * _block_scale(sw, 8, SCALE_KIND)
-    r2 += d2.to(tl.float32, bitcast=True) * _block_scale(sw, 16, SCALE_KIND)
-    r3 += d3.to(tl.float32, bitcast=True) * _block_scale(sw, 24, SCALE_KIND)
-    return r0, r1, r2, r3
-
-
-@triton.jit
-def _block_scale(sw, SHIFT: tl.constexpr, SCALE_KIND: tl.constexpr):
-    """fp32 block scale from byte SHIFT/8 of each word: e4m3 through the hardware conversion, E8M0 as 2^(s-127)."""
-    s = (sw >> SHIFT).to(tl.uint8)
-    if SCALE_KIND == 0:
-        return s.to(tl.float8e4nv, bitcast=True).to(tl.float32)
-    return block_scale_value(s, SCALE_KIND)
-
-
-@triton.jit
-def _interleave_rows(r0, r1, r2, r3):
-    """[PA, BQ] sums of rows 4q + r -> [PA, 4 BQ] in row order."""
-    x = tl.join(tl.join(r0, r2), tl.join(r1, r3))  # [PA, BQ, 2 (k), 2 (i)]: row 4q + 2k + i
-    return tl.reshape(x, (x.shape[0], 4 * x.shape[1]))
 
 
 @triton.jit
@@ -386,7 +265,7 @@ def gemv_rows_kernel(
     MUL_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_AMAX: tl.constexpr, OUT_PERM: tl.constexpr,
     EVEN: tl.constexpr, SPLIT_K: tl.constexpr, PART_SPLIT: tl.constexpr, STAGES: tl.constexpr,
     ZERO_SPLIT: tl.constexpr, ZB: tl.constexpr, PACKED: tl.constexpr, PREFETCH: tl.constexpr,
-    A_ROW_DIV: tl.constexpr,
+    A_ROW_DIV: tl.constexpr, UNIT: tl.constexpr,
     BLOCK_N: tl.constexpr, NG: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -463,7 +342,7 @@ def gemv_rows_kernel(
                                   stride_wk, stride_sg, stride_zg, CW, NUM_G, DOWN, EVEN, MASKED, HAS_ZP,
                                   GROUP_SCALES, True, NG, GW)
         for c in tl.range(c0, c1, num_stages=STAGES):
-            g4, j4, w_ok, g_ok, x_ok = _step_masks(c, c1, ld_ok, pa_ok, CW, NUM_G, DOWN, EVEN, False, NG, GW, GW)
+            g4, j4, w_ok, g_ok, x_ok = _step_masks(c, c1, ld_ok, pa_ok, CW, NUM_G, DOWN, EVEN, False, NG, GW)
             a_sum = tl.zeros(j4.shape, dtype=tl.float32)
             if PACKED:  # int4, bf16 activations read as int32 pairs (x_2m, x_2m+1), regrouped by byte permutes
                 if PREFETCH:
@@ -522,8 +401,20 @@ def gemv_rows_kernel(
             gate = tl.sum(tl.sum(tl.sum(acc_a, axis=2), axis=1), axis=0)
             up = tl.sum(tl.sum(tl.sum(acc_b, axis=2), axis=1), axis=0)
             acc = tl.where(parts[:, None] == 0, gate[None, :], up[None, :])  # [P = 2, BN]
-    else:  # fp4: int32 words of four rows' bytes [E, N/4, C/2] (rows 4q..4q+3 of byte column j in word (q, j)), and
-        # of their block scales [E, N/4, C/G]
+    elif PACKED:  # A16 fp4, bf16 activations: _gemv_fp4_bf16x2.py (tile [PA, NG * G / (2 UNIT), BLOCK_N / 4])
+        if DOWN:
+            acc, up = fp4_bf16x2_sums(w_ptr, s_ptr, a_ptr, tl.where(p_ok, slot, 0).to(tl.int64) * stride_am, e, p_ok,
+                                      c0, c1, N, NUM_G, stride_we, stride_wn, stride_wk, stride_se, stride_sn,
+                                      stride_sg, DOWN, EVEN, PREFETCH, SCALE_KIND, G, UNIT, PA, BLOCK_N, NG)
+        else:
+            acc, up = fp4_bf16x2_sums(w_ptr, s_ptr, a_ptr, (pid // A_ROW_DIV).to(tl.int64) * stride_am,
+                                      e0.to(tl.int64), p_ok, c0, c1, N, NUM_G, stride_we, stride_wn, stride_wk,
+                                      stride_se, stride_sn, stride_sg, DOWN, EVEN, PREFETCH, SCALE_KIND, G, UNIT, PA,
+                                      BLOCK_N, NG)
+            acc = tl.where(parts[:, None] == 0, acc, up)  # [P = 2, BN]
+        acc *= FP4_PACKED_FACTOR
+    else:  # fp4 in fp32: int32 words of four rows' bytes [E, N/4, C/2] (rows 4q..4q+3 of byte column j in word
+        # (q, j)), and of their block scales [E, N/4, C/G]
         BQ: tl.constexpr = BLOCK_N // 4
         GW4: tl.constexpr = G // 2  # bytes (words) per scale group
         NQ = N // 4
@@ -536,52 +427,28 @@ def gemv_rows_kernel(
         sa_base = s_ptr + e4 * stride_se + q4 * stride_sn
         wb_base = wa_base + NQ * stride_wn
         sb_base = sa_base + NQ * stride_sn
-        GJ: tl.constexpr = GW4 // 2 if PACKED else GW4  # tile elements per group: byte column pairs (PACKED)
-        acc0 = tl.zeros((PA, NG, GJ, BQ), dtype=tl.float32)
-        acc1 = tl.zeros((PA, NG, GJ, BQ), dtype=tl.float32)
-        acc2 = tl.zeros((PA, NG, GJ, BQ), dtype=tl.float32)
-        acc3 = tl.zeros((PA, NG, GJ, BQ), dtype=tl.float32)
-        up0 = tl.zeros((1, NG, GJ, BQ), dtype=tl.float32)
-        up1 = tl.zeros((1, NG, GJ, BQ), dtype=tl.float32)
-        up2 = tl.zeros((1, NG, GJ, BQ), dtype=tl.float32)
-        up3 = tl.zeros((1, NG, GJ, BQ), dtype=tl.float32)
-        if PREFETCH:  # step c + 1's loads are issued before step c's products (register double buffering)
-            nxt = _fp4_step_loads(c0, c1, wa_base, wb_base, sa_base, sb_base, a_base, ld_ok, pa_ok, stride_wk,
-                                  stride_sg, C, NUM_G, DOWN, EVEN, MASKED, True, NG, GW4)
+        acc0 = tl.zeros((PA, NG, GW4, BQ), dtype=tl.float32)
+        acc1 = tl.zeros((PA, NG, GW4, BQ), dtype=tl.float32)
+        acc2 = tl.zeros((PA, NG, GW4, BQ), dtype=tl.float32)
+        acc3 = tl.zeros((PA, NG, GW4, BQ), dtype=tl.float32)
+        up0 = tl.zeros((1, NG, GW4, BQ), dtype=tl.float32)
+        up1 = tl.zeros((1, NG, GW4, BQ), dtype=tl.float32)
+        up2 = tl.zeros((1, NG, GW4, BQ), dtype=tl.float32)
+        up3 = tl.zeros((1, NG, GW4, BQ), dtype=tl.float32)
         for c in tl.range(c0, c1, num_stages=STAGES):
-            if PACKED:  # bf16 activation pairs (x_2j, x_2j+1) of byte columns j and j + 1 (j even), splat and scaled
-                if PREFETCH:
-                    uea, uoa, ueb, uob, swa, swb, pe, po = nxt
-                    nxt = _fp4_step_loads(c + 1, c1, wa_base, wb_base, sa_base, sb_base, a_base, ld_ok, pa_ok,
-                                          stride_wk, stride_sg, C, NUM_G, DOWN, EVEN, MASKED, True, NG, GW4)
-                else:
-                    uea, uoa, ueb, uob, swa, swb, pe, po = _fp4_step_loads(
-                        c, c1, wa_base, wb_base, sa_base, sb_base, a_base, ld_ok, pa_ok, stride_wk, stride_sg, C,
-                        NUM_G, DOWN, EVEN, MASKED, False, NG, GW4)
-                elo = _bf16_splat_scaled(pe, 0x1010)
-                ehi = _bf16_splat_scaled(pe, 0x3232)
-                olo = _bf16_splat_scaled(po, 0x1010)
-                ohi = _bf16_splat_scaled(po, 0x3232)
-                acc0, acc1, acc2, acc3 = _fp4_pair_math(acc0, acc1, acc2, acc3, uea, uoa, swa, elo, ehi, olo, ohi,
-                                                        SCALE_KIND)
-                if not DOWN:
-                    up0, up1, up2, up3 = _fp4_pair_math(up0, up1, up2, up3, ueb, uob, swb, elo, ehi, olo, ohi,
-                                                        SCALE_KIND)
-            else:
-                g4, j4, w_ok, g_ok, x_ok = _step_masks(c, c1, ld_ok, pa_ok, C // 2, NUM_G, DOWN, EVEN, False, NG,
-                                                       GW4, GW4)
-                a_lo = _act_col(a_base, sidx_base, j4 * 2, x_ok, stride_ak, SORTED, MASKED)
-                a_hi = _act_col(a_base, sidx_base, j4 * 2 + 1, x_ok, stride_ak, SORTED, MASKED)
-                acc0, acc1, acc2, acc3 = _fp4_words(acc0, acc1, acc2, acc3, wa_base, sa_base, j4, g4, w_ok, g_ok,
-                                                    stride_wk, stride_sn, stride_sg, a_lo, a_hi, SCALE_KIND)
-                if not DOWN:
-                    up0, up1, up2, up3 = _fp4_words(up0, up1, up2, up3, wb_base, sb_base, j4, g4, w_ok, g_ok,
-                                                    stride_wk, stride_sn, stride_sg, a_lo, a_hi, SCALE_KIND)
-        acc = _interleave_rows(_sum_steps(acc0), _sum_steps(acc1), _sum_steps(acc2), _sum_steps(acc3))
+            g4, j4, w_ok, g_ok, x_ok = _step_masks(c, c1, ld_ok, pa_ok, C // 2, NUM_G, DOWN, EVEN, False, NG, GW4)
+            a_lo = _act_col(a_base, sidx_base, j4 * 2, x_ok, stride_ak, SORTED, MASKED)
+            a_hi = _act_col(a_base, sidx_base, j4 * 2 + 1, x_ok, stride_ak, SORTED, MASKED)
+            acc0, acc1, acc2, acc3 = _fp4_words(acc0, acc1, acc2, acc3, wa_base, sa_base, j4, g4, w_ok, g_ok,
+                                                stride_wk, stride_sn, stride_sg, a_lo, a_hi, SCALE_KIND)
+            if not DOWN:
+                up0, up1, up2, up3 = _fp4_words(up0, up1, up2, up3, wb_base, sb_base, j4, g4, w_ok, g_ok,
+                                                stride_wk, stride_sn, stride_sg, a_lo, a_hi, SCALE_KIND)
+        acc = interleave_rows(_sum_steps(acc0), _sum_steps(acc1), _sum_steps(acc2), _sum_steps(acc3))
         if not DOWN:
-            up = _interleave_rows(_sum_steps(up0), _sum_steps(up1), _sum_steps(up2), _sum_steps(up3))
+            up = interleave_rows(_sum_steps(up0), _sum_steps(up1), _sum_steps(up2), _sum_steps(up3))
             acc = tl.where(parts[:, None] == 0, tl.sum(acc, axis=0)[None, :], tl.sum(up, axis=0)[None, :])
-        acc *= FP4_PACKED_FACTOR if PACKED else FP4_FACTOR
+        acc *= FP4_FACTOR
 
     gemv_epilogue(acc, pid, e, parts, slot, p_ok, row_ok, n_ok, offs_n, rows, N, es_ptr, topk_w_ptr, bias_ptr,
                   c_ptr, amax_ptr, perm_ptr, split_ptr, count_ptr, stride_ese, stride_esj, stride_bias_e,

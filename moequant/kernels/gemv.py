@@ -81,6 +81,7 @@ class GemvConfig:
     PART_SPLIT: bool = False  # GEMM2 of the rows kernel: one program per top-k expert (x SPLIT_K), atomic sums
     STAGES: int = 1  # rows kernel: steps in flight (> 1: the next steps' words stream into shared memory)
     PREFETCH: bool = False  # rows kernel, bf16x2 paths: the next step's loads issued before this step's products
+    UNIT: int = 2  # A16 fp4 bf16x2 path: byte columns per tile element (2, 4 or 8; at most G / 2)
 
 
 def use_gemv(T: int, K: int, E: int, slots_per_expert: float = 1.0) -> bool:
@@ -148,9 +149,9 @@ def gemv_config(parts: int, N: int, w: GemvWeights, T: int, down: bool, grid_row
     BLOCK_N up to 64 (at least 4 rows for int, 16 for fp4) that still gives 4 programs per multiprocessor over
     grid_rows x N / BLOCK_N (on the CPU: 64, few programs for the interpreter), NG groups per step for about
     STEP_UNITS words per step (8 per thread of 4 warps; fp4 GEMM1: 4x), and on a GPU one GEMM2 program per expert
-    (PART_SPLIT) at top-k >= 4 and, for fp4, PREFETCH. gemv_moe_kernel (fp8, nvfp4 with fp4 activations): BLOCK_N 4
-    (fp8, K-contiguous) or 16 (fp4, rows-contiguous bytes) and NG groups to fill the register budget of elements per
-    thread."""
+    (PART_SPLIT) at top-k >= 4 and, for fp4, PREFETCH and UNIT 8. gemv_moe_kernel (fp8, nvfp4 with fp4
+    activations): BLOCK_N 4 (fp8, K-contiguous) or 16 (fp4, rows-contiguous bytes) and NG groups to fill the register
+    budget of elements per thread."""
     if down in OVERRIDE:
         return OVERRIDE[down]
     entry = cached_entry(kernel_name(w, down, rows), T, w.data.shape[0], N, w.columns, w.data.device)
@@ -171,13 +172,22 @@ def gemv_config(parts: int, N: int, w: GemvWeights, T: int, down: bool, grid_row
         words_per_row = (G // w.per_unit) * (bn if w.fmt == "int" else bn // 4)
         units = STEP_UNITS * (4 if w.fmt == "fp4" and not down else 1)  # fp4 GEMM1: 32 words per thread and step
         ng = max(1, min(triton.next_power_of_2(num_g), units // ((1 if part_split else parts) * words_per_row)))
-        # fp4 on the GPU (bf16x2 products with bf16 activations): the next step's loads in flight (H200: every
-        # tuned fp4 config takes it)
-        return GemvConfig(bn, ng, 4, PART_SPLIT=part_split, PREFETCH=w.fmt == "fp4" and w.data.is_cuda)
+        # fp4 on the GPU (bf16x2 products with bf16 activations): the next step's loads in flight and tile
+        # elements of 8 byte columns (H200: every tuned fp4 GEMM1 takes both)
+        fp4_gpu = w.fmt == "fp4" and w.data.is_cuda
+        return GemvConfig(bn, ng, 4, PART_SPLIT=part_split, PREFETCH=fp4_gpu, UNIT=min(8, G // 2) if fp4_gpu else 2)
     bn = min(triton.next_power_of_2(N), 4 if w.fmt == "fp8" else 16)
     budget = (FP8_ELEMS_PER_THREAD if w.fmt == "fp8" else ELEMS_PER_THREAD) * 128
     ng = max(1, min(triton.next_power_of_2(num_g), budget // (parts * bn * G)))
     return GemvConfig(bn, ng, 4)
+
+
+def fp4_unit(cfg: GemvConfig, G: int) -> int:
+    """The config's UNIT for A16 fp4 on the bf16x2 path: byte columns per tile element, within one scale group."""
+    if cfg.UNIT not in (2, 4, 8) or 2 * cfg.UNIT > G:
+        raise ValueError(f"GemvConfig.UNIT must be 2, 4 or 8 byte columns and at most G/2 = {G // 2}, "
+                         f"got {cfg.UNIT}")
+    return cfg.UNIT
 
 
 def _row_words(t: torch.Tensor) -> torch.Tensor:
@@ -312,7 +322,8 @@ def gemv(a, w: GemvWeights, c, topk_ids, *, down: bool, top_k: int, activation: 
                                                 PART_SPLIT=plan.part_programs > 1, STAGES=cfg.STAGES,
                                                 ZERO_SPLIT=zero, ZB=zb, PACKED=packed,
                                                 PREFETCH=packed and cfg.PREFETCH,
-                                                A_ROW_DIV=1 if a_per_slot else top_k, **consts)
+                                                A_ROW_DIV=1 if a_per_slot else top_k,
+                                                UNIT=fp4_unit(cfg, G) if packed and w.fmt == "fp4" else 2, **consts)
     else:
         if a_per_slot:
             raise ValueError("gemv: one activation row per slot needs the rows kernel (int or A16 fp4 weights)")
