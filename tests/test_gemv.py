@@ -288,6 +288,26 @@ def test_fp4_unit_must_fit_a_scale_group():
             gv.fp4_unit(gv.GemvConfig(16, 1, UNIT=unit), G)
 
 
+@pytest.mark.parametrize("case,want", [
+    # (fmt, elements per unit, G, N, groups, parts, grid rows, down) -> (BLOCK_N, NG, SPLIT_K, PART_SPLIT, UNIT)
+    (("fp4", 2, 16, 14336, 256, 2, 2, False), (32, 32, 1, False, 8)),  # Mixtral nvfp4 GEMM1 (= the H200's tuned)
+    (("fp4", 2, 16, 4096, 896, 2, 1, True), (64, 32, 4, True, 8)),  # Mixtral nvfp4 GEMM2 (tuned runner-up)
+    (("fp4", 2, 32, 4096, 448, 2, 1, True), (64, 16, 4, True, 8)),  # Mixtral mxfp4 GEMM2 (= tuned)
+    (("fp4", 2, 16, 2048, 48, 8, 1, True), (64, 32, 2, True, 8)),  # Qwen3-30B nvfp4 GEMM2: 512 programs as tuned
+    (("int", 8, 128, 4096, 112, 2, 1, True), (32, 2, 4, True, 2)),  # Mixtral int4 GEMM2 (= tuned but PREFETCH)
+    (("int", 8, 128, 768, 16, 2, 8, False), (8, 4, 1, False, 2)),  # Qwen3-30B int4 GEMM1 (= tuned but PREFETCH)
+])
+def test_rows_heuristic_follows_the_tuned_configs(case, want):
+    """Without a tuned entry a GPU gets the structure the H200's sweeps chose (132 multiprocessors): GEMM2 with one
+    program per top-k expert and the reduction split to about 3 (fp4) or 6 (int) programs per multiprocessor, fp4
+    with PREFETCH and 8-byte-column tile elements; on the CPU neither split nor PART_SPLIT."""
+    cfg = gv.rows_heuristic(*case, sms=132)
+    assert (cfg.BLOCK_N, cfg.NG, cfg.SPLIT_K, cfg.PART_SPLIT, cfg.UNIT) == want
+    assert cfg.PREFETCH == (case[0] == "fp4")
+    cpu = gv.rows_heuristic(*case, sms=0)
+    assert cpu.SPLIT_K == 1 and not cpu.PART_SPLIT and not cpu.PREFETCH and cpu.UNIT == 2
+
+
 def test_use_gemv_follows_slots_per_expert(monkeypatch):
     monkeypatch.setattr(gv, "MODE", "auto")
     assert gv.use_gemv(1, 2, 8) and gv.use_gemv(4, 2, 8) and not gv.use_gemv(8, 2, 8)  # Mixtral: T*K <= E

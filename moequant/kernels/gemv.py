@@ -145,13 +145,9 @@ def kernel_name(w: GemvWeights, down: bool, rows: bool = False) -> str:
 
 def gemv_config(parts: int, N: int, w: GemvWeights, T: int, down: bool, grid_rows: int = 1,
                 rows: bool = False) -> GemvConfig:
-    """The tuned cache's entry for this GEMV near T tokens, else a heuristic. Rows kernel (int, A16 fp4): the widest
-    BLOCK_N up to 64 (at least 4 rows for int, 16 for fp4) that still gives 4 programs per multiprocessor over
-    grid_rows x N / BLOCK_N (on the CPU: 64, few programs for the interpreter), NG groups per step for about
-    STEP_UNITS words per step (8 per thread of 4 warps; fp4 GEMM1: 4x), and on a GPU one GEMM2 program per expert
-    (PART_SPLIT) at top-k >= 4 and, for fp4, PREFETCH and UNIT 8. gemv_moe_kernel (fp8, nvfp4 with fp4
-    activations): BLOCK_N 4 (fp8, K-contiguous) or 16 (fp4, rows-contiguous bytes) and NG groups to fill the register
-    budget of elements per thread."""
+    """The tuned cache's entry for this GEMV near T tokens, else a heuristic: rows_heuristic for the rows kernel (int,
+    A16 fp4); for gemv_moe_kernel (fp8, nvfp4 with fp4 activations) BLOCK_N 4 (fp8, K-contiguous) or 16 (fp4,
+    rows-contiguous bytes) and NG groups to fill the register budget of elements per thread."""
     if down in OVERRIDE:
         return OVERRIDE[down]
     entry = cached_entry(kernel_name(w, down, rows), T, w.data.shape[0], N, w.columns, w.data.device)
@@ -160,26 +156,47 @@ def gemv_config(parts: int, N: int, w: GemvWeights, T: int, down: bool, grid_row
     G = _group(w)
     num_g = triton.cdiv(w.columns, G)
     if rows:
-        # on the CPU (interpreter) few wide programs: each program is interpreted on its own
         sms = torch.cuda.get_device_properties(w.data.device).multi_processor_count if w.data.is_cuda else 0
-        bn, bn_min = 64, 4 if w.fmt == "int" else 16  # fp4: 16 rows = one 16-byte load of four words
-        while bn > bn_min and grid_rows * triton.cdiv(N, bn) < 4 * sms:
-            bn //= 2
-        bn = max(bn_min, min(bn, triton.next_power_of_2(N)))
-        # GEMM2 of 4 or more experts per token: one program per expert (a [P, NG, GW, 1] activation tile of as
-        # many elements as the program has threads makes Triton move the words through shared memory every step)
-        part_split = down and parts >= 4 and w.data.is_cuda
-        words_per_row = (G // w.per_unit) * (bn if w.fmt == "int" else bn // 4)
-        units = STEP_UNITS * (4 if w.fmt == "fp4" and not down else 1)  # fp4 GEMM1: 32 words per thread and step
-        ng = max(1, min(triton.next_power_of_2(num_g), units // ((1 if part_split else parts) * words_per_row)))
-        # fp4 on the GPU (bf16x2 products with bf16 activations): the next step's loads in flight and tile
-        # elements of 8 byte columns (H200: every tuned fp4 GEMM1 takes both)
-        fp4_gpu = w.fmt == "fp4" and w.data.is_cuda
-        return GemvConfig(bn, ng, 4, PART_SPLIT=part_split, PREFETCH=fp4_gpu, UNIT=min(8, G // 2) if fp4_gpu else 2)
+        return rows_heuristic(w.fmt, w.per_unit, G, N, num_g, parts, grid_rows, down, sms)
     bn = min(triton.next_power_of_2(N), 4 if w.fmt == "fp8" else 16)
     budget = (FP8_ELEMS_PER_THREAD if w.fmt == "fp8" else ELEMS_PER_THREAD) * 128
     ng = max(1, min(triton.next_power_of_2(num_g), budget // (parts * bn * G)))
     return GemvConfig(bn, ng, 4)
+
+
+def rows_heuristic(fmt: str, per_unit: int, G: int, N: int, num_g: int, parts: int, grid_rows: int, down: bool,
+                   sms: int) -> GemvConfig:
+    """The rows kernel's config without a tuned entry (sms: the GPU's multiprocessors, 0 on the CPU). Every step
+    reads about STEP_UNITS words (8 per thread of 4 warps; fp4 on a GPU and fp4 GEMM1: 4x, 32 words, which the
+    bf16x2 path keeps in flight with PREFETCH in tile elements of 8 byte columns, UNIT). GEMM1: the widest BLOCK_N
+    up to 64 (at least 4 rows for int, 16 for fp4) that still gives 4 programs per multiprocessor over grid_rows x
+    N / BLOCK_N. GEMM2 on a GPU: one program per top-k expert (PART_SPLIT; it also keeps the activation tile small,
+    which a [P, NG, GW, 1] tile of as many elements as the program has threads is not: Triton then moves the words
+    through shared memory every step), BLOCK_N 64 (fp4) or 32 (int), and the reduction split in SPLIT_K shares (a
+    power of two up to 8) until there are about 3 (fp4) or 6 (int) programs per multiprocessor: the structure of
+    every tuned H200 config (Mixtral and Qwen3-30B at M=1: 512 fp4 and 1024 int4 GEMM2 programs). On the CPU
+    (interpreter) few wide programs, no split: each program is interpreted on its own."""
+    fp4_gpu = fmt == "fp4" and sms > 0
+    unit = min(8, G // 2) if fp4_gpu else 2
+    units = STEP_UNITS * (4 if fmt == "fp4" and (fp4_gpu or not down) else 1)
+    bn_min = 4 if fmt == "int" else 16  # fp4: 16 rows = one 16-byte load of four words
+
+    def step_groups(bn: int, row_parts: int) -> int:
+        words_per_row = (G // per_unit) * (bn if fmt == "int" else bn // 4)
+        return max(1, min(triton.next_power_of_2(num_g), units // (row_parts * words_per_row)))
+
+    if down and sms > 0 and parts >= 2:
+        bn = max(bn_min, min(64 if fmt == "fp4" else 32, triton.next_power_of_2(N)))
+        ng = step_groups(bn, 1)
+        chunks, split = triton.cdiv(num_g, ng), 1
+        while split < min(8, chunks) and grid_rows * triton.cdiv(N, bn) * parts * split < (3 if fp4_gpu else 6) * sms:
+            split *= 2
+        return GemvConfig(bn, ng, 4, SPLIT_K=split, PART_SPLIT=True, PREFETCH=fp4_gpu, UNIT=unit)
+    bn = 64
+    while bn > bn_min and grid_rows * triton.cdiv(N, bn) < 4 * sms:
+        bn //= 2
+    bn = max(bn_min, min(bn, triton.next_power_of_2(N)))
+    return GemvConfig(bn, step_groups(bn, parts), 4, PREFETCH=fp4_gpu, UNIT=unit)
 
 
 def fp4_unit(cfg: GemvConfig, G: int) -> int:
