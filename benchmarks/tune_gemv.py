@@ -10,21 +10,31 @@ A16 fp4), UNIT (A16 fp4), TUNE_GEMV_PASSES times. Winners go into the tuning cac
 Shape legend: M tokens, E experts, K top-k, H hidden, I intermediate.
 
     python benchmarks/tune_gemv.py --schemes w4a16:g128,nvfp4a16,fp8-tensor --shapes qwen3-30b-a3b --ms 1
+    TUNE_GEMV_WORKERS=8 TUNE_GEMV_GRID=1 python benchmarks/tune_gemv.py --schemes nvfp4a16 --shapes mixtral-8x7b
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import multiprocessing
+import os
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.bench_moe import REPLICAS, SHAPES, make_inputs, random_layer  # noqa: E402
+from benchmarks.bench_moe import REPLICAS, SHAPES, build_layer, make_inputs, make_weights, random_layer  # noqa: E402
 from benchmarks.tune_moe import layer_tuner_main, time_config  # noqa: E402
 
-PASSES = int(__import__("os").environ.get("TUNE_GEMV_PASSES", 1))
+PASSES = int(os.environ.get("TUNE_GEMV_PASSES", 1))
+# TUNE_GEMV_WORKERS=N: compile each round's candidates in N worker processes first (Triton's on-disk cache is
+# shared), so the timing loop finds them compiled (the H200 session of 2026-11-29: 91 fp4 configs in 11 s).
+# TUNE_GEMV_GRID=1: before the coordinate passes, time the grid of every applicable axis's current value and its
+# neighbours (see grid); meant for use with workers.
+WORKERS = int(os.environ.get("TUNE_GEMV_WORKERS", 0))
+GRID = os.environ.get("TUNE_GEMV_GRID") == "1"
 AXES = {"STAGES": (1, 2, 3, 4), "BLOCK_N": (1, 2, 4, 8, 16, 32, 64, 128), "NG": (1, 2, 4, 8, 16, 32, 64, 128),
         "num_warps": (2, 4, 8), "SPLIT_K": (1, 2, 4, 8), "PART_SPLIT": (False, True), "PREFETCH": (False, True),
         "UNIT": (2, 4, 8)}
@@ -65,6 +75,85 @@ def heuristic_configs(gv, rec: Recorder, run) -> dict:
         gv.OVERRIDE.update(saved_override)
 
 
+def applies(axis: str, name: str, down: bool) -> bool:
+    """Whether an axis means anything for the GEMV kernel `name` (gemv.kernel_name)."""
+    rows = "int" in name or "rows" in name
+    if axis in ("SPLIT_K", "PART_SPLIT"):
+        return down and rows  # only GEMM2 of the rows kernel (int, A16 fp4) splits
+    if axis == "STAGES":
+        return rows  # only the rows kernel pipelines its steps
+    if axis == "PREFETCH":
+        return "int4" in name or "rows" in name  # its bf16x2 paths (int4, A16 fp4) double-buffer their loads
+    if axis == "UNIT":
+        return "rows" in name and "fp4" in name  # byte columns per tile element: A16 fp4's bf16x2 path
+    return True
+
+
+def grid(cfg, name: str, down: bool) -> list:
+    """Every combination of the current values and neighbours (one step each way) of BLOCK_N, NG and (GEMM2)
+    SPLIT_K, num_warps 4 / 8 (GEMM1), and PREFETCH and UNIT (4, 8) where they apply: 72 fp4 GEMM1 configs, 108 fp4
+    GEMM2 configs."""
+    def near(axis):
+        vals = AXES[axis]
+        i = vals.index(getattr(cfg, axis)) if getattr(cfg, axis) in vals else 0
+        return vals[max(0, i - 1):i + 2]
+
+    axes = {"BLOCK_N": near("BLOCK_N"), "NG": near("NG")}
+    if not down:
+        axes["num_warps"] = (4, 8)
+    for axis, vals in (("PREFETCH", (False, True)), ("UNIT", (4, 8)), ("SPLIT_K", near("SPLIT_K"))):
+        if applies(axis, name, down):
+            axes[axis] = vals
+    return [dataclasses.replace(cfg, **dict(zip(axes, combo))) for combo in itertools.product(*axes.values())]
+
+
+_WORKER: dict = {}
+
+
+def _worker_init(shape_name: str, scheme: str) -> None:
+    """A copy of the layer with E = top-k experts (E is no kernel constant: the same kernels, a fraction of the
+    memory and of the quantization time)."""
+    sh = dataclasses.replace(SHAPES[shape_name], E=SHAPES[shape_name].K)
+    w13, w2 = make_weights(sh, "cuda", torch.Generator(device="cuda").manual_seed(0))
+    _WORKER.update(layer=build_layer(sh, scheme, w13, w2, "cuda"), shape=sh)
+
+
+def _worker_compile(job) -> None:
+    """One forward of M tokens with both GEMVs' configs given: compiles (or finds) their kernels."""
+    import moequant.kernels.gemv as gv
+
+    M, configs = job
+    sh = _WORKER["shape"]
+    gv.OVERRIDE.clear()
+    gv.OVERRIDE.update(configs)
+    try:
+        with torch.no_grad():
+            _WORKER["layer"](torch.randn(M, sh.H, device="cuda", dtype=torch.bfloat16),
+                             torch.randn(M, sh.E, device="cuda"))
+        torch.cuda.synchronize()
+    except Exception as exc:  # rejected configs are timed as inf by the parent
+        print(f"    precompile rejected: {type(exc).__name__}: {str(exc)[:120]}", file=sys.stderr)
+
+
+class Precompiler:
+    """Compiles candidate configs in WORKERS processes before they are timed (no-op without workers)."""
+
+    def __init__(self, shape_name: str, scheme: str):
+        self.pool = None
+        if WORKERS > 0:
+            ctx = multiprocessing.get_context("spawn")
+            self.pool = ctx.Pool(WORKERS, _worker_init, (shape_name, scheme))
+
+    def __call__(self, M: int, down: bool, cands, other) -> None:
+        if self.pool is not None and cands:
+            self.pool.map(_worker_compile, [(M, {down: c, not down: other}) for c in cands], chunksize=1)
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
+            self.pool.join()
+
+
 def neighbours(cfg, axis: str):
     vals = AXES[axis]
     i = vals.index(getattr(cfg, axis)) if getattr(cfg, axis) in vals else 0
@@ -77,7 +166,9 @@ def tune(shape_name: str, scheme: str, ms, seed: int = 0) -> dict:
 
     sh = SHAPES[shape_name]
     layer = random_layer(shape_name, scheme, "cuda", seed)
+    torch.cuda.empty_cache()  # quantizing the dense weights left its peak reserved; workers need the memory
     out: dict = {}
+    pre = Precompiler(shape_name, scheme)
     with Recorder(gv) as rec, torch.no_grad():
         for M in ms:
             # REPLICAS input sets route to different experts, so each forward streams weights the previous one did
@@ -104,33 +195,39 @@ def tune(shape_name: str, scheme: str, ms, seed: int = 0) -> dict:
                 if t < best_t:
                     best_t, cur = t, heuristic
                 gv.OVERRIDE.update(cur)
+            if GRID:
+                for down in (False, True):
+                    cands = grid(cur[down], rec.asked[down][0], down)
+                    pre(M, down, cands, cur[not down])
+                    best_t, cur[down] = search(gv, run, down, cands, best_t, cur[down])
             for _ in range(PASSES):
                 for down in (False, True):
                     for axis in AXES:
-                        if axis in ("SPLIT_K", "PART_SPLIT") and (
-                                not down or "fp8" in rec.asked[down][0]
-                                or "fp4" in rec.asked[down][0] and "rows" not in rec.asked[down][0]):
-                            continue  # only GEMM2 of the rows kernel (int, fp4) splits
-                        if axis == "STAGES" and "fp8" in rec.asked[down][0]:
-                            continue  # only the rows kernel pipelines its steps
-                        if axis == "PREFETCH" and not ("int4" in rec.asked[down][0] or "rows" in rec.asked[down][0]):
-                            continue  # only its bf16x2 paths (int4, A16 fp4) double-buffer their loads
-                        if axis == "UNIT" and "rows" not in rec.asked[down][0]:
-                            continue  # byte columns per tile element: A16 fp4's bf16x2 path only
-                        for cand in neighbours(cur[down], axis):
-                            gv.OVERRIDE[down] = cand
-                            t = time_config(run) / REPLICAS
-                            if t < best_t:
-                                best_t, cur[down] = t, cand
-                        gv.OVERRIDE[down] = cur[down]
+                        if not applies(axis, rec.asked[down][0], down):
+                            continue
+                        cands = neighbours(cur[down], axis)
+                        pre(M, down, cands, cur[not down])
+                        best_t, cur[down] = search(gv, run, down, cands, best_t, cur[down])
             print(f"{shape_name:16s} {scheme:22s} M={M:5d}: {base:8.1f} -> {best_t:8.1f} us  up {cur[False]}  "
                   f"down {cur[True]}", flush=True)
             for down in (False, True):
                 name, E, N, C = rec.asked[down]
                 out.setdefault(cache_key(name, E, N, C), {})[str(M)] = dataclasses.asdict(cur[down])
+    pre.close()
     del layer
     torch.cuda.empty_cache()
     return out
+
+
+def search(gv, run, down: bool, cands, best_t: float, best):
+    """Times each candidate for one GEMV (the other keeps its config): the fastest of them and the incumbent."""
+    for cand in cands:
+        gv.OVERRIDE[down] = cand
+        t = time_config(run) / REPLICAS
+        if t < best_t:
+            best_t, best = t, cand
+    gv.OVERRIDE[down] = best
+    return best_t, best
 
 
 if __name__ == "__main__":

@@ -102,3 +102,27 @@ def test_static_fp8_scheme_gets_calibrated_input_scales(tmp_path):
     assert json.loads(out.read_text())["rows"][0]["scheme"] == "fp8-tensor+static"
     with pytest.raises(SystemExit):
         bench_moe.main(["--device", "cpu", "--schemes", "w4a16+static", "--out", str(out)])
+
+
+def test_gemv_tuner_axes_and_grid():
+    """tune_gemv varies only the axes a GEMV kernel reads (splits: GEMM2 of the rows kernel; UNIT: A16 fp4 on it) and
+    its grid keeps each config's neighbourhood; the worker pool stays off unless TUNE_GEMV_WORKERS asks for it."""
+    from benchmarks import tune_gemv as tg
+    from moequant.kernels.gemv import GemvConfig
+
+    def axes(name, down):
+        return {a for a in tg.AXES if tg.applies(a, name, down)}
+
+    common = {"BLOCK_N", "NG", "num_warps"}
+    assert axes("gemv-up-fp8-tensor", False) == axes("gemv-down-fp4-g16", True) == common
+    assert axes("gemv-up-int8-g128", False) == common | {"STAGES"}
+    assert axes("gemv-down-int4-g128", True) == common | {"STAGES", "SPLIT_K", "PART_SPLIT", "PREFETCH"}
+    assert axes("gemv-down-fp4-g16-rows", True) == common | {"STAGES", "SPLIT_K", "PART_SPLIT", "PREFETCH", "UNIT"}
+    up = tg.grid(GemvConfig(32, 32, 4, PREFETCH=True, UNIT=8), "gemv-up-fp4-g16-rows", False)
+    assert len(up) == 72 and len(set(up)) == 72
+    assert {c.BLOCK_N for c in up} == {16, 32, 64} and {c.NG for c in up} == {16, 32, 64}
+    assert {c.UNIT for c in up} == {4, 8} and {c.PREFETCH for c in up} == {False, True}
+    down = tg.grid(GemvConfig(32, 2, 4, SPLIT_K=4, PART_SPLIT=True), "gemv-down-int4-g128", True)
+    assert len(down) == 54 and {c.SPLIT_K for c in down} == {2, 4, 8} and all(c.PART_SPLIT for c in down)
+    assert {c.UNIT for c in down} == {2} and {c.num_warps for c in down} == {4}
+    assert tg.Precompiler("tiny", "unquantized").pool is None  # TUNE_GEMV_WORKERS unset: nothing spawned
