@@ -80,8 +80,8 @@ def applies(axis: str, name: str, down: bool) -> bool:
     rows = "int" in name or "rows" in name
     if axis in ("SPLIT_K", "PART_SPLIT"):
         return down and rows  # only GEMM2 of the rows kernel (int, A16 fp4) splits
-    if axis == "STAGES":
-        return rows  # only the rows kernel pipelines its steps
+    if axis == "STAGES":  # only the rows kernel pipelines its steps, and not on A16 fp4's bf16x2 path (PREFETCH)
+        return rows and "fp4" not in name
     if axis == "PREFETCH":
         return "int4" in name or "rows" in name  # its bf16x2 paths (int4, A16 fp4) double-buffer their loads
     if axis == "UNIT":

@@ -117,7 +117,7 @@ def test_gemv_tuner_axes_and_grid():
     assert axes("gemv-up-fp8-tensor", False) == axes("gemv-down-fp4-g16", True) == common
     assert axes("gemv-up-int8-g128", False) == common | {"STAGES"}
     assert axes("gemv-down-int4-g128", True) == common | {"STAGES", "SPLIT_K", "PART_SPLIT", "PREFETCH"}
-    assert axes("gemv-down-fp4-g16-rows", True) == common | {"STAGES", "SPLIT_K", "PART_SPLIT", "PREFETCH", "UNIT"}
+    assert axes("gemv-down-fp4-g16-rows", True) == common | {"SPLIT_K", "PART_SPLIT", "PREFETCH", "UNIT"}
     up = tg.grid(GemvConfig(32, 32, 4, PREFETCH=True, UNIT=8), "gemv-up-fp4-g16-rows", False)
     assert len(up) == 72 and len(set(up)) == 72
     assert {c.BLOCK_N for c in up} == {16, 32, 64} and {c.NG for c in up} == {16, 32, 64}

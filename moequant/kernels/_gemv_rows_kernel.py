@@ -27,7 +27,8 @@ fp4: bytes and block scales (rows-contiguous) read as int32 words [E, N/4, C/2] 
   holds byte column j (two e2m1 codes, low nibble = column 2j) of rows 4q..4q+3; _e2m1_pair decodes one nibble of
   two rows per instruction; w = e2m1 * block_scale (e4m3 or E8M0) * s2[e, part].
   PACKED (bf16 activations in order, GPU): _gemv_fp4_bf16x2.fp4_bf16x2_sums, its own tile [P or 1, NU, BQ] of UNIT
-  byte columns per element: bf16x2 chains of four products, one block scale per row and element.
+  byte columns per element: bf16x2 chains of four products, one block scale per row and element (STAGES unused:
+  PREFETCH keeps the next step in flight).
   out[part, n] = sum_g scale[part, n, g] * sum_{k in g} wq[part, n, k] * a[part, k]   (a: x's dtype or fp32)
 EVEN (C a multiple of a step, N of BN) drops the column and row masks from the loop. STAGES > 1 software-pipelines
 the steps: the weight words and scales of the next STAGES - 1 steps are copied to shared memory asynchronously
