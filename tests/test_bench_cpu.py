@@ -126,3 +126,24 @@ def test_gemv_tuner_axes_and_grid():
     assert len(down) == 54 and {c.SPLIT_K for c in down} == {2, 4, 8} and all(c.PART_SPLIT for c in down)
     assert {c.UNIT for c in down} == {2} and {c.num_warps for c in down} == {4}
     assert tg.Precompiler("tiny", "unquantized").pool is None  # TUNE_GEMV_WORKERS unset: nothing spawned
+
+
+def test_quant_tuner_reaches_the_fp8_launcher():
+    """tune_quant swaps fp8_config (not only get_config) while it times a GEMM, records the kernel name the launcher
+    asks for (block scales: "-block"), rejects block-scale tiles whose BLOCK_K does not divide 128, and restores it."""
+    import moequant.kernels.fp8_gemm as f8
+    from benchmarks import tune_quant as tq
+    from moequant.kernels.tuning import GemmConfig
+
+    orig = f8.fp8_config
+    dev = torch.device("cpu")
+    with tq.ConfigOverride() as ov:
+        ov.fixed = {"w13": GemmConfig(16, 64, 256, 1, 4, 4)}
+        assert f8.fp8_config("w13-fp8", 1, 8, 64, 32, True, dev, 2, False) == ov.fixed["w13"]
+        with pytest.raises(ValueError, match="divide 128"):
+            f8.fp8_config("w13-fp8", 1, 8, 64, 32, True, dev, 2, True)
+        assert ov.asked["w13"] == ("w13-fp8-block", 8, 64, 32)
+        assert f8.fp8_config("w2-fp8", 1, 8, 32, 64, False, dev, 2, False) == orig("w2-fp8", 1, 8, 32, 64, False, dev,
+                                                                                   2, False)
+    assert f8.fp8_config is orig
+    assert len(tq.candidates(1, 8, 2, fp8=True)) == 2 * len(tq.candidates(1, 8, 2))
