@@ -211,3 +211,28 @@ def test_tensor_parallel_rank_slices_packed_weights_and_scales(ckpts):
         ref13 = torch.cat([deq[(e, "w1")][half:], deq[(e, "w3")][half:]])
         torch.testing.assert_close(w13, ref13, rtol=1e-6, atol=0)
         torch.testing.assert_close(w2, deq[(e, "w2")][:, half:], rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("scheme", ["nvfp4a16", "mxfp4"])
+def test_quantize_dense_per_expert_equals_whole_stack(scheme):
+    """quantize_dense works one expert at a time (bounded temporaries) and stores exactly what quantizing the whole
+    [E, R, C] stack gives: bytes, block scales and (nvfp4) one second-level scale per expert matrix, w1 and w3
+    sharing it; experts with different ranges keep their own."""
+    from moequant import QuantConfig
+    from moequant.quantize import fp4_math as f4
+
+    gen = torch.Generator().manual_seed(0)
+    E, K, H, I = 4, 2, 64, 96
+    w13, w2 = torch.randn(E, 2 * I, H, generator=gen) * 0.05, torch.randn(E, H, I, generator=gen) * 0.05
+    w13[1] *= 30
+    layer = FusedMoE(E, K, H, I, params_dtype=torch.float32, quant_config=QuantConfig(scheme=scheme))
+    layer.quant_method.quantize_dense(layer, w13, w2)
+    for p, w in (("w13", w13), ("w2", w2)):
+        if scheme == "nvfp4a16":
+            packed, scale, gs = f4.quantize_nvfp4(w)
+            s2 = getattr(layer, f"{p}_weight_scale_2").data
+            assert torch.equal(s2, (1.0 / gs).reshape(-1, *([1] * (s2.dim() - 1))).expand_as(s2))
+        else:
+            packed, scale = f4.quantize_mxfp4(w)
+        assert torch.equal(getattr(layer, f"{p}_weight_packed").data, packed)
+        assert torch.equal(getattr(layer, f"{p}_weight_scale").data.view(torch.uint8), scale.view(torch.uint8))
