@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 import moequant
+from moequant.quantize import fp8_math as fm
 
 
 @dataclass(frozen=True)
@@ -157,10 +158,10 @@ def _calibrate_input_scales(layer: moequant.FusedMoE, w13: torch.Tensor, w2: tor
     max |act(x W1^T, x W3^T)| / 448 over every expert's intermediate on it (bf16 weights, silu)."""
     x = torch.randn(tokens, w13.shape[2], generator=gen, device=w13.device, dtype=torch.bfloat16).float()
     I = w2.shape[2]
-    inter = max(float((torch.nn.functional.silu(h[:, :I]) * h[:, I:]).abs().max())
-                for h in (x @ w13[e].float().T for e in range(w13.shape[0])))
-    layer.w13_input_scale.data.fill_(float(x.abs().max()) / 448)
-    layer.w2_input_scale.data.fill_(inter / 448)
+    inter = torch.stack([(torch.nn.functional.silu(h[:, :I]) * h[:, I:]).abs().max()
+                         for h in (x @ w13[e].float().T for e in range(w13.shape[0]))]).max()
+    layer.w13_input_scale.data.copy_(fm.div_by_max(x.abs().max()))
+    layer.w2_input_scale.data.copy_(fm.div_by_max(inter))
 
 
 def build_layer(shape: Shape, scheme: str, w13: torch.Tensor, w2: torch.Tensor, device: str) -> moequant.FusedMoE:

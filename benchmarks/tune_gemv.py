@@ -94,8 +94,7 @@ def grid(cfg, name: str, down: bool) -> list:
     SPLIT_K, num_warps 4 / 8 (GEMM1), and PREFETCH and UNIT (4, 8) where they apply: 72 fp4 GEMM1 configs, 108 fp4
     GEMM2 configs."""
     def near(axis):
-        vals = AXES[axis]
-        i = vals.index(getattr(cfg, axis)) if getattr(cfg, axis) in vals else 0
+        vals, i = _axis_values(cfg, axis)
         return vals[max(0, i - 1):i + 2]
 
     axes = {"BLOCK_N": near("BLOCK_N"), "NG": near("NG")}
@@ -154,9 +153,14 @@ class Precompiler:
             self.pool.join()
 
 
-def neighbours(cfg, axis: str):
+def _axis_values(cfg, axis: str) -> tuple[tuple, int]:
+    """An axis's values and the index of cfg's (0 when off the axis)."""
     vals = AXES[axis]
-    i = vals.index(getattr(cfg, axis)) if getattr(cfg, axis) in vals else 0
+    return vals, vals.index(getattr(cfg, axis)) if getattr(cfg, axis) in vals else 0
+
+
+def neighbours(cfg, axis: str):
+    vals, i = _axis_values(cfg, axis)
     return [dataclasses.replace(cfg, **{axis: vals[j]}) for j in (i - 2, i - 1, i + 1, i + 2) if 0 <= j < len(vals)]
 
 

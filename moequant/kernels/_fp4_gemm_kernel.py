@@ -59,13 +59,20 @@ def _dequant_tile(b_ptrs, s_ptrs, b_mask, s_mask, SCALE_KIND: tl.constexpr):
     return e2m1_value(b & 15) * sc, e2m1_value(b >> 4) * sc
 
 
-def _bf16_pair_ptx(src: str, dst: str, lo: bool) -> str:
-    """PTX placing the low (lo) or high nibble of the two bytes of src at bits 0-7 and 16-23 into the bf16 halves of
-    dst as e2m1 * 2^-126: magnitude bits to 6-8, sign bit to 15 (code 1, 0.5, is a bf16 subnormal, which bf16x2
-    arithmetic keeps)."""
-    mag, sign = (6, 12) if lo else (2, 8)
-    return (f"shl.b32 u, {src}, {mag};\nand.b32 u, u, 0x01C001C0;\nshl.b32 v, {src}, {sign};\n"
-            f"and.b32 v, v, 0x80008000;\nor.b32 {dst}, u, v;")
+def e2m1_pair_ptx(src: str, dst: str, k: int, tmp: tuple[str, str] = ("t", "s"),
+                  masks: tuple[str, str] = ("m1", "m2")) -> str:
+    """PTX putting nibbles k and k + 4 of src (bits 4k, 4k + 16) into the bf16 halves of dst as e2m1 * 2^-126:
+    magnitude bits to 6-8 (masks[0]: 0x01C001C0, a register or the immediate), sign bit to 15 (masks[1]:
+    0x80008000); tmp: two scratch registers. Code 1 (0.5) is a bf16 subnormal, which bf16x2 arithmetic keeps.
+    Shared by the GEMV's dot (_gemv_fp4_bf16x2) and the grouped GEMM's dequantizer."""
+    t, u = tmp
+
+    def shift(reg: str, n: int) -> str:
+        return f"shl.b32 {reg}, {src}, {n};" if n > 0 else f"shr.u32 {reg}, {src}, {-n};" if n < 0 else ""
+
+    mag, sign = shift(t, 6 - 4 * k), shift(u, 12 - 4 * k)
+    return "\n".join(filter(None, (mag, sign, f"and.b32 {t}, {t}, {masks[0]};",
+                                    f"and.b32 {u}, {u if sign else src}, {masks[1]};", f"or.b32 {dst}, {t}, {u};")))
 
 
 def _dequant_bf16_ptx(scale_kind: int) -> str:
@@ -84,7 +91,7 @@ def _dequant_bf16_ptx(scale_kind: int) -> str:
             lines.append("shl.b32 sp, t, 7;")
         lines.append(f"prmt.b32 t, $4, z, {sel};")
         for lo, out in ((True, f"${pair}"), (False, f"${2 + pair}")):
-            lines.append(_bf16_pair_ptx("t", "m", lo))
+            lines.append(e2m1_pair_ptx("t", "m", 0 if lo else 1, ("u", "v"), ("0x01C001C0", "0x80008000")))
             if scale_kind == 1:
                 lines.append("mul.rn.bf16x2 m, m, c;")
             lines.append(f"mul.rn.bf16x2 {out}, m, sp;")

@@ -20,7 +20,7 @@ math   acc[p, 4q + r] = sum_u scale[q, r, g(u)] * sum_{k in u} e2m1[4q + r, k] *
 import triton
 import triton.language as tl
 
-from moequant.kernels._fp4_gemm_kernel import block_scale_value
+from moequant.kernels._fp4_gemm_kernel import block_scale_value, e2m1_pair_ptx
 
 FP4_PACKED_FACTOR = tl.constexpr(4611686018427387904.0)  # 2^62: _fp4_words_dot_bf16 returns the sums times 2^-62
 
@@ -64,21 +64,10 @@ def _bf16_splat_scaled(p, SEL: tl.constexpr):
         }}""", "=r,r", [p], dtype=tl.int32, is_pure=True, pack=1)
 
 
-def _e2m1_pair_ptx(src: str, dst: str, k: int) -> str:
-    """PTX putting nibbles k and k + 4 of src (bits 4k, 4k + 16) into the bf16 halves of dst as e2m1 * 2^-126:
-    magnitude bits to 6-8 (mask m1), sign bit to 15 (mask m2)."""
-    def shift(n: int) -> str:
-        return f"shl.b32 {{t}}, {src}, {n};" if n > 0 else f"shr.u32 {{t}}, {src}, {-n};" if n < 0 else ""
-
-    mag, sign = shift(6 - 4 * k).format(t="t"), shift(12 - 4 * k).format(t="s")
-    return "\n".join(filter(None, (mag, sign, "and.b32 t, t, m1;", f"and.b32 s, {sign and 's' or src}, m2;",
-                                    f"or.b32 {dst}, t, s;")))
-
-
 def _fp4_dot_ptx() -> str:
     """_fp4_words_dot_bf16's PTX: $4, $5 the two words, $6..$9 the splat activations of columns 2j, 2j + 1,
     2j + 2, 2j + 3; $0..$3 rows 0..3 as fp32 bits."""
-    decode = [_e2m1_pair_ptx(w, f"{p}{k}", k) for w, p in (("$4", "p"), ("$5", "q")) for k in range(4)]
+    decode = [e2m1_pair_ptx(w, f"{p}{k}", k) for w, p in (("$4", "p"), ("$5", "q")) for k in range(4)]
     chains = [f"fma.rn.bf16x2 {acc}, {p}{k + i}, ${6 + 2 * j + i}, {'z' if (i, j) == (0, 0) else acc};"
               for acc, k in (("a02", 0), ("a13", 2)) for j, p in enumerate("pq") for i in range(2)]
     return "\n".join(["{", ".reg .b32 m1, m2, t, s, p0, p1, p2, p3, q0, q1, q2, q3, z, a02, a13;",
