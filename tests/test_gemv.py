@@ -10,7 +10,6 @@ import pytest
 import torch
 
 import moequant.kernels.gemv as gv
-import moequant.kernels.gemv_fused as gf
 from conftest import ON_GPU, rel_err
 from moequant import FusedMoE, QuantConfig
 
@@ -66,12 +65,6 @@ def always_gemv(monkeypatch):
     monkeypatch.setattr(gv, "MODE", "always")
 
 
-@pytest.fixture
-def two_launch(monkeypatch):
-    """GEMM1 and GEMM2 as two launches also where GEMM2 could be fused into GEMM1 (test_gemv_fused.py)."""
-    monkeypatch.setattr(gf, "MODE", "never")
-
-
 def _tol(dtype):
     """fp32: accumulation order only; fp16/bf16: the output's rounding (nvfp4 too: both paths quantize activations
     with fp4_math.nvfp4_act_codes, GEMM2's from an fp32 intermediate)."""
@@ -91,7 +84,7 @@ def test_gemv_interpreter_matches_reference(case, always_gemv):
 @pytest.mark.skipif(not INTERP, reason="interpreter test (CPU)")
 @pytest.mark.parametrize("case", [("w4a16", 32, False, 3), ("w4a16", 128, True, 2), ("w4a16-asym", 64, False, 2)],
                          ids=lambda c: f"{c[0]}-G{c[1]}-act{int(c[2])}-split{c[3]}")
-def test_gemv_int_split_k_and_wide_blocks(case, always_gemv, two_launch, monkeypatch):
+def test_gemv_int_split_k_and_wide_blocks(case, always_gemv, monkeypatch):
     """The int kernel's GEMM2 split over the reduction (atomic fp32 adds, then one cast) with uneven last splits, and
     the masked (not EVEN) steps: GEMM1 blocks of 256 rows over N = 384, GEMM2 chunks of 256 columns over 384 (G=128),
     against the reference."""
@@ -107,7 +100,7 @@ def test_gemv_int_split_k_and_wide_blocks(case, always_gemv, two_launch, monkeyp
                                   ("w4a16", 32, False, False, 2, True)],
                          ids=lambda c: f"{c[0]}-G{c[1]}-act{int(c[2])}-bias{int(c[3])}-split{c[4]}"
                                        + ("-ep" if len(c) > 5 else ""))
-def test_gemv_part_split(case, always_gemv, two_launch, monkeypatch):
+def test_gemv_part_split(case, always_gemv, monkeypatch):
     """GEMM2 with one program per top-k expert (PART_SPLIT), alone or times a split of the reduction: every program
     adds its weighted share (the bias once per expert, from its first split) to the fp32 buffer and the last of the
     K * SPLIT_K programs casts it; with expert parallelism the other rank's slots still arrive, adding nothing."""
@@ -185,7 +178,7 @@ def test_gemv_gpu_bf16_matches_reference(case, always_gemv):
 @pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("case", [("w4a16", 128, True), ("w4a16-asym", 64, False), ("w8a16", 32, False),
                                   ("nvfp4a16", None, False), ("mxfp4", None, False)], ids=lambda c: f"{c[0]}-G{c[1]}")
-def test_gemv_gpu_pipelined_steps(case, always_gemv, two_launch, monkeypatch):
+def test_gemv_gpu_pipelined_steps(case, always_gemv, monkeypatch):
     """The rows kernel with its steps software-pipelined through shared memory (STAGES 3 and 4; the interpreter
     ignores it), one group per step so there are several steps, GEMM2 split in two, against the reference."""
     scheme, G, act_order = case
@@ -198,7 +191,7 @@ def test_gemv_gpu_pipelined_steps(case, always_gemv, two_launch, monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
-def test_gemv_gpu_graph_replay_with_split(always_gemv, two_launch, monkeypatch):
+def test_gemv_gpu_graph_replay_with_split(always_gemv, monkeypatch):
     """Routing -> GEMM1 -> GEMM2 captured in a CUDA graph with GEMM2 split in three (GEMM1 zeroes the split buffer
     and counters on every replay, the last program of a block casts it): replays with new inputs match eager
     forwards (fp32 atomics may add in another order: a bf16 rounding apart at most)."""
@@ -227,7 +220,7 @@ def test_gemv_gpu_graph_replay_with_split(always_gemv, two_launch, monkeypatch):
                          ids=lambda c: f"{c[0]}-G{c[1]}-act{int(c[2])}")
 @pytest.mark.parametrize("magnitude", [1e-6, 1.0, 3e4])
 @pytest.mark.parametrize("prefetch", [False, True])
-def test_gemv_gpu_packed_bf16_products(case, magnitude, prefetch, always_gemv, two_launch, monkeypatch):
+def test_gemv_gpu_packed_bf16_products(case, magnitude, prefetch, always_gemv, monkeypatch):
     """int4 and fp4 with bf16 activations form their products in bf16x2 chains (PACKED, from int32 activation pairs;
     act-order's GEMM1 input pre-gathered per slot; fp4's activations scaled by 2^64, its e2m1 values read as bf16
     times 2^-126, subnormal for the code 0.5): against the reference and against the fp32-product kernel, for

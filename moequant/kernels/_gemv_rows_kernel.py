@@ -16,10 +16,10 @@ int: words [E, N(*2), C/PW], N stride 1 (methods.base.rows_contiguous); a step's
   (+ j4 * 0), so they take the words' register layout (a [.., NG, 1, BN] load got its own layout, and Triton then
   moved every step's products through shared memory to match it).
   word j holds elements j*PW + i, lowest bits first, as u = q + 2^(BITS-1); w = (u - 2^(BITS-1) - zp) * scale
-  Elements become fp32 without a conversion instruction (int_elem; two23 = 0x4B000000, the bits of 2^23, is an
+  Elements become fp32 without a conversion instruction (_int_elem; two23 = 0x4B000000, the bits of 2^23, is an
   argument so that it sits in a register and mask-and-or is one LOP3: ptxas cannot fuse two immediates); a zero
   point is applied per word as zp * sum(a over the word).
-  PACKED (int4, bf16 activations in order, GPU): a word's eight products in bf16x2 instead (int4_word_dot_bf16:
+  PACKED (int4, bf16 activations in order, GPU): a word's eight products in bf16x2 instead (_int4_word_dot_bf16:
   mask-and-or into bf16 128 + u, one fma to u - 8, four fmas against activation pairs (x_i, x_i+4) regrouped from
   int32 pairs by byte permutes), each bf16 chain of four products summed in fp32: about 3.1 SASS instructions per
   element against 4.2, at a bf16 rounding per product.
@@ -56,9 +56,75 @@ import triton.language as tl
 
 from moequant.kernels._gemv_fp4_bf16x2 import (FP4_PACKED_FACTOR, act_pair, block_scale, fp4_bf16x2_sums,
                                                 interleave_rows)
-from moequant.kernels._gemv_fused_down import fused_down, fused_down_first_loads
-from moequant.kernels._gemv_int_decode import bf16_halves_sum, int4_word_dot_bf16, int_act_factor, int_elem, prmt
 from moequant.kernels._gemv_kernel import FP4_FACTOR, gemv_epilogue
+
+@triton.jit
+def _int_elem(words, hi_words, off, i: tl.constexpr, BITS: tl.constexpr, two23=0x4B000000):
+    """(u_i - off) * 2^(BITS*p) in fp32 for element i of every word, exact and without an int->float conversion:
+    the element's bits, where they lie (p = i), or for the top elements where they lie in hi_words = words >> 12
+    (int4) / >> 16 (int8), are OR-ed into the mantissa of 2^23 (two23: its bits; passed as a kernel argument, the
+    constant sits in a register and the mask-and-or is one LOP3); subtracting 2^23 + off * 2^(BITS*p) leaves the
+    integer. The caller divides the activation by 2^(BITS*p)."""
+    LO: tl.constexpr = 5 if BITS == 4 else 2
+    SHIFT_P: tl.constexpr = 3 if BITS == 4 else 2
+    P: tl.constexpr = i if i < LO else i - SHIFT_P
+    MASK: tl.constexpr = ((1 << BITS) - 1) << (P * BITS)
+    src = words if i < LO else hi_words
+    f = ((src & MASK) | two23).to(tl.float32, bitcast=True)
+    return f - (8388608.0 + off * (1 << (P * BITS)))
+
+
+@triton.jit
+def _prmt(a, b, SEL: tl.constexpr):
+    """prmt.b32: bytes of (b:a) picked by the selector's nibbles (0x5410: the low halves of a and b; 0x7632: the high
+    halves)."""
+    return tl.inline_asm_elementwise(f"prmt.b32 $0, $1, $2, {SEL};", "=r,r,r", [a, b], dtype=tl.int32, is_pure=True,
+                                     pack=1)
+
+
+@triton.jit
+def _bf16_halves_sum(w):
+    """fp32 sum of the two bf16 values in each int32."""
+    return (w << 16).to(tl.float32, bitcast=True) + (w & -65536).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _int4_word_dot_bf16(u, x04, x15, x26, x37):
+    """sum_i (u_i - 8) * x_i over the eight int4 elements of each word, in fp32 from two bf16x2 chains (PACKED).
+    Elements i and i + 4 sit at bits 4i and 4i + 16: one mask-and-or with 0x43004300 (bf16 128.0 twice) puts both
+    into bf16 mantissas (128 + u_i), one bf16x2 fma subtracts 136, exactly; x04 .. x37 hold (x_i, x_i+4) as bf16x2.
+    Each half of the chain sums four products in bf16 (round to nearest at every fma: relative error about 2^-9 of
+    the partial, below the bf16 output's own rounding after the fp32 sums); both halves then add in fp32."""
+    return tl.inline_asm_elementwise(
+        """{
+        .reg .b32 m, c, one, neg, zero, t0, t1, t2, t3, s, acc;
+        .reg .f32 lo, hi;
+        mov.b32 m, 0x000F000F;
+        mov.b32 c, 0x43004300;
+        mov.b32 one, 0x3F803F80;
+        mov.b32 neg, 0xC308C308;
+        mov.b32 zero, 0;
+        lop3.b32 t0, $1, m, c, 0xEA;
+        shr.u32 s, $1, 4;
+        lop3.b32 t1, s, m, c, 0xEA;
+        shr.u32 s, $1, 8;
+        lop3.b32 t2, s, m, c, 0xEA;
+        shr.u32 s, $1, 12;
+        lop3.b32 t3, s, m, c, 0xEA;
+        fma.rn.bf16x2 t0, t0, one, neg;
+        fma.rn.bf16x2 t1, t1, one, neg;
+        fma.rn.bf16x2 t2, t2, one, neg;
+        fma.rn.bf16x2 t3, t3, one, neg;
+        fma.rn.bf16x2 acc, t0, $2, zero;
+        fma.rn.bf16x2 acc, t1, $3, acc;
+        fma.rn.bf16x2 acc, t2, $4, acc;
+        fma.rn.bf16x2 acc, t3, $5, acc;
+        shl.b32 lo, acc, 16;
+        and.b32 hi, acc, 0xFFFF0000;
+        add.f32 $0, lo, hi;
+        }""",
+        "=f,r,r,r,r,r", [u, x04, x15, x26, x37], dtype=tl.float32, is_pure=True, pack=1)
+
 
 @triton.jit
 def _step_masks(c, c1, ld_ok, pa_ok, CW, NUM_G, DOWN: tl.constexpr, EVEN: tl.constexpr, LIVE: tl.constexpr,
@@ -129,6 +195,15 @@ def _int_step_loads(c, c1, wa_base, wb_base, sa_base, sb_base, za_base, zb_base,
 
 
 @triton.jit
+def _int_act_factor(i: tl.constexpr, BITS: tl.constexpr):
+    """2^-(BITS*p) for element i (see _int_elem)."""
+    LO: tl.constexpr = 5 if BITS == 4 else 2
+    SHIFT_P: tl.constexpr = 3 if BITS == 4 else 2
+    P: tl.constexpr = i if i < LO else i - SHIFT_P
+    return 1.0 / (1 << (P * BITS))
+
+
+@triton.jit
 def _act_col(a_base, sidx_base, k, ok, stride_ak, SORTED: tl.constexpr, MASKED: tl.constexpr):
     """fp32 activation column k of each part's row ([P or 1, NG, GW, 1]), through sort_idx when SORTED."""
     if SORTED:
@@ -185,7 +260,6 @@ def gemv_rows_kernel(
     stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sg,
     stride_ze, stride_zn, stride_zg, stride_ie, stride_ese, stride_esj, stride_asm,
     stride_bias_e, stride_bias_n, stride_cm, stride_cn, stride_pe,
-    w2_ptr, s2_ptr, facc_ptr, fcount_ptr, fout_ptr, H2, stride_w2e, stride_w2k, stride_s2e, stride_s2g, stride_fom,
     DOWN: tl.constexpr, TOP_K: tl.constexpr, P: tl.constexpr, ACTIVATION: tl.constexpr,
     FMT: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr, GROUP_SCALES: tl.constexpr, HAS_ZP: tl.constexpr,
     SCALE_KIND: tl.constexpr, W_SCALE: tl.constexpr, A_SCALE: tl.constexpr, SORTED: tl.constexpr,
@@ -193,7 +267,6 @@ def gemv_rows_kernel(
     EVEN: tl.constexpr, SPLIT_K: tl.constexpr, PART_SPLIT: tl.constexpr, STAGES: tl.constexpr,
     ZERO_SPLIT: tl.constexpr, ZB: tl.constexpr, PACKED: tl.constexpr, PREFETCH: tl.constexpr,
     A_ROW_DIV: tl.constexpr, UNIT: tl.constexpr,
-    FUSE_DOWN: tl.constexpr, FUSE_WEIGHT: tl.constexpr, FUSE_PACKED: tl.constexpr, FUSE_BH: tl.constexpr,
     BLOCK_N: tl.constexpr, NG: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -217,15 +290,7 @@ def gemv_rows_kernel(
         row_off = parts * 0
     else:
         e0 = tl.load(ids_ptr + pid)
-        if FUSE_DOWN:  # the fused GEMM2's first w2 loads, in flight during GEMM1
-            first = fused_down_first_loads(tl.program_id(1) * BLOCK_N, e0 >= 0, e0, w2_ptr, s2_ptr, H2, N,
-                                           stride_w2e, stride_w2k, stride_s2e, stride_s2g, BITS, G, BLOCK_N, FUSE_BH)
-        if e0 < 0:  # another rank's expert: GEMM2 skips this slot (the fused GEMM2 only counts it)
-            if FUSE_DOWN:
-                fused_down(c_ptr, tl.program_id(1) * BLOCK_N, e0 >= 0, e0, pid // TOP_K, 0.0, first, w2_ptr, s2_ptr,
-                           facc_ptr, fcount_ptr, fout_ptr, H2, N, two23, stride_w2e, stride_w2k, stride_s2e,
-                           stride_s2g, stride_fom, BITS, G, FUSE_PACKED, BLOCK_N, FUSE_BH,
-                           TOP_K * tl.cdiv(N, BLOCK_N))
+        if e0 < 0:  # another rank's expert: GEMM2 skips this slot
             return
         slot = pid + parts * 0
         e = e0 + parts * 0
@@ -291,15 +356,15 @@ def gemv_rows_kernel(
                         c, c1, wa_base, wb_base, sa_base, sb_base, za_base, zb_base, a_base, ld_ok, pa_ok, stride_wk,
                         stride_sg, stride_zg, CW, NUM_G, DOWN, EVEN, MASKED, HAS_ZP, GROUP_SCALES, False, NG, GW)
                 if HAS_ZP:
-                    a_sum = (bf16_halves_sum(p0) + bf16_halves_sum(p1)) + (bf16_halves_sum(p2)
-                                                                             + bf16_halves_sum(p3))
-                x04 = prmt(p0, p2, 0x5410)
-                x15 = prmt(p0, p2, 0x7632)
-                x26 = prmt(p1, p3, 0x5410)
-                x37 = prmt(p1, p3, 0x7632)
-                ta = int4_word_dot_bf16(ua, x04, x15, x26, x37)
+                    a_sum = (_bf16_halves_sum(p0) + _bf16_halves_sum(p1)) + (_bf16_halves_sum(p2)
+                                                                             + _bf16_halves_sum(p3))
+                x04 = _prmt(p0, p2, 0x5410)
+                x15 = _prmt(p0, p2, 0x7632)
+                x26 = _prmt(p1, p3, 0x5410)
+                x37 = _prmt(p1, p3, 0x7632)
+                ta = _int4_word_dot_bf16(ua, x04, x15, x26, x37)
                 if not DOWN:
-                    tb = int4_word_dot_bf16(ub, x04, x15, x26, x37)
+                    tb = _int4_word_dot_bf16(ub, x04, x15, x26, x37)
             else:
                 ua = tl.load(wa_base + j4 * stride_wk, mask=w_ok, other=0)
                 if not DOWN:
@@ -313,10 +378,10 @@ def gemv_rows_kernel(
                     a = _act_col(a_base, sidx_base, j4 * PW + i, x_ok, stride_ak, SORTED, MASKED)
                     if HAS_ZP:
                         a_sum += a
-                    a = a * int_act_factor(i, BITS)
-                    ta += int_elem(ua, ha, 1 << (BITS - 1), i, BITS, two23) * a
+                    a = a * _int_act_factor(i, BITS)
+                    ta += _int_elem(ua, ha, 1 << (BITS - 1), i, BITS, two23) * a
                     if not DOWN:
-                        tb += int_elem(ub, hb, 1 << (BITS - 1), i, BITS, two23) * a
+                        tb += _int_elem(ub, hb, 1 << (BITS - 1), i, BITS, two23) * a
                 sa, sb, za, zb = _int_group_params(g4, j4, g_ok, sa_base, sb_base, za_base, zb_base, stride_sg,
                                                    stride_zg, DOWN, HAS_ZP, GROUP_SCALES)
             if HAS_ZP:
@@ -390,9 +455,3 @@ def gemv_rows_kernel(
                   c_ptr, amax_ptr, perm_ptr, split_ptr, count_ptr, stride_ese, stride_esj, stride_bias_e,
                   stride_bias_n, stride_cm, stride_cn, stride_pe, split, DOWN, W_SCALE, MUL_WEIGHT, HAS_BIAS,
                   ACTIVATION, OUT_AMAX, OUT_PERM, SHARES)
-    if FUSE_DOWN:  # GEMM2 over this program's slice of I (_gemv_fused_down.py), reading back the row just stored
-        tl.debug_barrier()
-        wt = tl.load(topk_w_ptr + pid) if FUSE_WEIGHT else 1.0
-        fused_down(c_ptr + pid.to(tl.int64) * stride_cm, tl.program_id(1) * BLOCK_N, e0 >= 0, e0, pid // TOP_K, wt,
-                   first, w2_ptr, s2_ptr, facc_ptr, fcount_ptr, fout_ptr, H2, N, two23, stride_w2e, stride_w2k,
-                   stride_s2e, stride_s2g, stride_fom, BITS, G, FUSE_PACKED, BLOCK_N, FUSE_BH, TOP_K * tl.cdiv(N, BLOCK_N))

@@ -82,7 +82,6 @@ class GemvConfig:
     STAGES: int = 1  # rows kernel: steps in flight (> 1: the next steps' words stream into shared memory)
     PREFETCH: bool = False  # rows kernel, bf16x2 paths: the next step's loads issued before this step's products
     UNIT: int = 2  # A16 fp4 bf16x2 path: byte columns per tile element (2, 4 or 8; at most G / 2)
-    BLOCK_H: int = 0  # GEMM1 with GEMM2 fused (rows kernel, int): rows of w2 per step of the fused GEMM2
 
 
 def use_gemv(T: int, K: int, E: int, slots_per_expert: float = 1.0) -> bool:
@@ -269,13 +268,13 @@ def split_buffers(plan: GemvPlan, out_rows: int, device) -> tuple[torch.Tensor, 
 
 def gemv(a, w: GemvWeights, c, topk_ids, *, down: bool, top_k: int, activation: str = "silu", a_scale=None,
          a_scale_kind=None, bias=None, topk_weights=None, out_amax=None, cfg: GemvConfig | None = None,
-         plan: GemvPlan | None = None, split_bufs=None, zero_bufs=None, a_per_slot: bool = False, fused=None):
+         plan: GemvPlan | None = None, split_bufs=None, zero_bufs=None, a_per_slot: bool = False):
     """GEMM1 (down=False): c[slot] = act(W13[e] a[slot // top_k]) for every slot; GEMM2 (down=True):
     c[t] = sum_k w[t, k] * (W2[e_k] a[t*top_k + k] + b2[e_k]). a_scale_kind: None (A16), "tensor" [1],
     "row" [rows] or "group" [rows, C/128] scales of a (fp8 or pre-quantized nvfp4).
     GEMM2 with several programs per output block (plan.shares > 1) uses split_bufs (zeroed by the GEMM1 that got
     them as zero_bufs; zeroed here when not given). a_per_slot (GEMM1, rows kernel): a holds one row per slot
-    instead of one per token. fused (GEMM1, rows kernel): gemv_fused.FusedDown, GEMM2 in GEMM1's programs."""
+    instead of one per token."""
     ids = topk_ids.reshape(-1)
     C = w.columns
     plan = plan or plan_gemv(w, c.shape[0], topk_ids, down=down, top_k=top_k, a_scale_kind=a_scale_kind, cfg=cfg)
@@ -311,8 +310,7 @@ def gemv(a, w: GemvWeights, c, topk_ids, *, down: bool, top_k: int, activation: 
     bufs = split_bufs if down and plan.shares > 1 else zero_bufs if not down else None
     args = [
         a, data, s, zp if zp is not None else dummy, si if si is not None else dummy, es, a_s, ids,
-        topk_weights if topk_weights is not None else fused.topk_weights if fused is not None
-        and fused.topk_weights is not None else dummy, bias if bias is not None else dummy, c,
+        topk_weights if topk_weights is not None else dummy, bias if bias is not None else dummy, c,
         out_amax if out_amax is not None else dummy, w.out_perm if w.out_perm is not None else dummy,
         *(bufs if bufs is not None else (dummy, dummy)),
         N, C, triton.cdiv(C, G), *((bufs[0].numel(), bufs[1].numel()) if bufs is not None else (0, 0)),
@@ -336,22 +334,16 @@ def gemv(a, w: GemvWeights, c, topk_ids, *, down: bool, top_k: int, activation: 
         zero = not down and zero_bufs is not None  # ZB: elements of each buffer one GEMM1 program zeroes
         zb = triton.next_power_of_2(max(16, triton.cdiv(zero_bufs[0].numel(), plan.programs))) if zero else 16
         args.insert(20, 0x4B000000)  # two23, after n_count
-        args += fused.kernel_args() if fused is not None else [dummy] * 5 + [0] * 6
         packed = uses_packed(w, a)
         gemv_rows_kernel[grid + (plan.shares,)](*args, EVEN=even, SPLIT_K=plan.split,
                                                 PART_SPLIT=plan.part_programs > 1, STAGES=cfg.STAGES,
                                                 ZERO_SPLIT=zero, ZB=zb, PACKED=packed,
                                                 PREFETCH=packed and cfg.PREFETCH,
                                                 A_ROW_DIV=1 if a_per_slot else top_k,
-                                                UNIT=fp4_unit(cfg, G) if packed and w.fmt == "fp4" else 2,
-                                                FUSE_DOWN=fused is not None,
-                                                FUSE_WEIGHT=fused is not None and fused.topk_weights is not None,
-                                                FUSE_PACKED=fused is not None and fused.packed,
-                                                FUSE_BH=fused.block_h if fused is not None else 16, **consts)
+                                                UNIT=fp4_unit(cfg, G) if packed and w.fmt == "fp4" else 2, **consts)
     else:
-        if a_per_slot or fused is not None:
-            raise ValueError("gemv: one activation row per slot and a fused GEMM2 need the rows kernel (int or A16 "
-                             "fp4 weights)")
+        if a_per_slot:
+            raise ValueError("gemv: one activation row per slot needs the rows kernel (int or A16 fp4 weights)")
         if zero_bufs is not None:
             zero_bufs[0].zero_()
             zero_bufs[1].zero_()

@@ -24,7 +24,6 @@ from moequant.kernels._int_gemm_slab_kernel import int_moe_gemm_slab_kernel
 from moequant.kernels.align import moe_align
 from moequant.kernels.gather import gather_slot_columns
 from moequant.kernels.gemv import GemvWeights, fused_experts_gemv, use_gemv
-from moequant.kernels.gemv_fused import fused_down_ok, fused_experts_gemv_fused
 from moequant.kernels.moe_gemm import _ACT_CODE, _dot_precision, moe_sum
 from moequant.kernels.tuning import get_config
 
@@ -163,9 +162,6 @@ def fused_experts_int(x, w13: IntWeights, w2: IntWeights, topk_weights, topk_ids
         # w2's sorted order (inverse sort), so GEMM2 reads it contiguously
         g13 = gemv_weights(w13, layout, sort_idx=w13.sort_idx, out_perm=w2.inv_sort_idx)
         g2 = gemv_weights(w2, layout, sort_idx=w2.sort_idx if w2.inv_sort_idx is None else None)
-        if fused_down_ok(x, g13, g2, biases=w13_bias is not None or w2_bias is not None):
-            return fused_experts_gemv_fused(x, g13, g2, topk_weights, topk_ids, activation=activation,
-                                            apply_router_weight_on_input=apply_router_weight_on_input)
         return fused_experts_gemv(x, g13, g2, topk_weights, topk_ids,
                                   activation=activation, w13_bias=w13_bias, w2_bias=w2_bias,
                                   apply_router_weight_on_input=apply_router_weight_on_input, slot_rows=slot_rows)
