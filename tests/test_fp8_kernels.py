@@ -83,6 +83,33 @@ def test_act_quant_dynamic_tensor_with_given_amax():
     assert same_bits(q, qr) and torch.equal(s, sr)
 
 
+@pytest.mark.parametrize("T,C", [(1, 128), (3, 2176), (2, 8320)])
+def test_act_quant_per_token_with_given_row_amax(T, C):
+    # GEMM1's epilogue hands the quantizer each row's max|x| (one pass spread over columns instead of a program per
+    # row); scales and codes equal the twin's, an all-zero row included
+    x = torch.randn(T, C, device=DEV) * torch.logspace(-3, 2, C, device=DEV)
+    x[-1] = 0
+    q, s = act_quant(x, "token", amax=x.abs().amax(1).contiguous())
+    qr, sr = fm.act_quant_ref(x, "token")
+    assert same_bits(q, qr) and torch.equal(s.reshape(-1), sr.reshape(-1))
+
+
+@pytest.mark.skipif(ON_GPU, reason="interpreter test")
+def test_per_token_activation_quantized_from_gemm1_row_amax(monkeypatch):
+    """fp8-channel: GEMM1 folds each slot's max|act| into a buffer (zeroed by x's quantizer) and the activation's
+    quantizer reads it instead of making its own pass; the result still matches the reference."""
+    monkeypatch.setattr(fp8_gemm, "FUSE_A2_SLOTS", 0)
+    calls = []
+    act_quant = fp8_gemm.act_quant
+    monkeypatch.setattr(fp8_gemm, "act_quant", lambda a, g, *r, **k: calls.append((g, k.get("amax") is not None))
+                        or act_quant(a, g, *r, **k))
+    case = next(c for c in CPU_CASES if c.scheme == "fp8-channel")
+    layer, x, w, ids = build(case, torch.float32, "cpu")
+    out = layer.quant_method.apply_triton(layer, x, w, ids)
+    assert calls == [("token", False), ("token", True)]
+    assert rel_err(out, layer.quant_method.apply_reference(layer, x, w, ids)) <= 2e-5
+
+
 # [1] (per tensor) or one entry per slot (per token; K = 6 is not a power of 2)
 @pytest.mark.parametrize("granularity,per_row", [("tensor", 1), ("token", 1), ("token", 6), ("group", 6)])
 def test_act_quant_zeroes_the_next_amax_buffer(granularity, per_row):

@@ -11,6 +11,8 @@ q[t, c] = clamp(x[t, c] / s, -448, 448) -> e4m3fn with, by MODE:
             per-tensor quantization of a large x; grid (T, cdiv(C, BLOCK)).
   4 tensor, dynamic, one program holding all of x in one [BLOCK_T, BLOCK] tile: amax then quantize (a small x, as
             when decoding: one launch, one load); grid (1,).
+  5 token, from amax: s[t] = max(amax_ptr[t], EPS) / 448 with the row amax already there (folded by GEMM1's
+            epilogue), so one pass over x, spread over columns; grid (T, cdiv(C, BLOCK)).
 ZERO: row r's first program also stores 0 to zero_ptr[r*ZERO_PER_ROW : (r+1)*ZERO_PER_ROW] (below ZERO_N): the amax
 buffer GEMM1's epilogue folds into ([1] per tensor, [T*K] per token slot), which saves a memset launch.
 The division is IEEE round-to-nearest (div_rn) so the kernel matches its torch twin bit for bit. EMULATE_CAST (set
@@ -102,6 +104,11 @@ def fp8_act_quant_kernel(
         x = tl.load(x_row + col, mask=m, other=0.0).to(tl.float32)
         if MODE == 3:
             tl.atomic_max(amax_ptr, tl.max(tl.abs(x), axis=0))
+        elif MODE == 5:
+            s = _scale(tl.load(amax_ptr + row), EPS)
+            if tl.program_id(1) == 0:
+                tl.store(s_ptr + row * stride_s, s)
+            tl.store(q_row + col, _quant(x, s, EMULATE_CAST), mask=m)
         elif MODE == 2:
             s = _scale(tl.max(tl.abs(x), axis=0), EPS)
             tl.store(s_ptr + row * stride_s + tl.program_id(1), s)

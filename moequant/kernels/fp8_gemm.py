@@ -60,6 +60,8 @@ def act_quant(x: torch.Tensor, granularity: str, scale: torch.Tensor | None = No
     """x [T, C] -> (q fp8 [T, C], scales fp32 [1] | [T] | [T, C/G]); twin: fp8_math.act_quant_ref.
     tensor: static `scale` [1]; or dynamic: with `amax` [1] already holding max|x| (e.g. from GEMM1's epilogue),
     else one program for a small x (<= ONE_PROGRAM elements padded), else an amax launch then the quantize launch.
+    token: with `amax` [T] already holding each row's max|x| (GEMM1's epilogue), one pass spread over columns; else
+    one program per row (two passes over a row wider than a tile).
     zero: an fp32 buffer the kernel sets to 0 on the way (the next amax accumulator; saves a memset): row r of x
     clears entries [r*zero_per_row, (r+1)*zero_per_row), so [1] with 1, or [T*K] per slot with K."""
     T, C = x.shape
@@ -100,6 +102,9 @@ def act_quant(x: torch.Tensor, granularity: str, scale: torch.Tensor | None = No
         return q, s
     if granularity == "token":
         s = torch.empty(T, dtype=torch.float32, device=x.device)
+        if amax is not None:
+            launch((T, triton.cdiv(C, block)), s, amax, 5, True, stride_s=1)
+            return q, s
         row_block = min(_ROW_BLOCK, triton.next_power_of_2(C))
         launch((T,), s, s, 1, True, stride_s=1, blk=row_block, num_warps=8 if row_block >= 4096 else 4)
         return q, s
@@ -213,12 +218,12 @@ def fused_experts_fp8(x, w13, w2, w13_scale, w2_scale, topk_weights, topk_ids, l
     dyn_tensor = layout.act == "tensor" and a2_scale is None
     # few slots: GEMM2 quantizes GEMM1's fp32 activation itself (one launch less; re-reading A is cheap here)
     fuse2 = S <= FUSE_A2_SLOTS and layout.act in ("tensor", "token")
-    # GEMM1's epilogue folds max|act| (per tensor, or per slot when GEMM2 quantizes per token) into amax;
-    # x's quantizer zeroes it first (no memset launch)
+    # GEMM1's epilogue folds max|act| (per tensor, or per slot for per-token scales) into amax, so the activation's
+    # quantizer (or GEMM2) makes one pass over it; x's quantizer zeroes amax first (no memset launch)
     amax = None
     if dyn_tensor:
         amax = torch.empty(1, dtype=torch.float32, device=x.device)
-    elif fuse2 and layout.act == "token":
+    elif layout.act == "token":
         amax = torch.empty(S, dtype=torch.float32, device=x.device)
     per_row = amax is not None and layout.act == "token"
     xq, xs = act_quant(x, layout.act, a13_scale, zero=amax, zero_per_row=K if per_row else 1)
@@ -236,7 +241,7 @@ def fused_experts_fp8(x, w13, w2, w13_scale, w2_scale, topk_weights, topk_ids, l
     elif fuse2:
         iq, is_ = inter, (a2_scale if a2_scale is not None else amax)
     else:
-        iq, is_ = act_quant(inter, layout.act, a2_scale, amax=amax if dyn_tensor else None)
+        iq, is_ = act_quant(inter, layout.act, a2_scale, amax=amax)
     y = new(S, H, dtype=x.dtype, device=x.device)
     fp8_grouped_gemm(iq, is_, w2, w2_scale, y, route2, cfg2, layout, gated=False, a_row_div=1, bias=w2_bias,
                      topk_weights=None if apply_router_weight_on_input else topk_weights,
