@@ -120,6 +120,36 @@ def test_act_quant_zeroes_the_next_amax_buffer(granularity, per_row):
     assert torch.all(buf[:n] == 0) and torch.all(buf[n:] == 7)
 
 
+@pytest.mark.parametrize("granularity,scale", [("tensor", None), ("tensor", 0.05), ("token", None), ("group", None)])
+def test_act_quant_runs_moe_align_in_its_first_program(granularity, scale):
+    # the decode path's align rides in x's quantizer launch: same routing as moe_align's own launch (bit for bit:
+    # one program sorts the slots), same codes and scales as without it; -1 ids (other ranks' experts) dropped
+    from moequant.kernels.align import moe_align, one_program_align
+
+    x = torch.randn(3, 256, device=DEV)
+    ids = torch.tensor([[4, 0], [2, -1], [4, 3]], dtype=torch.int32, device=DEV)
+    s = None if scale is None else torch.tensor([scale], device=DEV)
+    plan = one_program_align(ids, 6, 16)
+    q, sc = act_quant(x, granularity, s, align=plan)
+    q0, sc0 = act_quant(x, granularity, s)
+    assert same_bits(q, q0) and torch.equal(sc, sc0)
+    for got, want in zip(plan.routing, moe_align(ids, 6, 16)):
+        assert torch.equal(got, want)
+    assert one_program_align(torch.zeros(0, 2, dtype=torch.int32), 6, 16) is None
+    assert one_program_align(torch.zeros(1025, 1, dtype=torch.int32), 6, 16) is None
+
+
+def test_decode_routing_costs_no_launch_of_its_own(monkeypatch):
+    """fp8 grouped path with few slots: moe_align is not launched (x's quantizer sorts the slots), unless GEMM2's
+    block size differs from GEMM1's."""
+    aligns = []
+    real = fp8_gemm.moe_align
+    monkeypatch.setattr(fp8_gemm, "moe_align", lambda *a, **k: aligns.append(a[2]) or real(*a, **k))
+    layer, x, w, ids = build(CPU_CASES[0], torch.float32, DEV)
+    out = layer.quant_method.apply_triton(layer, x, w, ids)
+    assert aligns == [] and rel_err(out, layer.quant_method.apply_reference(layer, x.float(), w, ids)) <= 2e-3
+
+
 def test_act_quant_group_needs_multiple_of_128():
     with pytest.raises(ValueError, match="multiple of 128"):
         act_quant(torch.randn(2, 100, device=DEV), "group")

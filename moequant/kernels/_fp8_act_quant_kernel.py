@@ -13,6 +13,8 @@ q[t, c] = clamp(x[t, c] / s, -448, 448) -> e4m3fn with, by MODE:
             when decoding: one launch, one load); grid (1,).
   5 token, from amax: s[t] = max(amax_ptr[t], EPS) / 448 with the row amax already there (folded by GEMM1's
             epilogue), so one pass over x, spread over columns; grid (T, cdiv(C, BLOCK)).
+ALIGN: the first program also runs moe_align's one-program body (align.one_program_align: the al_* arguments and
+AL_* constants) before its own tile, so the grouped GEMMs' routing costs no launch of its own.
 ZERO: row r's first program also stores 0 to zero_ptr[r*ZERO_PER_ROW : (r+1)*ZERO_PER_ROW] (below ZERO_N): the amax
 buffer GEMM1's epilogue folds into ([1] per tensor, [T*K] per token slot), which saves a memset launch.
 The division is IEEE round-to-nearest (div_rn) so the kernel matches its torch twin bit for bit. EMULATE_CAST (set
@@ -22,6 +24,8 @@ drops the carry when rounding up to the next power of two (124.3 -> 64); the GPU
 
 import triton
 import triton.language as tl
+
+from moequant.kernels._align_kernel import moe_align_kernel
 
 FP8_MAX = tl.constexpr(448.0)  # a global read inside @jit must be a constexpr instance
 
@@ -60,8 +64,15 @@ def fp8_act_quant_kernel(
     MODE: tl.constexpr, DYNAMIC: tl.constexpr, ZERO: tl.constexpr, EPS: tl.constexpr, BLOCK: tl.constexpr,
     EMULATE_CAST: tl.constexpr, BLOCK_T: tl.constexpr = 1, ZERO_N: tl.constexpr = 1, ZERO_PER_ROW: tl.constexpr = 1,
     ZERO_BLOCK: tl.constexpr = 1,
+    al_ids_ptr=None, al_sorted_ptr=None, al_expert_ptr=None, al_total_ptr=None, al_scratch_ptr=None, al_S=0, al_E=0,
+    al_P=0, al_NB=0, ALIGN: tl.constexpr = False, AL_BLOCK_M: tl.constexpr = 16, AL_SLOTS: tl.constexpr = 16,
+    AL_E_BINS: tl.constexpr = 2, AL_FILL: tl.constexpr = 16, AL_CHUNK: tl.constexpr = 16,
 ):
     first = (tl.program_id(0) == 0) & (tl.program_id(1) == 0)
+    if ALIGN:
+        if first:
+            moe_align_kernel(al_ids_ptr, al_sorted_ptr, al_expert_ptr, al_total_ptr, al_scratch_ptr, al_S, al_E, al_P,
+                             al_NB, AL_BLOCK_M, AL_SLOTS, AL_E_BINS, AL_FILL, AL_CHUNK)
     row = tl.program_id(0).to(tl.int64)
     if ZERO:  # resets the amax buffer a later kernel folds into (no memset launch): row r clears its entries
         if tl.program_id(1) == 0:

@@ -8,6 +8,8 @@ order within an expert is ascending (bit-identical to the twin); beyond, it is t
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 
@@ -18,29 +20,55 @@ from moequant.kernels.reference import moe_align_ref, padded_capacity
 SORT_SLOTS = 1024  # up to this many slots one program sorts them (deterministic order); more: count/scatter kernels
 
 
+@dataclass(frozen=True)
+class OneProgramAlign:
+    """moe_align of few slots (<= SORT_SLOTS) as one program: its outputs (routing: sorted_ids, expert_ids, total)
+    and the arguments of moe_align_kernel, so another kernel's first program can run it in its own launch (the fp8 x
+    quantizer does: one launch fewer per forward)."""
+
+    routing: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    args: tuple
+    consts: dict
+
+
+def _outputs(topk_ids: torch.Tensor, num_experts: int, block_m: int):
+    """What both align paths start from: P, blocks, expert bins, int32 ids, and the expert_ids / total outputs."""
+    S = topk_ids.numel()
+    P = padded_capacity(S, num_experts, block_m)
+    ids = topk_ids.reshape(-1)
+    if ids.dtype != torch.int32:
+        ids = ids.to(torch.int32)
+    expert_ids = torch.empty(P // block_m, dtype=torch.int32, device=ids.device)
+    total = torch.empty(1, dtype=torch.int32, device=ids.device)
+    return P, P // block_m, triton.next_power_of_2(num_experts + 1), ids, expert_ids, total
+
+
+def one_program_align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> OneProgramAlign | None:
+    """The one-program plan of moe_align(topk_ids, num_experts, block_m), or None for more than SORT_SLOTS slots
+    (or none)."""
+    S = topk_ids.numel()
+    if S == 0 or S > SORT_SLOTS:
+        return None
+    P, nb, e_bins, ids, expert_ids, total = _outputs(topk_ids, num_experts, block_m)
+    sorted_ids = torch.empty(P, dtype=torch.int32, device=ids.device)
+    scratch = torch.empty(2 * e_bins, dtype=torch.int32, device=ids.device)
+    consts = dict(BLOCK_M=block_m, SLOTS=max(16, triton.next_power_of_2(S)), E_BINS=e_bins,
+                  FILL=min(1024, triton.next_power_of_2(P)), CHUNK=max(16, min(32, triton.next_power_of_2(nb))))
+    return OneProgramAlign((sorted_ids, expert_ids, total),
+                           (ids, sorted_ids, expert_ids, total, scratch, S, num_experts, P, nb), consts)
+
+
 def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int):
     S = topk_ids.numel()
     if S == 0:
         return moe_align_ref(topk_ids, num_experts, block_m)
-    device = topk_ids.device
-    P = padded_capacity(S, num_experts, block_m)
-    nb = P // block_m
-    e_bins = triton.next_power_of_2(num_experts + 1)
-    expert_ids = torch.empty(nb, dtype=torch.int32, device=device)
-    total = torch.empty(1, dtype=torch.int32, device=device)
-    ids = topk_ids.reshape(-1)
-    if ids.dtype != torch.int32:
-        ids = ids.to(torch.int32)
-    chunk = max(16, min(64 if S > SORT_SLOTS else 32, triton.next_power_of_2(nb)))
-    if S <= SORT_SLOTS:
-        sorted_ids = torch.empty(P, dtype=torch.int32, device=device)
-        scratch = torch.empty(2 * e_bins, dtype=torch.int32, device=device)
-        moe_align_kernel[(1,)](
-            ids, sorted_ids, expert_ids, total, scratch, S, num_experts, P, nb,
-            BLOCK_M=block_m, SLOTS=max(16, triton.next_power_of_2(S)), E_BINS=e_bins,
-            FILL=min(1024, triton.next_power_of_2(P)), CHUNK=chunk, num_warps=4,
-        )
-        return sorted_ids, expert_ids, total
+    plan = one_program_align(topk_ids, num_experts, block_m)
+    if plan is not None:
+        moe_align_kernel[(1,)](*plan.args, **plan.consts, num_warps=4)
+        return plan.routing
+    P, nb, e_bins, ids, expert_ids, total = _outputs(topk_ids, num_experts, block_m)
+    device = ids.device
+    chunk = max(16, min(64, triton.next_power_of_2(nb)))
     block = 1024
     counts = torch.zeros(e_bins, dtype=torch.int32, device=device)
     cursor = torch.empty(e_bins, dtype=torch.int32, device=device)

@@ -7,9 +7,11 @@ x [T, H] (fp16/bf16/fp32), w13 fp8 [E, 2I, H], w2 fp8 [E, H, I]; weight scales b
 tensor [E] | channel [E, 2I] and [E, H] | block [E, 2I/G, H/G] and [E, H/G, I/G] (fp32).
 GEMM1 writes its activation in fp32, so the activation is rounded once (to fp8), as in the reference; with a
 static per-tensor stage-2 scale it writes it in e4m3 directly (the same rounding, in its epilogue). Launches:
-x's quantizer (which also zeroes the amax buffer GEMM1's epilogue folds into), GEMM1, the activation's quantizer
+x's quantizer (which also zeroes the amax buffer GEMM1's epilogue folds into and, for up to align.SORT_SLOTS slots,
+sorts the slots by expert in its first program: moe_align's one-program body), GEMM1, the activation's quantizer
 (skipped with a static per-tensor scale, and for <= FUSE_A2_SLOTS slots with per-tensor / per-token scales: GEMM2
-then quantizes its A tiles itself), GEMM2, the sum: as many launches as the bf16 path plus one (static: plus none).
+then quantizes its A tiles itself), GEMM2, the sum: as many launches as the bf16 path (align, GEMM1, GEMM2, sum)
+plus one, or none with static scales; more slots add moe_align's launches.
 """
 
 from __future__ import annotations
@@ -22,13 +24,15 @@ import triton
 
 from moequant.kernels._fp8_act_quant_kernel import fp8_act_quant_kernel
 from moequant.kernels._fp8_gemm_kernel import fp8_moe_gemm_kernel
-from moequant.kernels.align import moe_align
+from moequant.kernels.align import OneProgramAlign, moe_align, one_program_align
 from moequant.kernels.gemv import GemvWeights, fused_experts_gemv, use_gemv
 from moequant.kernels.moe_gemm import _ACT_CODE, moe_sum
 from moequant.kernels.tuning import GemmConfig, cached_config
 from moequant.quantize.fp8_math import ACT_EPS, BLOCK, FP8_DTYPE
 
 _A_CODE = {"tensor": 0, "token": 1, "group": 2}
+_ALIGN_ARGS = ("al_ids_ptr", "al_sorted_ptr", "al_expert_ptr", "al_total_ptr", "al_scratch_ptr", "al_S", "al_E", "al_P",
+               "al_NB")  # fp8_act_quant_kernel's names of OneProgramAlign.args
 _B_CODE = {"tensor": 0, "channel": 1, "block": 2}
 _QUANT_BLOCK = 1024
 _ROW_BLOCK = 8192  # per-token quantization holds up to this many columns of a row in one tile
@@ -56,14 +60,16 @@ def _interpret() -> bool:
 # --- activation quantization -------------------------------------------------------------------------------------
 def act_quant(x: torch.Tensor, granularity: str, scale: torch.Tensor | None = None,
               amax: torch.Tensor | None = None, zero: torch.Tensor | None = None,
-              zero_per_row: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+              zero_per_row: int = 1, align: OneProgramAlign | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """x [T, C] -> (q fp8 [T, C], scales fp32 [1] | [T] | [T, C/G]); twin: fp8_math.act_quant_ref.
     tensor: static `scale` [1]; or dynamic: with `amax` [1] already holding max|x| (e.g. from GEMM1's epilogue),
     else one program for a small x (<= ONE_PROGRAM elements padded), else an amax launch then the quantize launch.
     token: with `amax` [T] already holding each row's max|x| (GEMM1's epilogue), one pass spread over columns; else
     one program per row (two passes over a row wider than a tile).
     zero: an fp32 buffer the kernel sets to 0 on the way (the next amax accumulator; saves a memset): row r of x
-    clears entries [r*zero_per_row, (r+1)*zero_per_row), so [1] with 1, or [T*K] per slot with K."""
+    clears entries [r*zero_per_row, (r+1)*zero_per_row), so [1] with 1, or [T*K] per slot with K.
+    align: a one-program moe_align (align.one_program_align) that the first launch's first program runs too; its
+    routing outputs are ready for the GEMM launched next."""
     T, C = x.shape
     if granularity == "tensor" and zero_per_row != 1:
         raise ValueError("act_quant: per-tensor quantization zeroes a single amax entry (zero_per_row=1)")
@@ -71,6 +77,8 @@ def act_quant(x: torch.Tensor, granularity: str, scale: torch.Tensor | None = No
     if T == 0:
         if zero is not None:
             zero.zero_()
+        if align is not None:
+            raise ValueError("act_quant: align needs a launch, and no tokens launch nothing")
         return q, torch.ones(1 if granularity == "tensor" else T, device=x.device)
     x = x if x.stride(1) == 1 else x.contiguous()
     block = min(_QUANT_BLOCK, triton.next_power_of_2(C))
@@ -78,8 +86,13 @@ def act_quant(x: torch.Tensor, granularity: str, scale: torch.Tensor | None = No
               ZERO_N=zero.numel() if zero is not None else 1, ZERO_PER_ROW=zero_per_row,
               ZERO_BLOCK=triton.next_power_of_2(zero_per_row))
     z = zero if zero is not None else q
+    pending = [align]  # the align runs in the first launch
 
     def launch(grid, s, a, mode, dynamic, stride_s=0, blk=block, zero_kw=kw, **extra):
+        al = pending.pop() if pending else None
+        if al is not None:
+            extra = {**extra, **dict(zip(_ALIGN_ARGS, al.args)), "ALIGN": True,
+                     **{f"AL_{k}": v for k, v in al.consts.items()}}
         fp8_act_quant_kernel[grid](x, q, s, a, z, T, C, x.stride(0), q.stride(0), stride_s, MODE=mode,
                                    DYNAMIC=dynamic, BLOCK=blk, **zero_kw, **extra)
 
@@ -212,7 +225,9 @@ def fused_experts_fp8(x, w13, w2, w13_scale, w2_scale, topk_weights, topk_ids, l
     cfg1 = fp8_config("w13-fp8", T, E, I, H, True, x.device, K, blocky)
     cfg2 = fp8_config("w2-fp8", T, E, H, I, False, x.device, K, blocky)
     topk_weights = topk_weights.reshape(-1).float().contiguous()
-    route1 = moe_align(topk_ids, E, cfg1.BLOCK_M)
+    # few slots: GEMM1's routing is sorted by x's quantizer's first program (one launch fewer)
+    align1 = one_program_align(topk_ids, E, cfg1.BLOCK_M)
+    route1 = align1.routing if align1 is not None else moe_align(topk_ids, E, cfg1.BLOCK_M)
     route2 = route1 if cfg2.BLOCK_M == cfg1.BLOCK_M else moe_align(topk_ids, E, cfg2.BLOCK_M)
 
     dyn_tensor = layout.act == "tensor" and a2_scale is None
@@ -226,7 +241,7 @@ def fused_experts_fp8(x, w13, w2, w13_scale, w2_scale, topk_weights, topk_ids, l
     elif layout.act == "token":
         amax = torch.empty(S, dtype=torch.float32, device=x.device)
     per_row = amax is not None and layout.act == "token"
-    xq, xs = act_quant(x, layout.act, a13_scale, zero=amax, zero_per_row=K if per_row else 1)
+    xq, xs = act_quant(x, layout.act, a13_scale, zero=amax, zero_per_row=K if per_row else 1, align=align1)
     new = torch.zeros if has_remote_experts else torch.empty
     # a static per-tensor stage-2 scale: GEMM1 writes its activation in e4m3 itself (no fp32 copy, no quantizer)
     static2 = layout.act == "tensor" and a2_scale is not None and not fuse2
