@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One batched GPU call (the lent H100/H200 has no network): install carried wheels, print the environment, run the GPU
 # tests, tune the kernels, run the benchmark. Everything lands under $OUT (logs, tuning cache, benchmark JSON).
-# Usage there: bash benchmarks/gpu_session.sh [tests] [tune] [tunegemv] [profile] [ncu] [bench]; PYTEST_ARGS (default '-m gpu tests'), PYTEST_K,
-# TUNE_ARGS and BENCH_ARGS pass options on.
+# Usage there: bash benchmarks/gpu_session.sh [tests] [tune] [tunequant] [tunegemv] [profile] [ncu] [bench]; PYTEST_ARGS (default '-m gpu tests'), PYTEST_K,
+# TUNE_ARGS, TUNE_QUANT_ARGS (with TUNE_WORKERS=8 in the environment: parallel compiles), TUNE_GEMV_ARGS and BENCH_ARGS pass
+# options on.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 if [ -d .whl ]; then
@@ -23,6 +24,8 @@ for step in $steps; do
   case $step in
     tests) timeout ${TESTS_TIMEOUT:-300} python3 -m pytest -q ${PYTEST_ARGS:--m gpu tests} ${PYTEST_K:+-k "$PYTEST_K"} 2>&1 | tee "$OUT/gpu_tests.log" | tail -30 ;;
     tunegemv) timeout ${TUNE_GEMV_TIMEOUT:-300} python3 benchmarks/tune_gemv.py ${TUNE_GEMV_ARGS:-} 2>&1 | tee "$OUT/tune_gemv.log" | grep -v rejected | tail -40
+           cp moequant/kernels/configs/*.json "$OUT"/ ;;
+    tunequant) timeout ${TUNE_QUANT_TIMEOUT:-450} python3 benchmarks/tune_quant.py ${TUNE_QUANT_ARGS:-} 2>&1 | tee "$OUT/tune_quant.log" | grep -v rejected | tail -40
            cp moequant/kernels/configs/*.json "$OUT"/ ;;
     tune)  timeout 450 python3 benchmarks/tune_moe.py ${TUNE_ARGS:-} 2>&1 | tee "$OUT/tune.log" | grep -v rejected | tail -40
            cp moequant/kernels/configs/*.json "$OUT"/ ;;

@@ -10,14 +10,13 @@ A16 fp4), UNIT (A16 fp4), TUNE_GEMV_PASSES times. Winners go into the tuning cac
 Shape legend: M tokens, E experts, K top-k, H hidden, I intermediate.
 
     python benchmarks/tune_gemv.py --schemes w4a16:g128,nvfp4a16,fp8-tensor --shapes qwen3-30b-a3b --ms 1
-    TUNE_GEMV_WORKERS=8 TUNE_GEMV_GRID=1 python benchmarks/tune_gemv.py --schemes nvfp4a16 --shapes mixtral-8x7b
+    TUNE_WORKERS=8 TUNE_GEMV_GRID=1 python benchmarks/tune_gemv.py --schemes nvfp4a16 --shapes mixtral-8x7b
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
-import multiprocessing
 import os
 import sys
 from pathlib import Path
@@ -25,15 +24,15 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.bench_moe import REPLICAS, SHAPES, build_layer, make_inputs, make_weights, random_layer  # noqa: E402
+from benchmarks.bench_moe import REPLICAS, SHAPES, make_inputs, random_layer  # noqa: E402
+from benchmarks.precompile import Precompiler  # noqa: E402
 from benchmarks.tune_moe import layer_tuner_main, time_config  # noqa: E402
 
 PASSES = int(os.environ.get("TUNE_GEMV_PASSES", 1))
-# TUNE_GEMV_WORKERS=N: compile each round's candidates in N worker processes first (Triton's on-disk cache is
-# shared), so the timing loop finds them compiled (the H200 session of 2026-11-29: 91 fp4 configs in 11 s).
+# TUNE_WORKERS=N (or TUNE_GEMV_WORKERS): compile each round's candidates in N worker processes first
+# (benchmarks/precompile.py; the H200 session of 2026-11-29: 91 fp4 configs in 11 s).
 # TUNE_GEMV_GRID=1: before the coordinate passes, time the grid of every applicable axis's current value and its
 # neighbours (see grid); meant for use with workers.
-WORKERS = int(os.environ.get("TUNE_GEMV_WORKERS", 0))
 GRID = os.environ.get("TUNE_GEMV_GRID") == "1"
 AXES = {"STAGES": (1, 2, 3, 4), "BLOCK_N": (1, 2, 4, 8, 16, 32, 64, 128), "NG": (1, 2, 4, 8, 16, 32, 64, 128),
         "num_warps": (2, 4, 8), "SPLIT_K": (1, 2, 4, 8), "PART_SPLIT": (False, True), "PREFETCH": (False, True),
@@ -106,51 +105,12 @@ def grid(cfg, name: str, down: bool) -> list:
     return [dataclasses.replace(cfg, **dict(zip(axes, combo))) for combo in itertools.product(*axes.values())]
 
 
-_WORKER: dict = {}
-
-
-def _worker_init(shape_name: str, scheme: str) -> None:
-    """A copy of the layer with E = top-k experts (E is no kernel constant: the same kernels, a fraction of the
-    memory and of the quantization time)."""
-    sh = dataclasses.replace(SHAPES[shape_name], E=SHAPES[shape_name].K)
-    w13, w2 = make_weights(sh, "cuda", torch.Generator(device="cuda").manual_seed(0))
-    _WORKER.update(layer=build_layer(sh, scheme, w13, w2, "cuda"), shape=sh)
-
-
-def _worker_compile(job) -> None:
-    """One forward of M tokens with both GEMVs' configs given: compiles (or finds) their kernels."""
+def configure(overrides: dict) -> None:
+    """A precompile worker's configs for one job: {down: GemvConfig} for both GEMVs."""
     import moequant.kernels.gemv as gv
 
-    M, configs = job
-    sh = _WORKER["shape"]
     gv.OVERRIDE.clear()
-    gv.OVERRIDE.update(configs)
-    try:
-        with torch.no_grad():
-            _WORKER["layer"](torch.randn(M, sh.H, device="cuda", dtype=torch.bfloat16),
-                             torch.randn(M, sh.E, device="cuda"))
-        torch.cuda.synchronize()
-    except Exception as exc:  # rejected configs are timed as inf by the parent
-        print(f"    precompile rejected: {type(exc).__name__}: {str(exc)[:120]}", file=sys.stderr)
-
-
-class Precompiler:
-    """Compiles candidate configs in WORKERS processes before they are timed (no-op without workers)."""
-
-    def __init__(self, shape_name: str, scheme: str):
-        self.pool = None
-        if WORKERS > 0:
-            ctx = multiprocessing.get_context("spawn")
-            self.pool = ctx.Pool(WORKERS, _worker_init, (shape_name, scheme))
-
-    def __call__(self, M: int, down: bool, cands, other) -> None:
-        if self.pool is not None and cands:
-            self.pool.map(_worker_compile, [(M, {down: c, not down: other}) for c in cands], chunksize=1)
-
-    def close(self) -> None:
-        if self.pool is not None:
-            self.pool.close()
-            self.pool.join()
+    gv.OVERRIDE.update(overrides)
 
 
 def _axis_values(cfg, axis: str) -> tuple[tuple, int]:
@@ -172,7 +132,7 @@ def tune(shape_name: str, scheme: str, ms, seed: int = 0) -> dict:
     layer = random_layer(shape_name, scheme, "cuda", seed)
     torch.cuda.empty_cache()  # quantizing the dense weights left its peak reserved; workers need the memory
     out: dict = {}
-    pre = Precompiler(shape_name, scheme)
+    pre = Precompiler(shape_name, scheme, configure)
     with Recorder(gv) as rec, torch.no_grad():
         for M in ms:
             # REPLICAS input sets route to different experts, so each forward streams weights the previous one did
@@ -202,7 +162,7 @@ def tune(shape_name: str, scheme: str, ms, seed: int = 0) -> dict:
             if GRID:
                 for down in (False, True):
                     cands = grid(cur[down], rec.asked[down][0], down)
-                    pre(M, down, cands, cur[not down])
+                    pre(M, [{down: c, not down: cur[not down]} for c in cands])
                     best_t, cur[down] = search(gv, run, down, cands, best_t, cur[down])
             for _ in range(PASSES):
                 for down in (False, True):
@@ -210,7 +170,7 @@ def tune(shape_name: str, scheme: str, ms, seed: int = 0) -> dict:
                         if not applies(axis, rec.asked[down][0], down):
                             continue
                         cands = neighbours(cur[down], axis)
-                        pre(M, down, cands, cur[not down])
+                        pre(M, [{down: c, not down: cur[not down]} for c in cands])
                         best_t, cur[down] = search(gv, run, down, cands, best_t, cur[down])
             print(f"{shape_name:16s} {scheme:22s} M={M:5d}: {base:8.1f} -> {best_t:8.1f} us  up {cur[False]}  "
                   f"down {cur[True]}", flush=True)

@@ -9,6 +9,7 @@ would otherwise stay in the 50 MB L2). Shape legend: M tokens, E experts, K top-
 
     python benchmarks/tune_quant.py --schemes w4a16:g128,nvfp4a16 --shapes qwen3-30b-a3b --ms 1
     python benchmarks/tune_quant.py --schemes fp8-tensor,fp8-tensor+static,fp8-channel --shapes mixtral-8x7b --ms 1
+    TUNE_WORKERS=8 python benchmarks/tune_quant.py ...   (compile each GEMM's candidates in 8 processes first)
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.bench_moe import REPLICAS, SHAPES, make_inputs, random_layer  # noqa: E402
+from benchmarks.precompile import Precompiler  # noqa: E402
 from benchmarks.tune_moe import layer_tuner_main, time_config  # noqa: E402
 
 LAUNCHERS = ("moequant.kernels.int_gemm", "moequant.kernels.fp4_gemm")  # get_config(kernel, M, E, N, K, ...)
@@ -80,12 +82,24 @@ class ConfigOverride:
         self.fp8_mod.fp8_config = self.orig_fp8
 
 
+_WORKER_OVERRIDE: list = []  # a precompile worker's ConfigOverride, installed on its first job
+
+
+def configure(fixed: dict) -> None:
+    """A precompile worker's configs for one job: {gemm: GemmConfig} (w13 and w2)."""
+    if not _WORKER_OVERRIDE:
+        _WORKER_OVERRIDE.append(ConfigOverride().__enter__())
+    _WORKER_OVERRIDE[0].fixed = dict(fixed)
+
+
 def tune(shape_name: str, scheme: str, ms, seed: int = 0) -> dict:
     from moequant.kernels.tuning import cache_key
 
     sh = SHAPES[shape_name]
     layer = random_layer(shape_name, scheme, "cuda", seed)
+    torch.cuda.empty_cache()  # quantizing the dense weights left its peak reserved; workers need the memory
     out: dict = {}
+    pre = Precompiler(shape_name, scheme, configure)
     with ConfigOverride() as ov, torch.no_grad():
         for M in ms:
             inputs = make_inputs(sh, M, "cuda", torch.Generator(device="cuda").manual_seed(M), REPLICAS)
@@ -103,7 +117,9 @@ def tune(shape_name: str, scheme: str, ms, seed: int = 0) -> dict:
             base = cur_t = time_config(run) / REPLICAS
             for gemm in ("w13", "w2"):  # w2 against the forward with w13's winner
                 best, best_t = None, cur_t
-                for cfg in candidates(M, sh.E, sh.K, fp8="fp8" in ov.asked[gemm][0]):
+                cands = candidates(M, sh.E, sh.K, fp8="fp8" in ov.asked[gemm][0])
+                pre(M, [{**ov.fixed, gemm: cfg} for cfg in cands])
+                for cfg in cands:
                     ov.fixed[gemm] = cfg
                     t = time_config(run) / REPLICAS
                     if t < best_t:
@@ -116,6 +132,7 @@ def tune(shape_name: str, scheme: str, ms, seed: int = 0) -> dict:
                 if best is not None:
                     out.setdefault(cache_key(kernel, E, N, K), {})[str(M)] = best.launch_kwargs()
             del inputs
+    pre.close()
     del layer
     torch.cuda.empty_cache()
     return out

@@ -106,7 +106,7 @@ def test_static_fp8_scheme_gets_calibrated_input_scales(tmp_path):
 
 def test_gemv_tuner_axes_and_grid():
     """tune_gemv varies only the axes a GEMV kernel reads (splits: GEMM2 of the rows kernel; UNIT: A16 fp4 on it) and
-    its grid keeps each config's neighbourhood; the worker pool stays off unless TUNE_GEMV_WORKERS asks for it."""
+    its grid keeps each config's neighbourhood; the worker pool stays off unless TUNE_WORKERS asks for it."""
     from benchmarks import tune_gemv as tg
     from moequant.kernels.gemv import GemvConfig
 
@@ -125,7 +125,33 @@ def test_gemv_tuner_axes_and_grid():
     down = tg.grid(GemvConfig(32, 2, 4, SPLIT_K=4, PART_SPLIT=True), "gemv-down-int4-g128", True)
     assert len(down) == 54 and {c.SPLIT_K for c in down} == {2, 4, 8} and all(c.PART_SPLIT for c in down)
     assert {c.UNIT for c in down} == {2} and {c.num_warps for c in down} == {4}
-    assert tg.Precompiler("tiny", "unquantized").pool is None  # TUNE_GEMV_WORKERS unset: nothing spawned
+    assert tg.Precompiler("tiny", "unquantized", tg.configure).pool is None  # TUNE_WORKERS unset: nothing spawned
+
+
+def test_precompile_workers_install_each_jobs_configs(monkeypatch):
+    """The tuners' configure(payload), which a precompile worker calls before its forward: tune_gemv's sets both
+    GEMVs' overrides; tune_quant's installs a ConfigOverride once, then swaps its fixed configs per job."""
+    import moequant.kernels.fp8_gemm as f8
+    import moequant.kernels.gemv as gv
+    from benchmarks import tune_gemv as tg
+    from benchmarks import tune_quant as tq
+    from moequant.kernels.gemv import GemvConfig
+    from moequant.kernels.tuning import GemmConfig
+
+    monkeypatch.setattr(gv, "OVERRIDE", {True: GemvConfig(4, 1)})
+    tg.configure({False: GemvConfig(32, 2)})
+    assert gv.OVERRIDE == {False: GemvConfig(32, 2)}
+    orig, dev = f8.fp8_config, torch.device("cpu")
+    try:
+        for cfg in (GemmConfig(16, 32, 128, 1, 4, 3), GemmConfig(16, 64, 256, 1, 4, 4)):
+            tq.configure({"w13": cfg})
+            assert f8.fp8_config("w13-fp8", 1, 8, 64, 32, True, dev, 2, False) == cfg
+            assert len(tq._WORKER_OVERRIDE) == 1
+    finally:
+        for ov in tq._WORKER_OVERRIDE:
+            ov.__exit__(None, None, None)
+        tq._WORKER_OVERRIDE.clear()
+    assert f8.fp8_config is orig
 
 
 def test_quant_tuner_reaches_the_fp8_launcher():
