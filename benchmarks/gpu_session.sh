@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One batched GPU call (the lent H100/H200 has no network): install carried wheels, print the environment, run the GPU
 # tests, tune the kernels, run the benchmark. Everything lands under $OUT (logs, tuning cache, benchmark JSON).
-# Usage there: bash benchmarks/gpu_session.sh [tests] [tune] [tunequant] [tunegemv] [profile] [ncu] [bench]; PYTEST_ARGS (default '-m gpu tests'), PYTEST_K,
+# Usage there: bash benchmarks/gpu_session.sh [tests] [tune] [tunequant] [tunegemv] [profile] [ncu] [floor] [bench]; PYTEST_ARGS (default '-m gpu tests'), PYTEST_K,
 # TUNE_ARGS, TUNE_QUANT_ARGS (with TUNE_WORKERS=8 in the environment: parallel compiles), TUNE_GEMV_ARGS and BENCH_ARGS pass
 # options on.
 set -uo pipefail
@@ -40,6 +40,7 @@ for step in $steps; do
                | grep -E "gemv|Duration|DRAM Throughput|Memory Throughput|Registers|Achieved Occupancy|Issue Slots Busy|Executed Ipc A|No Eligible|Warp Cycles Per Issued|Block Size|Grid Size|Theoretical Occ" ; done
            for f in $(grep -l "${NCU_K:-gemv}" ~/.triton/cache/*/*.json 2>/dev/null); do d=$(dirname $f)
              for c in $d/*.cubin; do echo "== $c" >> "$OUT/sass.txt"; cuobjdump -sass $c >> "$OUT/sass.txt" 2>&1; done; done ;;
+    floor) timeout ${FLOOR_TIMEOUT:-240} python3 benchmarks/stream_floor.py --out "$OUT/stream_floor.json" 2>&1 | tee "$OUT/stream_floor.log" | tail -12 ;;
     bench) timeout ${BENCH_TIMEOUT:-400} python3 benchmarks/bench_moe.py ${BENCH_ARGS:-} --out "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" | tail -60 ;;
   esac
 done

@@ -173,3 +173,31 @@ def test_quant_tuner_reaches_the_fp8_launcher():
                                                                                    2, False)
     assert f8.fp8_config is orig
     assert len(tq.candidates(1, 8, 2, fp8=True)) == 2 * len(tq.candidates(1, 8, 2))
+
+
+def test_stream_floor_kernel_and_command(tmp_path):
+    """stream_floor's kernel XORs each program's slab (partial last slab, with and without prefetch, against torch);
+    its command line writes the card, the empty-launch time and each launch's sweep (here the interpreter's)."""
+    from benchmarks import stream_floor as sf
+
+    st = sf.Stream(0.01, "cpu")  # 2496 words: slabs of 1024, the last partial
+    assert st.n_words == 2496
+    for prefetch in (False, True):
+        st.launch(0, 512, 2, prefetch)
+        words = st.bufs[0]
+        want = []
+        for i in range(0, 2496, 1024):
+            v = 0
+            for w in words[i:i + 1024].tolist():
+                v ^= w
+            want.append(v)
+        assert st.out[:3].tolist() == want
+    out = tmp_path / "floor.json"
+    assert sf.main(["--device", "cpu", "--mb", "0.004,0.002", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["card"] == "cpu" and res["empty_launch_us"] > 0
+    (pair,) = res["pairs"]
+    assert pair["mb"] == [0.004, 0.002] and pair["gemm1"][0]["programs"] >= 1 and pair["pair_us"] > 0
+    with pytest.raises(SystemExit, match="two numbers"):
+        sf.main(["--device", "cpu", "--mb", "1"])
+    assert sf.gemv_mbytes("qwen3-30b-a3b", "int4") == pytest.approx((12.58, 6.29), rel=1e-3)
