@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.bench_moe import REPLICAS, SHAPES, make_inputs, random_layer  # noqa: E402
 from benchmarks.precompile import Precompiler  # noqa: E402
-from benchmarks.tune_moe import layer_tuner_main, time_config  # noqa: E402
+from benchmarks.tune_moe import layer_tuner_main, search, time_config  # noqa: E402
 
 PASSES = int(os.environ.get("TUNE_GEMV_PASSES", 1))
 # TUNE_WORKERS=N (or TUNE_GEMV_WORKERS): compile each round's candidates in N worker processes first
@@ -163,7 +163,7 @@ def tune(shape_name: str, scheme: str, ms, seed: int = 0) -> dict:
                 for down in (False, True):
                     cands = grid(cur[down], rec.asked[down][0], down)
                     pre(M, [{down: c, not down: cur[not down]} for c in cands])
-                    best_t, cur[down] = search(gv, run, down, cands, best_t, cur[down])
+                    best_t, cur[down] = search(gv.OVERRIDE, down, run, cands, best_t, cur[down], REPLICAS)
             for _ in range(PASSES):
                 for down in (False, True):
                     for axis in AXES:
@@ -171,7 +171,7 @@ def tune(shape_name: str, scheme: str, ms, seed: int = 0) -> dict:
                             continue
                         cands = neighbours(cur[down], axis)
                         pre(M, [{down: c, not down: cur[not down]} for c in cands])
-                        best_t, cur[down] = search(gv, run, down, cands, best_t, cur[down])
+                        best_t, cur[down] = search(gv.OVERRIDE, down, run, cands, best_t, cur[down], REPLICAS)
             print(f"{shape_name:16s} {scheme:22s} M={M:5d}: {base:8.1f} -> {best_t:8.1f} us  up {cur[False]}  "
                   f"down {cur[True]}", flush=True)
             for down in (False, True):
@@ -181,17 +181,6 @@ def tune(shape_name: str, scheme: str, ms, seed: int = 0) -> dict:
     del layer
     torch.cuda.empty_cache()
     return out
-
-
-def search(gv, run, down: bool, cands, best_t: float, best):
-    """Times each candidate for one GEMV (the other keeps its config): the fastest of them and the incumbent."""
-    for cand in cands:
-        gv.OVERRIDE[down] = cand
-        t = time_config(run) / REPLICAS
-        if t < best_t:
-            best_t, best = t, cand
-    gv.OVERRIDE[down] = best
-    return best_t, best
 
 
 if __name__ == "__main__":

@@ -48,6 +48,19 @@ def time_config(run) -> float:
         return float("inf")
 
 
+def search(override: dict, key, run, cands, best_t: float, best, runs: int = 1):
+    """Times run (runs forwards per call) with override[key] = each candidate (the other GEMM keeps its config):
+    (time, config) of the fastest candidate, or of the incumbent (best, best_t) when none beats it; override[key]
+    is left at the winner."""
+    for cand in cands:
+        override[key] = cand
+        t = time_config(run) / runs
+        if t < best_t:
+            best_t, best = t, cand
+    override[key] = best
+    return best_t, best
+
+
 def tune_shape(name: str, ms, dtype=torch.bfloat16) -> dict:
     from moequant.kernels.align import moe_align
     from moequant.kernels.moe_gemm import grouped_gemm

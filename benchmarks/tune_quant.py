@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.bench_moe import REPLICAS, SHAPES, make_inputs, random_layer  # noqa: E402
 from benchmarks.precompile import Precompiler  # noqa: E402
-from benchmarks.tune_moe import layer_tuner_main, time_config  # noqa: E402
+from benchmarks.tune_moe import layer_tuner_main, search, time_config  # noqa: E402
 
 LAUNCHERS = ("moequant.kernels.int_gemm", "moequant.kernels.fp4_gemm")  # get_config(kernel, M, E, N, K, ...)
 FP8_LAUNCHER = "moequant.kernels.fp8_gemm"  # fp8_config(kernel, M, E, N, K, gated, device, top_k, block_scales)
@@ -116,15 +116,9 @@ def tune(shape_name: str, scheme: str, ms, seed: int = 0) -> dict:
                 continue
             base = cur_t = time_config(run) / REPLICAS
             for gemm in ("w13", "w2"):  # w2 against the forward with w13's winner
-                best, best_t = None, cur_t
                 cands = candidates(M, sh.E, sh.K, fp8="fp8" in ov.asked[gemm][0])
                 pre(M, [{**ov.fixed, gemm: cfg} for cfg in cands])
-                for cfg in cands:
-                    ov.fixed[gemm] = cfg
-                    t = time_config(run) / REPLICAS
-                    if t < best_t:
-                        best, best_t = cfg, t
-                ov.fixed[gemm] = best
+                best_t, best = search(ov.fixed, gemm, run, cands, cur_t, None, REPLICAS)
                 cur_t = best_t
                 kernel, E, N, K = ov.asked[gemm]
                 print(f"{shape_name:16s} {scheme:22s} M={M:5d} {gemm:3s}: {base:8.1f} -> {best_t:8.1f} us  {best}",
