@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import os
 import sys
 from pathlib import Path
@@ -34,6 +35,11 @@ PASSES = int(os.environ.get("TUNE_GEMV_PASSES", 1))
 # TUNE_GEMV_GRID=1: before the coordinate passes, time the grid of every applicable axis's current value and its
 # neighbours (see grid); meant for use with workers.
 GRID = os.environ.get("TUNE_GEMV_GRID") == "1"
+# TUNE_GEMV_AXES='{"up": {"BLOCK_N": [4, 8, 16], "NG": [4, 8, 16]}, "down": {...}}': the grid is instead the full
+# product of the values given for each GEMV (axes not given keep the current value; axes that do not apply are
+# dropped), so a search is not confined to one step around the start. Implies TUNE_GEMV_GRID=1.
+EXPLICIT = json.loads(os.environ.get("TUNE_GEMV_AXES") or "{}")
+GRID = GRID or bool(EXPLICIT)
 AXES = {"STAGES": (1, 2, 3, 4), "BLOCK_N": (1, 2, 4, 8, 16, 32, 64, 128), "NG": (1, 2, 4, 8, 16, 32, 64, 128),
         "num_warps": (2, 4, 8), "SPLIT_K": (1, 2, 4, 8), "PART_SPLIT": (False, True), "PREFETCH": (False, True),
         "UNIT": (2, 4, 8)}
@@ -91,10 +97,15 @@ def applies(axis: str, name: str, down: bool) -> bool:
 def grid(cfg, name: str, down: bool) -> list:
     """Every combination of the current values and neighbours (one step each way) of BLOCK_N, NG and (GEMM2)
     SPLIT_K, num_warps 4 / 8 (GEMM1), and PREFETCH and UNIT (4, 8) where they apply: 72 fp4 GEMM1 configs, 108 fp4
-    GEMM2 configs."""
+    GEMM2 configs; or, with TUNE_GEMV_AXES, the full product of the values given there."""
     def near(axis):
         vals, i = _axis_values(cfg, axis)
         return vals[max(0, i - 1):i + 2]
+
+    given = EXPLICIT.get("down" if down else "up")
+    if given is not None:
+        axes = {a: v for a, v in given.items() if applies(a, name, down)}
+        return [dataclasses.replace(cfg, **dict(zip(axes, combo))) for combo in itertools.product(*axes.values())]
 
     axes = {"BLOCK_N": near("BLOCK_N"), "NG": near("NG")}
     if not down:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import itertools
+import os
 import json
 import sys
 from pathlib import Path
@@ -36,6 +37,9 @@ def candidates(M: int, E: int, K: int):
     return [GemmConfig(*c) for c in grid]
 
 
+VERBOSE = os.environ.get("TUNE_VERBOSE") == "1"
+
+
 def time_config(run) -> float:
     import triton.testing
 
@@ -51,10 +55,12 @@ def time_config(run) -> float:
 def search(override: dict, key, run, cands, best_t: float, best, runs: int = 1):
     """Times run (runs forwards per call) with override[key] = each candidate (the other GEMM keeps its config):
     (time, config) of the fastest candidate, or of the incumbent (best, best_t) when none beats it; override[key]
-    is left at the winner."""
+    is left at the winner. TUNE_VERBOSE=1 prints every candidate's time."""
     for cand in cands:
         override[key] = cand
         t = time_config(run) / runs
+        if VERBOSE:
+            print(f"    {key}: {t:8.2f} us  {cand}", flush=True)
         if t < best_t:
             best_t, best = t, cand
     override[key] = best

@@ -188,6 +188,19 @@ def test_fused_topk_ties_go_to_the_lower_index():
     assert ids.cpu().tolist() == [[1, 2]]
 
 
+def test_fused_topk_orders_negative_zero_and_infinite_logits():
+    """The selection runs on integer keys made from the logits' bits: negative logits order by value (not by bits),
+    -0.0 ties +0.0 (lower index first), -inf experts come last, and K = E returns every expert."""
+    from moequant.kernels.topk import fused_topk
+
+    logits = torch.tensor([[-2.0, -0.5, 0.0, -0.0, -float("inf"), -3.0, -0.5]])
+    w, ids = fused_topk(logits.to(DEVICE), 7, False)
+    assert ids.cpu().tolist() == [[2, 3, 1, 6, 0, 5, 4]]
+    assert torch.allclose(w.cpu(), torch.softmax(logits, -1)[0, [2, 3, 1, 6, 0, 5, 4]][None], rtol=1e-6)
+    _, ids = fused_topk(torch.tensor([[-0.0, 0.0, -1.0]]).to(DEVICE), 1, True)
+    assert ids.cpu().tolist() == [[0]]
+
+
 @pytest.mark.parametrize("T,K,C,row_div", [(3, 2, 1500, 2), (5, 3, 40, 1), (1, 8, 64, 8)])
 def test_gather_slot_columns_matches_twin(T, K, C, row_div):
     """Each slot's row in its expert's sorted column order (x rows shared by a token's slots: row_div = K; GEMM1's
