@@ -201,3 +201,21 @@ def test_stream_floor_kernel_and_command(tmp_path):
     with pytest.raises(SystemExit, match="two numbers"):
         sf.main(["--device", "cpu", "--mb", "1"])
     assert sf.gemv_mbytes("qwen3-30b-a3b", "int4") == pytest.approx((12.58, 6.29), rel=1e-3)
+
+
+def test_stream_layout_kernels_read_the_same_words():
+    """stream_layout's two kernels XOR the same words of each program when the tiled kernel reads tile() of the
+    rows-contiguous words (so the benchmark compares access patterns, not amounts); small CW and N."""
+    from benchmarks import stream_layout as sl
+
+    cw, n, bn, gw = 16, 32, 8, 8
+    words = torch.randint(0, 2**31, (128, cw, n), dtype=torch.int32)  # [E, CW, N]: N stride 1
+    rows_view = words.transpose(1, 2)  # [E, N, CW], strides (CW*N, 1, N)
+    tiled = sl.tile(rows_view)
+    assert tiled.shape == (128, n // 4, cw, 4) and torch.equal(tiled[3, 2, 5], rows_view[3, 8:12, 5])
+    got = []
+    for kernel, buf in ((sl.rows_kernel, words.reshape(-1)), (sl.tiled_kernel, tiled.reshape(-1))):
+        out = torch.zeros(sl.S * (n // 2 // bn), dtype=torch.int32)
+        kernel[(sl.S, n // 2 // bn)](buf, out, cw, n, BN=bn, GW=gw)
+        got.append(out)
+    assert torch.equal(got[0], got[1]) and got[0].ne(0).all()
