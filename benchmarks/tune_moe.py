@@ -12,8 +12,8 @@ from __future__ import annotations
 import argparse
 import datetime
 import itertools
-import os
 import json
+import os
 import sys
 from pathlib import Path
 
