@@ -174,7 +174,7 @@ def tune(shape_name: str, scheme: str, ms, seed: int = 0) -> dict:
                 for down in (False, True):
                     cands = grid(cur[down], rec.asked[down][0], down)
                     pre(M, [{down: c, not down: cur[not down]} for c in cands])
-                    best_t, cur[down] = search(gv.OVERRIDE, down, run, cands, best_t, cur[down], REPLICAS)
+                    best_t, cur[down] = search(gv.OVERRIDE, down, run, cands, cur[down], REPLICAS)
             for _ in range(PASSES):
                 for down in (False, True):
                     for axis in AXES:
@@ -182,7 +182,7 @@ def tune(shape_name: str, scheme: str, ms, seed: int = 0) -> dict:
                             continue
                         cands = neighbours(cur[down], axis)
                         pre(M, [{down: c, not down: cur[not down]} for c in cands])
-                        best_t, cur[down] = search(gv.OVERRIDE, down, run, cands, best_t, cur[down], REPLICAS)
+                        best_t, cur[down] = search(gv.OVERRIDE, down, run, cands, cur[down], REPLICAS)
             print(f"{shape_name:16s} {scheme:22s} M={M:5d}: {base:8.1f} -> {best_t:8.1f} us  up {cur[False]}  "
                   f"down {cur[True]}", flush=True)
             for down in (False, True):
