@@ -255,10 +255,17 @@ def test_static_scales_quantize_gemm1_output_in_its_epilogue(monkeypatch):
     monkeypatch.setattr(fp8_gemm, "act_quant", lambda *a, **k: quants.append(1) or act_quant(*a, **k))
     monkeypatch.setattr(fp8_gemm, "fp8_grouped_gemm",
                         lambda a, s, b, bs, c, *r, **k: outputs.append(c.dtype) or gemm(a, s, b, bs, c, *r, **k))
+    names, config = [], fp8_gemm.fp8_config
+    monkeypatch.setattr(fp8_gemm, "fp8_config", lambda kernel, *a: names.append(kernel) or config(kernel, *a))
     layer, x, w, ids = build(CPU_CASES[1], torch.float32, "cpu")
     out = layer.quant_method.apply_triton(layer, x, w, ids)
     assert len(quants) == 1 and outputs == [torch.float8_e4m3fn, torch.float32]
     assert rel_err(out, layer.quant_method.apply_reference(layer, x, w, ids)) <= 2e-5
+    assert names == ["w13-fp8-static", "w2-fp8-static"]  # the static epilogue has its own tuning-cache entries
+    names.clear()
+    layer, x, w, ids = build(CPU_CASES[0], torch.float32, "cpu")  # dynamic per-tensor
+    layer.quant_method.apply_triton(layer, x, w, ids)
+    assert names == ["w13-fp8", "w2-fp8"]
 
 def test_no_tokens_gives_empty_output():
     layer, x, w, ids = build(CPU_CASES[0], torch.float32, DEV)

@@ -133,9 +133,10 @@ def act_quant(x: torch.Tensor, granularity: str, scale: torch.Tensor | None = No
 # --- block sizes --------------------------------------------------------------------------------------------------
 def fp8_config(kernel: str, M: int, E: int, N: int, K: int, gated: bool, device: torch.device, top_k: int,
                block_scales: bool) -> GemmConfig:
-    """The tuned cache's entry for kernel ("w13-fp8" / "w2-fp8", "-block" appended for block scales) at the nearest
-    M, else a heuristic by slots per expert s = M*top_k/E: decode (s <= 4) streams weights with BM 16 and 256-byte
-    rows of B per K-step; prefill uses 128 x 128 tiles. Block scales need BLOCK_K to divide 128."""
+    """The tuned cache's entry for kernel ("w13-fp8" / "w2-fp8", "w13-fp8-static" / "w2-fp8-static" for the static
+    per-tensor epilogue; "-block" appended for block scales) at the nearest M, else a heuristic by slots per expert
+    s = M*top_k/E: decode (s <= 4) streams weights with BM 16 and 256-byte rows of B per K-step; prefill uses
+    128 x 128 tiles. Block scales need BLOCK_K to divide 128."""
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
     if interpret:
         return GemmConfig(16, 32, 32, 1, 4, 1)
@@ -222,8 +223,15 @@ def fused_experts_fp8(x, w13, w2, w13_scale, w2_scale, topk_weights, topk_ids, l
                            activation, w13_bias, w2_bias, apply_router_weight_on_input)
     S = T * K
     blocky = layout.weight == "block" or layout.act == "group"
-    cfg1 = fp8_config("w13-fp8", T, E, I, H, True, x.device, K, blocky)
-    cfg2 = fp8_config("w2-fp8", T, E, H, I, False, x.device, K, blocky)
+    # few slots: GEMM2 quantizes GEMM1's fp32 activation itself (one launch less; re-reading A is cheap here)
+    fuse2 = S <= FUSE_A2_SLOTS and layout.act in ("tensor", "token")
+    # a static per-tensor stage-2 scale: GEMM1 writes its activation in e4m3 itself (no fp32 copy, no quantizer)
+    static2 = layout.act == "tensor" and a2_scale is not None and not fuse2
+    # that epilogue and GEMM2's e4m3 input are other kernels than the dynamic ones: their own tuning-cache entries
+    # (H200, Qwen3-30B M=1: the dynamic path's best configs cost the static one 1.4 us)
+    kind = "-static" if static2 else ""
+    cfg1 = fp8_config("w13-fp8" + kind, T, E, I, H, True, x.device, K, blocky)
+    cfg2 = fp8_config("w2-fp8" + kind, T, E, H, I, False, x.device, K, blocky)
     topk_weights = topk_weights.reshape(-1).float().contiguous()
     # few slots: GEMM1's routing is sorted by x's quantizer's first program (one launch fewer)
     align1 = one_program_align(topk_ids, E, cfg1.BLOCK_M)
@@ -231,8 +239,6 @@ def fused_experts_fp8(x, w13, w2, w13_scale, w2_scale, topk_weights, topk_ids, l
     route2 = route1 if cfg2.BLOCK_M == cfg1.BLOCK_M else moe_align(topk_ids, E, cfg2.BLOCK_M)
 
     dyn_tensor = layout.act == "tensor" and a2_scale is None
-    # few slots: GEMM2 quantizes GEMM1's fp32 activation itself (one launch less; re-reading A is cheap here)
-    fuse2 = S <= FUSE_A2_SLOTS and layout.act in ("tensor", "token")
     # GEMM1's epilogue folds max|act| (per tensor, or per slot for per-token scales) into amax, so the activation's
     # quantizer (or GEMM2) makes one pass over it; x's quantizer zeroes amax first (no memset launch)
     amax = None
@@ -243,8 +249,6 @@ def fused_experts_fp8(x, w13, w2, w13_scale, w2_scale, topk_weights, topk_ids, l
     per_row = amax is not None and layout.act == "token"
     xq, xs = act_quant(x, layout.act, a13_scale, zero=amax, zero_per_row=K if per_row else 1, align=align1)
     new = torch.zeros if has_remote_experts else torch.empty
-    # a static per-tensor stage-2 scale: GEMM1 writes its activation in e4m3 itself (no fp32 copy, no quantizer)
-    static2 = layout.act == "tensor" and a2_scale is not None and not fuse2
     s2 = a2_scale.reshape(1).float() if static2 else None
     inter = new(S, I, dtype=FP8_DTYPE if static2 else torch.float32, device=x.device)
     fp8_grouped_gemm(xq, xs, w13, w13_scale, inter, route1, cfg1, layout, gated=True, a_row_div=K,
