@@ -19,6 +19,14 @@ import torch, triton, datetime
 print("card", torch.cuda.get_device_name(), "| torch", torch.__version__, "| triton", triton.__version__,
       "| cuda", torch.version.cuda, "| date", datetime.date.today())
 PY
+# the card's clocks, power and temperature every 200 ms while the steps run ($OUT/clocks.csv): the same forward has
+# timed ~7% apart within one process (results README, ninth 11-29 session), so each run keeps its clocks
+if command -v nvidia-smi >/dev/null; then
+  nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu --format=csv -lms 200 \
+    > "$OUT/clocks.csv" 2>/dev/null &
+  CLOCKS_PID=$!
+  trap 'kill $CLOCKS_PID 2>/dev/null' EXIT
+fi
 steps=${*:-tests tune bench}
 for step in $steps; do
   case $step in
