@@ -167,7 +167,8 @@ def test_layer_captures_in_a_cuda_graph():
 
 @pytest.mark.parametrize("T,E,K,scoring,renorm,scale", [(1, 8, 2, "softmax", True, 1.0), (13, 7, 3, "sigmoid", False, 2.5),
                                                           (6, 128, 8, "softmax", False, 1.0), (5, 4, 4, "softmax", True, 1.0),
-                                                          (0, 8, 2, "softmax", True, 1.0)])
+                                                          (0, 8, 2, "softmax", True, 1.0),
+                                                          (3, 300, 8, "sigmoid", True, 2.5)])
 def test_fused_topk_matches_select_experts(T, E, K, scoring, renorm, scale):
     from moequant.kernels.topk import fused_topk
     from moequant.routing import select_experts
