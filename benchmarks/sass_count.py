@@ -28,15 +28,17 @@ from moequant.kernels._gemv_rows_kernel import gemv_rows_kernel  # noqa: E402
 DEFAULTS = dict(DOWN=False, TOP_K=2, P=2, ACTIVATION=0, FMT=0, BITS=4, G=128, GROUP_SCALES=True, HAS_ZP=False,
                 SCALE_KIND=0, W_SCALE=0, A_SCALE=0, SORTED=False, MUL_WEIGHT=False, HAS_BIAS=False, OUT_AMAX=False,
                 OUT_PERM=False, EVEN=True, SPLIT_K=1, PART_SPLIT=False, STAGES=1, ZERO_SPLIT=False, ZB=16,
-                PACKED=False, PREFETCH=False, A_ROW_DIV=2, UNIT=2, BLOCK_N=32, NG=2)
+                PACKED=False, PREFETCH=False, A_ROW_DIV=2, UNIT=2, BLOCK_N=32, NG=2,
+                ROUTE=False, K_PAD=2, E_PAD=16, SIGMOID=False, RENORMALIZE=False)
 ROWS_ONLY = ("EVEN", "SPLIT_K", "PART_SPLIT", "STAGES", "ZERO_SPLIT", "ZB", "PACKED", "PREFETCH",
-             "A_ROW_DIV", "UNIT")  # gemv_rows_kernel's own
+             "A_ROW_DIV", "UNIT", "ROUTE", "K_PAD", "E_PAD", "SIGMOID", "RENORMALIZE")  # gemv_rows_kernel's own
 POINTERS = {"a_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*bf16", "z_ptr": "*i8", "sidx_ptr": "*i32",
             "ids_ptr": "*i32", "c_ptr": "*fp32", "count_ptr": "*i32", "perm_ptr": "*i32", "bias_ptr": "*bf16"}
 # Triton specializes integer arguments equal to 1: rows kernel (weights, scales and zero points rows-contiguous)
 ONES_ROWS = ("stride_ak", "stride_wn", "stride_sn", "stride_zn", "stride_cn")
 ONES = ("stride_ak", "stride_wn", "stride_sg", "stride_cn")  # gemv_moe_kernel (K-contiguous scales)
-DIV16 = ("N", "C", "two23", "stride_am", "stride_we", "stride_wk", "stride_se", "stride_sn", "stride_cm")
+FLOATS = ("route_scale",)
+DIV16 = ("N", "C", "two23", "stride_am", "stride_we", "stride_wk", "stride_se", "stride_sn", "stride_sg", "stride_cm")
 
 
 def compile_sm90(consts: dict, num_warps: int):
@@ -50,7 +52,8 @@ def compile_sm90(consts: dict, num_warps: int):
     names = kernel.arg_names
     sig, cst = {}, dict(consts)
     for n in names:
-        sig[n] = "constexpr" if n in cst or n in ones else POINTERS.get(n, "*fp32") if n.endswith("_ptr") else "i32"
+        sig[n] = ("constexpr" if n in cst or n in ones else POINTERS.get(n, "*fp32") if n.endswith("_ptr")
+                  else "fp32" if n in FLOATS else "i32")
     cst.update({n: 1 for n in ones})
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names if n.endswith("_ptr") or n in DIV16}
     src = ASTSource(fn=kernel, signature=sig, constexprs={(names.index(k),): v for k, v in cst.items()},

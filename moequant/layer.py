@@ -189,6 +189,13 @@ class FusedMoE(nn.Module):
         order = None
         if fused and self.expert_map is None:
             order = self.quant_method.slot_column_order(self, hidden_states)
+            if (order is None and not self.apply_router_weight_on_input
+                    and self.quant_method.routes_in_kernel(self, hidden_states)):  # no routing launch
+                from moequant.kernels.topk import deferred_routing
+
+                route = deferred_routing(router_logits, self.top_k, self.renormalize, self.scoring_func,
+                                         self.routed_scaling_factor)
+                return self.experts_forward(hidden_states, route.weights, route.ids, route=route)
         if order is not None:  # routing also writes each slot's x row in its expert's column order (one launch)
             from moequant.kernels.topk import fused_topk_gather
 
@@ -200,12 +207,15 @@ class FusedMoE(nn.Module):
         return self.experts_forward(hidden_states, topk_weights, topk_ids)
 
     def experts_forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
-                        slot_rows: torch.Tensor | None = None) -> torch.Tensor:
+                        slot_rows: torch.Tensor | None = None, route=None) -> torch.Tensor:
         """The expert part of forward for given routing (global ids). slot_rows: x's rows per slot in the order
-        the method's slot_column_order asked for (Triton backend only)."""
+        the method's slot_column_order asked for; route: the routing itself, left to the method's kernel
+        (routes_in_kernel; topk_weights and topk_ids are its outputs, written there). Triton backend only."""
         local_ids = self.to_local_ids(topk_ids)
         if self.resolved_backend(x) == "triton":
             extra = {} if slot_rows is None else {"slot_rows": slot_rows}
+            if route is not None:
+                extra["route"] = route
             out = self.quant_method.apply_triton(self, x, topk_weights, local_ids, **extra)
         else:
             compute = torch.float64 if x.dtype == torch.float64 else torch.float32

@@ -163,6 +163,52 @@ def test_act_order_decode_gathers_in_the_routing_launch(scheme, always_gemv, mon
     assert len(calls) == 2
 
 
+@pytest.mark.parametrize("case", [("w4a16", 32, False, "softmax", True), ("w8a16", 128, False, "sigmoid", True),
+                                  ("nvfp4a16", None, False, "softmax", False), ("mxfp4", None, True, "softmax", True),
+                                  ("w4a16-asym", 64, False, "sigmoid", False)],
+                         ids=lambda c: f"{c[0]}-G{c[1]}-bias{int(c[2])}-{c[3]}-renorm{int(c[4])}")
+def test_decode_gemv_routes_in_gemm1(case, monkeypatch):
+    """Decode GEMV: GEMM1's programs route their tokens themselves (no routing launch: fused_topk is not called)
+    and write the weights and ids GEMM2 reads: the ids those of the routing launch, the weights equal up to the
+    order of one fp32 sum (another warp count); the output matches the one with a routing launch first (on the CPU
+    bit for bit: the same GEMV sums; a GPU's split-K atomics add in any order) and the reference. Softmax and
+    sigmoid, with and without renormalisation, a routed scaling factor, E = 6 padded to 16, one token and two.
+    Beyond ROUTE_MAX_TOKENS, and for mxfp4 (measured slower), the routing launch stays."""
+    import moequant.kernels.topk as topk_mod
+
+    scheme, G, bias, scoring, renorm = case
+    dtype = torch.bfloat16 if ON_GPU else torch.float32
+    dev = "cuda" if ON_GPU else "cpu"
+    if not ON_GPU and not INTERP:
+        pytest.skip("the Triton backend on the CPU needs the interpreter")
+    layer = build(scheme, G, False, bias, dtype, dev)
+    layer.scoring_func, layer.renormalize, layer.routed_scaling_factor = scoring, renorm, 2.5
+    calls, routes = [], []
+    fused, deferred = topk_mod.fused_topk, topk_mod.deferred_routing
+    monkeypatch.setattr(topk_mod, "fused_topk", lambda *a, **k: calls.append(1) or fused(*a, **k))
+    monkeypatch.setattr(topk_mod, "deferred_routing", lambda *a: routes.append(deferred(*a)) or routes[-1])
+    gen = torch.Generator().manual_seed(11)
+    for T, max_tokens in ((1, 1), (2, 2), (2, 1)):
+        monkeypatch.setattr(gv, "ROUTE_MAX_TOKENS", max_tokens)
+        x = torch.randn(T, H, generator=gen).to(dtype).to(dev)
+        logits = torch.randn(T, E, generator=gen).to(dev)
+        layer.backend = "triton"
+        calls.clear()
+        monkeypatch.setattr(gv, "ROUTE_MODE", "auto")
+        out = layer(x, logits)
+        assert len(calls) == (T > max_tokens or scheme == "mxfp4"), (T, max_tokens, calls)
+        monkeypatch.setattr(gv, "ROUTE_MODE", "never")
+        w_ref, ids_ref = layer.route(x, logits)
+        if not calls:  # routed in GEMM1
+            assert torch.equal(routes[-1].ids, ids_ref), T
+            torch.testing.assert_close(routes[-1].weights, w_ref, rtol=1e-6, atol=1e-7)
+        launched = layer(x, logits)
+        assert torch.equal(out, launched) if dev == "cpu" else rel_err(out, launched) <= 5e-3, T
+        layer.backend = "reference"
+        ref = layer(x.float(), logits).to(dtype) if dtype != torch.float32 else layer(x, logits)
+        assert rel_err(out, ref) <= (1e-2 if ON_GPU else 1e-5), (scheme, T)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("case", SCHEMES, ids=lambda c: f"{c[0]}-G{c[1]}-act{int(c[2])}-bias{int(c[3])}")

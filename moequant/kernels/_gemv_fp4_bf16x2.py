@@ -35,6 +35,22 @@ def act_pair(a_base, m, ok, MASKED: tl.constexpr):
 
 
 @triton.jit
+def act_quad(a_base, m, ok, MASKED: tl.constexpr):
+    """int32 words m .. m + 3 of a bf16 activation row, (x_2m, x_2m+1) .. (x_2m+6, x_2m+7), as one 16-byte load
+    (m a multiple of 4, the row 16-byte aligned: the launcher's X_QUAD); act_pair's four loads are four L1 requests
+    for the bytes of one."""
+    ap = a_base.to(tl.pointer_type(tl.int32), bitcast=True) + m
+    if MASKED:
+        return tl.inline_asm_elementwise(
+            "{ .reg .pred p; setp.ne.b32 p, $5, 0; mov.b32 $0, 0; mov.b32 $1, 0; mov.b32 $2, 0; mov.b32 $3, 0; "
+            "@p ld.global.v4.b32 {$0, $1, $2, $3}, [$4]; }",
+            "=r,=r,=r,=r,l,r", [ap, ok.to(tl.int32)], dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True,
+            pack=1)
+    return tl.inline_asm_elementwise("ld.global.v4.b32 {$0, $1, $2, $3}, [$4];", "=r,=r,=r,=r,l", [ap],
+                                     dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1)
+
+
+@triton.jit
 def block_scale(sw, SHIFT: tl.constexpr, SCALE_KIND: tl.constexpr):
     """fp32 block scale from byte SHIFT/8 of each word: e4m3 through the hardware conversion, E8M0 as 2^(s-127)."""
     s = (sw >> SHIFT).to(tl.uint8)

@@ -22,7 +22,8 @@ int: words [E, N(*2), C/PW], N stride 1 (methods.base.rows_contiguous); a step's
   PACKED (int4, bf16 activations in order, GPU): a word's eight products in bf16x2 instead (_int4_word_dot_bf16:
   mask-and-or into bf16 128 + u, one fma to u - 8, four fmas against activation pairs (x_i, x_i+4) regrouped from
   int32 pairs by byte permutes), each bf16 chain of four products summed in fp32: about 3.1 SASS instructions per
-  element against 4.2, at a bf16 rounding per product.
+  element against 4.2, at a bf16 rounding per product. X_QUAD (rows 16-byte aligned): the four activation pairs
+  of a word's columns come in one 16-byte load (act_quad) instead of four.
 fp4: bytes and block scales (rows-contiguous) read as int32 words [E, N/4, C/2] and [E, N/4, C/G]: word (q, j)
   holds byte column j (two e2m1 codes, low nibble = column 2j) of rows 4q..4q+3; _e2m1_pair decodes one nibble of
   two rows per instruction; w = e2m1 * block_scale (e4m3 or E8M0) * s2[e, part].
@@ -38,7 +39,9 @@ the steps: the weight words and scales of the next STAGES - 1 steps are copied t
 GEMM1 (not DOWN): grid (S, cdiv(N, BN), 1); activation row slot // A_ROW_DIV (TOP_K; 1 when the launcher
   pre-gathered each slot's row in its expert's act-order); inter[slot, n] = act(gate, up) (+ biases, routing weight
   when applied on the input), stored at column perm[e, n] with OUT_PERM (GEMM2's act-order), so GEMM2 reads its
-  input unpermuted.
+  input unpermuted. ROUTE: no routing launch came first; every program chooses its token's top k from the logits
+  (_topk_kernel._topk_choice, E_ROUTE experts padded to E_PAD) and takes the expert of its slot (slot % TOP_K-th);
+  the programs of row block 0 and k = 0 write the token's weights (_topk_weights) and ids for GEMM2.
 GEMM2 (DOWN): grid (T, cdiv(N, BN), SPLIT_K, or SPLIT_K * TOP_K with PART_SPLIT: one expert per program, P = 1);
   out[t, n] = sum_k w[t, k] * (part_k + b2[e_k]): the top-k sum in fp32, no separate launch; with several programs
   per output block (SHARES) each adds its share atomically to an fp32 split buffer [T, N] and the last of a block's
@@ -54,9 +57,11 @@ the epilogue is _gemv_kernel.gemv_epilogue.
 import triton
 import triton.language as tl
 
-from moequant.kernels._gemv_fp4_bf16x2 import (FP4_PACKED_FACTOR, act_pair, block_scale, fp4_bf16x2_sums,
+from moequant.kernels._gemv_fp4_bf16x2 import (FP4_PACKED_FACTOR, act_pair, act_quad, block_scale, fp4_bf16x2_sums,
                                                 interleave_rows)
 from moequant.kernels._gemv_kernel import FP4_FACTOR, gemv_epilogue
+from moequant.kernels._topk_kernel import _topk_choice, _topk_weights
+
 
 @triton.jit
 def _int_elem(words, hi_words, off, i: tl.constexpr, BITS: tl.constexpr, two23=0x4B000000):
@@ -175,7 +180,7 @@ def _int_group_params(g4, j4, g_ok, sa_base, sb_base, za_base, zb_base, stride_s
 def _int_step_loads(c, c1, wa_base, wb_base, sa_base, sb_base, za_base, zb_base, a_base, ld_ok, pa_ok, stride_wk,
                     stride_sg, stride_zg, CW, NUM_G, DOWN: tl.constexpr, EVEN: tl.constexpr, MASKED: tl.constexpr,
                     HAS_ZP: tl.constexpr, GROUP_SCALES: tl.constexpr, LIVE: tl.constexpr, NG: tl.constexpr,
-                    GW: tl.constexpr):
+                    GW: tl.constexpr, X_QUAD: tl.constexpr):
     """Everything step c of the PACKED int4 path reads: words (gate/all parts; up), group scales and zero points in
     the words' layout, and the activation pairs (x_2m, x_2m+1) of its four words' columns. LIVE: loads are masked
     off when c >= c1 (the prefetch of the step after the last)."""
@@ -187,10 +192,13 @@ def _int_step_loads(c, c1, wa_base, wb_base, sa_base, sb_base, za_base, zb_base,
     sa, sb, za, zb = _int_group_params(g4, j4, g_ok, sa_base, sb_base, za_base, zb_base, stride_sg, stride_zg, DOWN,
                                        HAS_ZP, GROUP_SCALES)
     live_x = MASKED or LIVE
-    p0 = act_pair(a_base, j4 * 4, x_ok, live_x)
-    p1 = act_pair(a_base, j4 * 4 + 1, x_ok, live_x)
-    p2 = act_pair(a_base, j4 * 4 + 2, x_ok, live_x)
-    p3 = act_pair(a_base, j4 * 4 + 3, x_ok, live_x)
+    if X_QUAD:
+        p0, p1, p2, p3 = act_quad(a_base, j4 * 4, x_ok, live_x)
+    else:
+        p0 = act_pair(a_base, j4 * 4, x_ok, live_x)
+        p1 = act_pair(a_base, j4 * 4 + 1, x_ok, live_x)
+        p2 = act_pair(a_base, j4 * 4 + 2, x_ok, live_x)
+        p3 = act_pair(a_base, j4 * 4 + 3, x_ok, live_x)
     return ua, ub, sa, sb, za, zb, p0, p1, p2, p3
 
 
@@ -268,6 +276,9 @@ def gemv_rows_kernel(
     ZERO_SPLIT: tl.constexpr, ZB: tl.constexpr, PACKED: tl.constexpr, PREFETCH: tl.constexpr,
     A_ROW_DIV: tl.constexpr, UNIT: tl.constexpr,
     BLOCK_N: tl.constexpr, NG: tl.constexpr,
+    logits_ptr=None, E_ROUTE=0, stride_lt=0, route_scale=1.0, ROUTE: tl.constexpr = False,
+    K_PAD: tl.constexpr = 2, E_PAD: tl.constexpr = 16, SIGMOID: tl.constexpr = False,
+    RENORMALIZE: tl.constexpr = False, X_QUAD: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
     if ZERO_SPLIT:  # GEMM1 zeroes GEMM2's split-K buffer and counters: ZB elements of each per program
@@ -289,9 +300,18 @@ def gemv_rows_kernel(
         a_off = tl.where(p_ok, slot, 0).to(tl.int64)[:, None, None, None] * stride_am  # [P, 1, 1, 1]
         row_off = parts * 0
     else:
-        e0 = tl.load(ids_ptr + pid)
-        if e0 < 0:  # another rank's expert: GEMM2 skips this slot
-            return
+        if ROUTE:  # this program routes its token (no routing launch): its slot's expert is the k-th of the top k
+            tok = (pid // TOP_K).to(tl.int64)
+            r_ids, r_x, x_row, ks = _topk_choice(logits_ptr, tok, E_ROUTE, stride_lt, K_PAD, E_PAD)
+            e0 = tl.sum(tl.where(ks == pid % TOP_K, r_ids, 0), 0)
+            if (tl.program_id(1) == 0) & (pid % TOP_K == 0):  # one program per token writes GEMM2's routing
+                r_w = _topk_weights(r_x, x_row, ks, route_scale, TOP_K, SIGMOID, RENORMALIZE)
+                tl.store(topk_w_ptr + tok * TOP_K + ks, r_w, mask=ks < TOP_K)
+                tl.store(ids_ptr + tok * TOP_K + ks, r_ids, mask=ks < TOP_K)
+        else:
+            e0 = tl.load(ids_ptr + pid)
+            if e0 < 0:  # another rank's expert: GEMM2 skips this slot
+                return
         slot = pid + parts * 0
         e = e0 + parts * 0
         p_ok = parts < 2
@@ -341,7 +361,7 @@ def gemv_rows_kernel(
         if PREFETCH:  # PACKED: step c + 1's loads are issued before step c's products (register double buffering)
             nxt = _int_step_loads(c0, c1, wa_base, wb_base, sa_base, sb_base, za_base, zb_base, a_base, ld_ok, pa_ok,
                                   stride_wk, stride_sg, stride_zg, CW, NUM_G, DOWN, EVEN, MASKED, HAS_ZP,
-                                  GROUP_SCALES, True, NG, GW)
+                                  GROUP_SCALES, True, NG, GW, X_QUAD)
         for c in tl.range(c0, c1, num_stages=STAGES):
             g4, j4, w_ok, g_ok, x_ok = _step_masks(c, c1, ld_ok, pa_ok, CW, NUM_G, DOWN, EVEN, False, NG, GW)
             a_sum = tl.zeros(j4.shape, dtype=tl.float32)
@@ -350,11 +370,12 @@ def gemv_rows_kernel(
                     ua, ub, sa, sb, za, zb, p0, p1, p2, p3 = nxt
                     nxt = _int_step_loads(c + 1, c1, wa_base, wb_base, sa_base, sb_base, za_base, zb_base, a_base,
                                           ld_ok, pa_ok, stride_wk, stride_sg, stride_zg, CW, NUM_G, DOWN, EVEN,
-                                          MASKED, HAS_ZP, GROUP_SCALES, True, NG, GW)
+                                          MASKED, HAS_ZP, GROUP_SCALES, True, NG, GW, X_QUAD)
                 else:
                     ua, ub, sa, sb, za, zb, p0, p1, p2, p3 = _int_step_loads(
                         c, c1, wa_base, wb_base, sa_base, sb_base, za_base, zb_base, a_base, ld_ok, pa_ok, stride_wk,
-                        stride_sg, stride_zg, CW, NUM_G, DOWN, EVEN, MASKED, HAS_ZP, GROUP_SCALES, False, NG, GW)
+                        stride_sg, stride_zg, CW, NUM_G, DOWN, EVEN, MASKED, HAS_ZP, GROUP_SCALES, False, NG, GW,
+                        X_QUAD)
                 if HAS_ZP:
                     a_sum = (_bf16_halves_sum(p0) + _bf16_halves_sum(p1)) + (_bf16_halves_sum(p2)
                                                                              + _bf16_halves_sum(p3))

@@ -20,32 +20,46 @@ def _ordered(x):
 
 
 @triton.jit
-def _topk_row(logits_ptr, t, E, stride_t, scale, TOP_K: tl.constexpr, K_PAD: tl.constexpr, E_PAD: tl.constexpr,
-              SIGMOID: tl.constexpr, RENORMALIZE: tl.constexpr):
-    """(weights fp32 [K_PAD], ids int32 [K_PAD], k positions [K_PAD]) of token t; entries k >= TOP_K are unused.
-    Softmax and sigmoid are increasing, so the top k of the scores are those of the logits: one bitonic top-k
-    (tl.topk) of int64 keys ordered(x) << 32 | (E_PAD - 1 - index), which order by logit, then by lower index,
-    picks them; only their K scores are computed (plus, for softmax without renormalisation, its denominator).
-    Measured on the H200 (E=128, K=8, one token): 1.9 us per launch against 2.4 for K rounds of (max, lowest
-    index at the max) over the softmax scores."""
+def _topk_choice(logits_ptr, t, E, stride_t, K_PAD: tl.constexpr, E_PAD: tl.constexpr):
+    """(ids int32 [K_PAD], their logits fp32 [K_PAD], the row's logits [E_PAD] (-inf past E), k positions [K_PAD])
+    of token t's K_PAD largest logits, largest first, ties to the lower index: one bitonic top-k (tl.topk) of int64
+    keys ordered(x) << 32 | (E_PAD - 1 - index)."""
     offs = tl.arange(0, E_PAD)
-    valid = offs < E
-    x = tl.load(logits_ptr + t * stride_t + offs, mask=valid, other=-float("inf")).to(tl.float32) + 0.0  # -0 -> +0
+    x = tl.load(logits_ptr + t * stride_t + offs, mask=offs < E, other=-float("inf")).to(tl.float32) + 0.0  # -0 -> +0
     key = (_ordered(x).to(tl.int64) << 32) | (E_PAD - 1 - offs).to(tl.int64)
     best = tl.topk(key, K_PAD)  # descending
-    ks = tl.arange(0, K_PAD)
     ids = (E_PAD - 1 - (best & 0xFFFFFFFF)).to(tl.int32)
     xk = _ordered((best >> 32).to(tl.int32)).to(tl.float32, bitcast=True)
+    return ids, xk, x, tl.arange(0, K_PAD)
+
+
+@triton.jit
+def _topk_weights(xk, x, ks, scale, TOP_K: tl.constexpr, SIGMOID: tl.constexpr, RENORMALIZE: tl.constexpr):
+    """The routing weights of the chosen logits xk [K_PAD] (entries k >= TOP_K unused): sigmoid, or softmax over the
+    row x (only its denominator is needed: the top k's own exponentials when renormalising), then renormalised over
+    the K if asked, times scale."""
     if SIGMOID:
         w = tl.sigmoid(xk)
     else:
         m = tl.max(xk, 0)  # the row's largest logit
         w = tl.exp(xk - m)
         if not RENORMALIZE:
-            w = w / tl.sum(tl.where(valid, tl.exp(x - m), 0.0), 0)
+            w = w / tl.sum(tl.exp(x - m), 0)  # exp(-inf) = 0 past E
     if RENORMALIZE:
         w = w / tl.sum(tl.where(ks < TOP_K, w, 0.0), 0)
-    return w * scale, ids, ks
+    return w * scale
+
+
+@triton.jit
+def _topk_row(logits_ptr, t, E, stride_t, scale, TOP_K: tl.constexpr, K_PAD: tl.constexpr, E_PAD: tl.constexpr,
+              SIGMOID: tl.constexpr, RENORMALIZE: tl.constexpr):
+    """(weights fp32 [K_PAD], ids int32 [K_PAD], k positions [K_PAD]) of token t; entries k >= TOP_K are unused.
+    Softmax and sigmoid are increasing, so the top k of the scores are those of the logits (_topk_choice); only
+    their K scores are computed (plus, for softmax without renormalisation, its denominator) (_topk_weights).
+    Measured on the H200 (E=128, K=8, one token): 1.9 us per launch against 2.4 for K rounds of (max, lowest
+    index at the max) over the softmax scores."""
+    ids, xk, x, ks = _topk_choice(logits_ptr, t, E, stride_t, K_PAD, E_PAD)
+    return _topk_weights(xk, x, ks, scale, TOP_K, SIGMOID, RENORMALIZE), ids, ks
 
 
 @triton.jit

@@ -83,9 +83,10 @@ def fp4_grouped_gemm(a, b, bs, c, routing, cfg, *, scale_kind, group, gated, a_r
 def fused_experts_fp4(x, w13_packed, w13_scale, w2_packed, w2_scale, topk_weights, topk_ids, *, scale_kind="fp8",
                       w13_scale_2=None, w2_scale_2=None, w13_input_scale=None, w2_input_scale=None, act_fp4=False,
                       activation="silu", w13_bias=None, w2_bias=None, apply_router_weight_on_input=False,
-                      has_remote_experts=False) -> torch.Tensor:
+                      has_remote_experts=False, route=None) -> torch.Tensor:
     """out[t] = sum_k w[t,k] * (W2[e] act(W13[e] x'[t] + b13[e]) + b2[e]), W = dequantized fp4, x' = x (A16) or
-    x fake-quantized to nvfp4 (act_fp4; likewise the activation before W2)."""
+    x fake-quantized to nvfp4 (act_fp4; likewise the activation before W2). route (topk.DeferredRouting, whose
+    outputs topk_weights and topk_ids are): the decode GEMV routes in GEMM1; other paths run it first."""
     T, H = x.shape
     E, two_i, _ = w13_packed.shape
     I = two_i // 2
@@ -97,7 +98,10 @@ def fused_experts_fp4(x, w13_packed, w13_scale, w2_packed, w2_scale, topk_weight
         raise ValueError("fp4 MoE: packed weights must be uint8")
     if T == 0:
         return torch.zeros(0, H, dtype=x.dtype, device=x.device)
-    if use_gemv(T, K, E, slots_per_expert=2):
+    gemv_path = use_gemv(T, K, E, slots_per_expert=2)
+    if route is not None and not gemv_path:
+        route.run()
+    if gemv_path:
         ws = [GemvWeights("fp4", p, bits=4, group=group, scale=sc, scale_kind=scale_kind, expert_scale=s2)
               for p, sc, s2 in ((w13_packed, w13_scale, w13_scale_2), (w2_packed, w2_scale, w2_scale_2))]
 
@@ -108,7 +112,7 @@ def fused_experts_fp4(x, w13_packed, w13_scale, w2_packed, w2_scale, topk_weight
         return fused_experts_gemv(x, *ws, topk_weights, topk_ids, activation=activation, w13_bias=w13_bias,
                                   w2_bias=w2_bias, apply_router_weight_on_input=apply_router_weight_on_input,
                                   quantize=quantize if act_fp4 else None,
-                                  inter_dtype=torch.float32 if act_fp4 else None)
+                                  inter_dtype=torch.float32 if act_fp4 else None, route=route)
     if scale_kind == "fp8":  # the kernel decodes the fp8 bits itself
         w13_scale, w2_scale = w13_scale.view(torch.uint8), w2_scale.view(torch.uint8)
     S = T * K

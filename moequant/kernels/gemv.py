@@ -1,5 +1,6 @@
 """Decode path of the quantized fused MoE: two GEMV launches after routing (bodies: _gemv_rows_kernel.py for int and
-A16 fp4 weights, _gemv_kernel.py for fp8 and nvfp4 with fp4 activations; uses_rows_kernel picks).
+A16 fp4 weights, _gemv_kernel.py for fp8 and nvfp4 with fp4 activations; uses_rows_kernel picks). On the rows kernel
+GEMM1 can route itself (gemv_routes), and the forward is then two launches in all.
 
 For few token slots per expert the grouped GEMMs waste most of their work: one token is padded to 16 rows for the
 tensor cores, the align step costs a launch, the unpacked weights go through the tensor cores' operand layout, and the
@@ -28,6 +29,8 @@ _FMT = {"int": 0, "fp4": 1, "fp8": 2}
 _A_CODE = {None: 0, "tensor": 1, "row": 2, "group": 3}
 _W_CODE = {None: 0, "expert": 1, "row": 2}
 MODE = os.environ.get("MOEQUANT_GEMV", "auto")  # auto | always | never (see use_gemv)
+ROUTE_MODE = os.environ.get("MOEQUANT_GEMV_ROUTE", "auto")  # auto | always | never (see gemv_routes)
+ROUTE_MAX_TOKENS = 8  # gemv_routes: GEMM1 routes its tokens itself up to this many tokens
 # int4 / A16 fp4 weights with bf16 activations on a GPU: products in bf16x2 (gemv_rows_kernel's PACKED); 0: fp32
 PACKED = os.environ.get("MOEQUANT_GEMV_PACKED", "1") == "1"
 FP8_GROUP = 128  # fp8: block scales and per-group activation scales cover 128 columns; also the chunking unit
@@ -93,6 +96,19 @@ def use_gemv(T: int, K: int, E: int, slots_per_expert: float = 1.0) -> bool:
     if MODE in ("always", "never"):
         return MODE == "always"
     return slots_per_expert > 0 and (T * K <= slots_per_expert * E or T <= 2)
+
+
+def gemv_routes(T: int) -> bool:
+    """Whether the decode GEMV's GEMM1 routes its tokens itself (gemv(route=...): every program chooses its token's
+    top k with _topk_kernel._topk_row and takes its slot's expert; the programs of block 0 write the weights and ids
+    GEMM2 reads), so the forward has no routing launch. H200, against a routing launch first: Qwen3-30B w4a16
+    M=1 16.9 -> 15.7 us, M=8 64.2 -> 62.9, nvfp4a16 20.3 -> 19.2 and 73.1 -> 72.4; Mixtral w4a16 and nvfp4a16
+    within the run-to-run spread (its GEMM1 spans more than one wave of programs, each routing first; mxfp4 does
+    not route, methods.fp4). Up to ROUTE_MAX_TOKENS tokens (8 measured);
+    MOEQUANT_GEMV_ROUTE=always (any number of tokens) or never overrides (benchmarks)."""
+    if ROUTE_MODE in ("always", "never"):
+        return ROUTE_MODE == "always" and T > 0
+    return 0 < T <= ROUTE_MAX_TOKENS
 
 
 def _group(w: GemvWeights) -> int:
@@ -268,17 +284,29 @@ def split_buffers(plan: GemvPlan, out_rows: int, device) -> tuple[torch.Tensor, 
 
 def gemv(a, w: GemvWeights, c, topk_ids, *, down: bool, top_k: int, activation: str = "silu", a_scale=None,
          a_scale_kind=None, bias=None, topk_weights=None, out_amax=None, cfg: GemvConfig | None = None,
-         plan: GemvPlan | None = None, split_bufs=None, zero_bufs=None, a_per_slot: bool = False):
+         plan: GemvPlan | None = None, split_bufs=None, zero_bufs=None, a_per_slot: bool = False, route=None):
     """GEMM1 (down=False): c[slot] = act(W13[e] a[slot // top_k]) for every slot; GEMM2 (down=True):
     c[t] = sum_k w[t, k] * (W2[e_k] a[t*top_k + k] + b2[e_k]). a_scale_kind: None (A16), "tensor" [1],
     "row" [rows] or "group" [rows, C/128] scales of a (fp8 or pre-quantized nvfp4).
     GEMM2 with several programs per output block (plan.shares > 1) uses split_bufs (zeroed by the GEMM1 that got
     them as zero_bufs; zeroed here when not given). a_per_slot (GEMM1, rows kernel): a holds one row per slot
-    instead of one per token."""
+    instead of one per token. route (GEMM1; topk.DeferredRouting): topk_ids are route.ids, not yet written; the rows
+    kernel routes in every program and writes route's outputs, another kernel gets them from route.run() first."""
     ids = topk_ids.reshape(-1)
     C = w.columns
     plan = plan or plan_gemv(w, c.shape[0], topk_ids, down=down, top_k=top_k, a_scale_kind=a_scale_kind, cfg=cfg)
     N, P, rows_kernel, cfg = plan.N, plan.P, plan.rows_kernel, plan.cfg
+    routing = {}
+    if route is not None:
+        if down or topk_weights is not None or route.ids.data_ptr() != topk_ids.data_ptr():
+            raise ValueError("gemv: route= is for GEMM1 without routing weights on its input, with topk_ids = "
+                             "route.ids")
+        if rows_kernel:  # the routing weights go out through topk_w_ptr (GEMM1 does not read them)
+            topk_weights, routing = route.weights, dict(
+                logits_ptr=route.logits, E_ROUTE=route.logits.shape[1], stride_lt=route.logits.stride(0),
+                route_scale=route.scale, ROUTE=True, **route.consts())
+        else:
+            route.run()
     G = _group(w)
     data = _bytes(w.data)
     dummy = c
@@ -325,7 +353,7 @@ def gemv(a, w: GemvWeights, c, topk_ids, *, down: bool, top_k: int, activation: 
         FMT=_FMT[w.fmt], BITS=8 if w.fmt == "fp8" else w.bits, G=G,
         GROUP_SCALES=w.scale is not None and (w.fmt != "int" or w.group is not None), HAS_ZP=zp is not None,
         SCALE_KIND=1 if w.scale_kind == "e8m0" else 0, W_SCALE=_W_CODE[w_kind], A_SCALE=_A_CODE[a_scale_kind],
-        SORTED=si is not None, MUL_WEIGHT=topk_weights is not None, HAS_BIAS=bias is not None,
+        SORTED=si is not None, MUL_WEIGHT=topk_weights is not None and not routing, HAS_BIAS=bias is not None,
         OUT_AMAX=out_amax is not None, OUT_PERM=w.out_perm is not None and not down,
         BLOCK_N=cfg.BLOCK_N, NG=cfg.NG, num_warps=cfg.num_warps,
     )
@@ -335,12 +363,16 @@ def gemv(a, w: GemvWeights, c, topk_ids, *, down: bool, top_k: int, activation: 
         zb = triton.next_power_of_2(max(16, triton.cdiv(zero_bufs[0].numel(), plan.programs))) if zero else 16
         args.insert(20, 0x4B000000)  # two23, after n_count
         packed = uses_packed(w, a)
+        # PACKED int4: each word's four activation pairs as one 16-byte load when every row starts 16-byte aligned
+        # (H200, M=1: Qwen3-30B w4a16 15.7 -> 15.5 us, act-order 18.4 -> 18.3; Mixtral unchanged)
+        x_quad = packed and w.fmt == "int" and a.stride(0) % 8 == 0 and a.data_ptr() % 16 == 0
         gemv_rows_kernel[grid + (plan.shares,)](*args, EVEN=even, SPLIT_K=plan.split,
                                                 PART_SPLIT=plan.part_programs > 1, STAGES=cfg.STAGES,
                                                 ZERO_SPLIT=zero, ZB=zb, PACKED=packed,
                                                 PREFETCH=packed and cfg.PREFETCH,
                                                 A_ROW_DIV=1 if a_per_slot else top_k,
-                                                UNIT=fp4_unit(cfg, G) if packed and w.fmt == "fp4" else 2, **consts)
+                                                UNIT=fp4_unit(cfg, G) if packed and w.fmt == "fp4" else 2, **consts,
+                                                X_QUAD=x_quad, **routing)
     else:
         if a_per_slot:
             raise ValueError("gemv: one activation row per slot needs the rows kernel (int or A16 fp4 weights)")
@@ -353,18 +385,22 @@ def gemv(a, w: GemvWeights, c, topk_ids, *, down: bool, top_k: int, activation: 
 
 def fused_experts_gemv(x, w13: GemvWeights, w2: GemvWeights, topk_weights, topk_ids, *, activation="silu",
                        w13_bias=None, w2_bias=None, apply_router_weight_on_input=False, quantize=None,
-                       inter_dtype=None, out_amax=None, slot_rows=None) -> torch.Tensor:
+                       inter_dtype=None, out_amax=None, slot_rows=None, route=None) -> torch.Tensor:
     """out[t] = sum_k w[t,k] * (W2[e] q2(act(W13[e] q1(x[t]) + b13[e])) + b2[e]): two GEMV launches.
     quantize(a, stage) -> (a_q, scale, scale kind) quantizes GEMM1's (stage 1) and GEMM2's (stage 2) input (None:
     A16); inter_dtype: GEMM1's output dtype (fp32 when it is quantized next, so it is rounded once); out_amax: fold
     max |inter| into it (a dynamic per-tensor stage-2 scale). slot_rows [T*K, H]: act-order's per-slot rows of x in
-    w13's sorted column order, already written (by the routing launch, kernels.topk.fused_topk_gather)."""
+    w13's sorted column order, already written (by the routing launch, kernels.topk.fused_topk_gather).
+    route (topk.DeferredRouting; topk_weights and topk_ids are its outputs): GEMM1 routes (gemv's route=)."""
     T, H = x.shape
     K = topk_ids.shape[1]
     I = w13.data.shape[1] // 2
     topk_weights = topk_weights.reshape(-1).float().contiguous()
     a, s, kind = quantize(x, 1) if quantize is not None else (x, None, None)
     per_slot = w13.sort_idx is not None and quantize is None and uses_rows_kernel(w13)
+    if route is not None and (per_slot or apply_router_weight_on_input):  # GEMM1 needs the routing before it runs
+        route.run()
+        route = None
     if per_slot:  # act-order: each slot's row of x in its expert's sorted column order (one launch), read in order
         a = slot_rows if slot_rows is not None else gather_slot_columns(
             x, w13.sort_idx, topk_ids, K, out=torch.empty(T * K, H, dtype=x.dtype, device=x.device))
@@ -375,7 +411,7 @@ def fused_experts_gemv(x, w13: GemvWeights, w2: GemvWeights, topk_weights, topk_
     bufs = split_buffers(plan2, T, x.device) if plan2 is not None else None
     gemv(a, w13, inter, topk_ids, down=False, top_k=K, activation=activation, a_scale=s, a_scale_kind=kind,
          bias=w13_bias, topk_weights=topk_weights if apply_router_weight_on_input else None, out_amax=out_amax,
-         zero_bufs=bufs, a_per_slot=per_slot)
+         zero_bufs=bufs, a_per_slot=per_slot, route=route)
     a, s, kind = quantize(inter, 2) if quantize is not None else (inter, None, None)
     out = torch.empty(T, H, dtype=x.dtype, device=x.device)
     return gemv(a, w2, out, topk_ids, down=True, top_k=K, a_scale=s, a_scale_kind=kind, bias=w2_bias,

@@ -144,9 +144,11 @@ def gemv_weights(w: IntWeights, layout: IntLayout, sort_idx=None, out_perm=None)
 
 def fused_experts_int(x, w13: IntWeights, w2: IntWeights, topk_weights, topk_ids, layout: IntLayout, *,
                       activation="silu", w13_bias=None, w2_bias=None, apply_router_weight_on_input=False,
-                      has_remote_experts=False, split_k: int | None = None, slot_rows=None) -> torch.Tensor:
+                      has_remote_experts=False, split_k: int | None = None, slot_rows=None,
+                      route=None) -> torch.Tensor:
     """out[t] = sum_k w[t,k] * (W2[e] act(W13[e] x[t] + b13[e]) + b2[e]), W = dequantized int weights.
-    split_k: K slices of GEMM2 (None: split_k_for's choice, 1 off the GPU)."""
+    split_k: K slices of GEMM2 (None: split_k_for's choice, 1 off the GPU). route (topk.DeferredRouting, whose
+    outputs topk_weights and topk_ids are): the decode GEMV routes in GEMM1; other paths run it first."""
     T, H = x.shape
     E, two_i, _ = w13.packed.shape
     I = two_i // 2
@@ -157,14 +159,18 @@ def fused_experts_int(x, w13: IntWeights, w2: IntWeights, topk_weights, topk_ids
         raise ValueError("int MoE: packed weights must be int32")
     if T == 0:
         return torch.zeros(0, H, dtype=x.dtype, device=x.device)
-    if use_gemv(T, K, E) and w13.uniform_groups and w2.uniform_groups:
+    gemv_path = use_gemv(T, K, E) and w13.uniform_groups and w2.uniform_groups
+    if route is not None and not gemv_path:
+        route.run()
+    if gemv_path:
         # act-order: each slot's x row is gathered in w13's sorted order first; GEMM1 writes its output already in
         # w2's sorted order (inverse sort), so GEMM2 reads it contiguously
         g13 = gemv_weights(w13, layout, sort_idx=w13.sort_idx, out_perm=w2.inv_sort_idx)
         g2 = gemv_weights(w2, layout, sort_idx=w2.sort_idx if w2.inv_sort_idx is None else None)
         return fused_experts_gemv(x, g13, g2, topk_weights, topk_ids,
                                   activation=activation, w13_bias=w13_bias, w2_bias=w2_bias,
-                                  apply_router_weight_on_input=apply_router_weight_on_input, slot_rows=slot_rows)
+                                  apply_router_weight_on_input=apply_router_weight_on_input, slot_rows=slot_rows,
+                                  route=route)
     S = T * K
     tag = f"int{layout.bits}"
     slab = use_slab(S, E)

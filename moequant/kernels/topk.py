@@ -1,5 +1,6 @@
 """fused_topk: softmax/sigmoid scores, top-k, renormalisation and scaling in one launch (the common routing case);
-fused_topk_gather: the same, also writing each slot's row of x in its expert's act-order column order.
+fused_topk_gather: the same, also writing each slot's row of x in its expert's act-order column order;
+deferred_routing: the same routing left to the decode GEMV's first launch (gemv.py, route=).
 
 logits [T, E] -> (topk_weights fp32 [T, K], topk_ids int32 [T, K]); ties go to the lower expert index.
 Torch twins: moequant.routing.select_experts (without grouped top-k, correction bias or a custom function) and
@@ -7,6 +8,8 @@ moequant.kernels.reference.gather_slot_columns_ref.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -22,11 +25,49 @@ def _consts(router_logits: torch.Tensor, top_k: int, renormalize: bool, scoring_
                 SIGMOID=scoring_func == "sigmoid", RENORMALIZE=renormalize, num_warps=1 if E <= 256 else 4)
 
 
+@dataclass(frozen=True)
+class DeferredRouting:
+    """Routing that a later launch does itself (the decode GEMV's GEMM1: each program routes its token, so the
+    forward has no routing launch): fused_topk's logits and settings, and the outputs that launch fills, weights
+    fp32 [T, K] and ids int32 [T, K] (empty until then). run() fills them with fused_topk instead, for a kernel
+    that cannot route."""
+
+    logits: torch.Tensor
+    top_k: int
+    renormalize: bool
+    scoring_func: str
+    scale: float
+    weights: torch.Tensor
+    ids: torch.Tensor
+
+    def consts(self) -> dict:
+        """The routing constexprs of a kernel that routes (_topk_kernel._topk_row's)."""
+        c = _consts(self.logits, self.top_k, self.renormalize, self.scoring_func)
+        return {k: c[k] for k in ("K_PAD", "E_PAD", "SIGMOID", "RENORMALIZE")}
+
+    def run(self) -> None:
+        fused_topk(self.logits, self.top_k, self.renormalize, self.scoring_func, self.scale,
+                   out=(self.weights, self.ids))
+
+
+def deferred_routing(router_logits: torch.Tensor, top_k: int, renormalize: bool, scoring_func: str = "softmax",
+                     routed_scaling_factor: float = 1.0) -> DeferredRouting:
+    """fused_topk's routing, left for the expert kernel to do (DeferredRouting); outputs allocated, not written."""
+    T = router_logits.shape[0]
+    logits = router_logits if router_logits.stride(1) == 1 else router_logits.contiguous()
+    return DeferredRouting(logits, top_k, renormalize, scoring_func, float(routed_scaling_factor),
+                           torch.empty(T, top_k, dtype=torch.float32, device=logits.device),
+                           torch.empty(T, top_k, dtype=torch.int32, device=logits.device))
+
+
 def fused_topk(router_logits: torch.Tensor, top_k: int, renormalize: bool, scoring_func: str = "softmax",
-               routed_scaling_factor: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+               routed_scaling_factor: float = 1.0, out: tuple[torch.Tensor, torch.Tensor] | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """out: (weights, ids) to write into (contiguous [T, K]), else new tensors."""
     T, E = router_logits.shape
-    weights = torch.empty(T, top_k, dtype=torch.float32, device=router_logits.device)
-    ids = torch.empty(T, top_k, dtype=torch.int32, device=router_logits.device)
+    weights, ids = out if out is not None else (
+        torch.empty(T, top_k, dtype=torch.float32, device=router_logits.device),
+        torch.empty(T, top_k, dtype=torch.int32, device=router_logits.device))
     if T == 0:
         return weights, ids
     logits = router_logits if router_logits.stride(1) == 1 else router_logits.contiguous()

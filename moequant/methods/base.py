@@ -120,6 +120,12 @@ class FusedMoEMethodBase:
         and passed as apply_triton(..., slot_rows=[T*K, H]); None (the default): x as it is."""
         return None
 
+    def routes_in_kernel(self, layer: "FusedMoE", x: torch.Tensor) -> bool:
+        """Whether apply_triton takes the plain top-k routing as route= (kernels.topk.DeferredRouting, topk_weights
+        and topk_ids its unwritten outputs) and routes inside its first expert launch; False (the default): the
+        layer routes first."""
+        return False
+
     def apply_triton(self, layer: "FusedMoE", x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError(f"method {self.name!r} has no Triton path yet; use backend='reference'")
 

@@ -126,7 +126,18 @@ class Fp4MethodBase(FusedMoEMethodBase):
         """Scheme-specific conversion after dead experts are handled."""
 
     # --- math -----------------------------------------------------------------------------------------------
-    def apply_triton(self, layer, x, topk_weights, topk_ids):
+    def routes_in_kernel(self, layer, x):
+        """nvfp4a16 on the decode GEMV: GEMM1 routes (kernels.gemv.gemv_routes). Not nvfp4 (its fp4 activations go
+        through another GEMV kernel, which does not route) and not mxfp4: on the H200 routing in GEMM1 made
+        nvfp4a16 1.0 us faster on Qwen3-30B at M=1 (20.3 -> 19.1-19.3 us) and mxfp4 slower (Qwen3-30B M=1 19.7 ->
+        20.1-20.4, its GEMM1 on 8 warps, whose top-k crosses more warps; Mixtral M=8 441 -> 457)."""
+        from moequant.kernels.gemv import gemv_routes, use_gemv
+
+        T = x.shape[0]
+        return (not self.act_fp4 and self.scale_dtype != torch.uint8 and gemv_routes(T)
+                and use_gemv(T, layer.top_k, layer.local_num_experts, slots_per_expert=2))
+
+    def apply_triton(self, layer, x, topk_weights, topk_ids, route=None):
         from moequant.kernels.fp4_gemm import fused_experts_fp4
 
         return fused_experts_fp4(
@@ -139,7 +150,7 @@ class Fp4MethodBase(FusedMoEMethodBase):
             act_fp4=self.act_fp4, activation=self.moe.activation,
             w13_bias=getattr(layer, "w13_bias", None), w2_bias=getattr(layer, "w2_bias", None),
             apply_router_weight_on_input=layer.apply_router_weight_on_input,
-            has_remote_experts=layer.expert_map is not None,
+            has_remote_experts=layer.expert_map is not None, route=route,
         )
 
 

@@ -274,7 +274,16 @@ class IntWeightOnlyMethod(FusedMoEMethodBase):
         T = x.shape[0]
         return layer.w13_sort_idx if T and use_gemv(T, layer.top_k, layer.local_num_experts) else None
 
-    def apply_triton(self, layer, x, topk_weights, topk_ids, slot_rows=None):
+    def routes_in_kernel(self, layer, x):
+        """On the decode GEMV without act-order (whose routing launch also gathers x): GEMM1 routes
+        (kernels.gemv.gemv_routes)."""
+        from moequant.kernels.gemv import gemv_routes, use_gemv
+
+        T = x.shape[0]
+        return (not self.act_order and self.processed and all(self.uniform_groups.get(p, True) for p in ("w13", "w2"))
+                and gemv_routes(T) and use_gemv(T, layer.top_k, layer.local_num_experts))
+
+    def apply_triton(self, layer, x, topk_weights, topk_ids, slot_rows=None, route=None):
         from moequant.kernels.int_gemm import IntLayout, fused_experts_int
 
         if not self.processed:
@@ -286,7 +295,7 @@ class IntWeightOnlyMethod(FusedMoEMethodBase):
             activation=self.moe.activation,
             w13_bias=getattr(layer, "w13_bias", None), w2_bias=getattr(layer, "w2_bias", None),
             apply_router_weight_on_input=layer.apply_router_weight_on_input,
-            has_remote_experts=layer.expert_map is not None, slot_rows=slot_rows,
+            has_remote_experts=layer.expert_map is not None, slot_rows=slot_rows, route=route,
         )
 
 
