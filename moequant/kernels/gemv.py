@@ -100,11 +100,11 @@ def use_gemv(T: int, K: int, E: int, slots_per_expert: float = 1.0) -> bool:
 
 def gemv_routes(T: int) -> bool:
     """Whether the decode GEMV's GEMM1 routes its tokens itself (gemv(route=...): every program chooses its token's
-    top k with _topk_kernel._topk_row and takes its slot's expert; the programs of block 0 write the weights and ids
-    GEMM2 reads), so the forward has no routing launch. H200, against a routing launch first: Qwen3-30B w4a16
-    M=1 16.9 -> 15.7 us, M=8 64.2 -> 62.9, nvfp4a16 20.3 -> 19.2 and 73.1 -> 72.4; Mixtral w4a16 and nvfp4a16
-    within the run-to-run spread (its GEMM1 spans more than one wave of programs, each routing first; mxfp4 does
-    not route, methods.fp4). Up to ROUTE_MAX_TOKENS tokens (8 measured);
+    top k with the routing launch's _topk_kernel._topk_choice and takes its slot's expert; the programs of block 0
+    write the weights and ids GEMM2 reads), so the forward has no routing launch. H200, against a routing launch
+    first: Qwen3-30B w4a16 M=1 16.9 -> 15.7 us, M=8 64.2 -> 62.9, nvfp4a16 20.3 -> 19.2 and 73.1 -> 72.4; Mixtral
+    w4a16 and nvfp4a16 within the run-to-run spread (likely because its GEMM1 spans more than one wave of programs,
+    each routing first); mxfp4 does not route (methods.fp4). Up to ROUTE_MAX_TOKENS tokens (1 and 8 measured);
     MOEQUANT_GEMV_ROUTE=always (any number of tokens) or never overrides (benchmarks)."""
     if ROUTE_MODE in ("always", "never"):
         return ROUTE_MODE == "always" and T > 0

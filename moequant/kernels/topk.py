@@ -41,11 +41,12 @@ class DeferredRouting:
     ids: torch.Tensor
 
     def consts(self) -> dict:
-        """The routing constexprs of a kernel that routes (_topk_kernel._topk_row's)."""
+        """The routing constexprs of a kernel that routes (_topk_kernel._topk_choice's and _topk_weights')."""
         c = _consts(self.logits, self.top_k, self.renormalize, self.scoring_func)
         return {k: c[k] for k in ("K_PAD", "E_PAD", "SIGMOID", "RENORMALIZE")}
 
     def run(self) -> None:
+        """Route now, with the routing launch (fused_topk writing into weights and ids)."""
         fused_topk(self.logits, self.top_k, self.renormalize, self.scoring_func, self.scale,
                    out=(self.weights, self.ids))
 
