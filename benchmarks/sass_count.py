@@ -5,6 +5,8 @@ device time (to match the GPU's Triton, put that version first on PYTHONPATH: pi
 
     python benchmarks/sass_count.py '{"DOWN": false, "BLOCK_N": 8, "NG": 4, "num_warps": 4}'
     python benchmarks/sass_count.py '{"FMT": 1, "G": 16, "W_SCALE": 1, "BLOCK_N": 64, "NG": 4}'    # nvfp4a16
+    python benchmarks/sass_count.py '{"BLOCK_N": 8, "NG": 4, "PACKED": true, "PREFETCH": true, "X_QUAD": true,
+        "ROUTE": true, "TOP_K": 8, "K_PAD": 8, "E_PAD": 128, "A_ROW_DIV": 8}'    # Qwen3-30B w4a16 GEMM1 at M=1
 """
 
 from __future__ import annotations
@@ -29,9 +31,10 @@ DEFAULTS = dict(DOWN=False, TOP_K=2, P=2, ACTIVATION=0, FMT=0, BITS=4, G=128, GR
                 SCALE_KIND=0, W_SCALE=0, A_SCALE=0, SORTED=False, MUL_WEIGHT=False, HAS_BIAS=False, OUT_AMAX=False,
                 OUT_PERM=False, EVEN=True, SPLIT_K=1, PART_SPLIT=False, STAGES=1, ZERO_SPLIT=False, ZB=16,
                 PACKED=False, PREFETCH=False, A_ROW_DIV=2, UNIT=2, BLOCK_N=32, NG=2,
-                ROUTE=False, K_PAD=2, E_PAD=16, SIGMOID=False, RENORMALIZE=False)
+                ROUTE=False, K_PAD=2, E_PAD=16, SIGMOID=False, RENORMALIZE=False, X_QUAD=False)
+# gemv_rows_kernel's own constexprs
 ROWS_ONLY = ("EVEN", "SPLIT_K", "PART_SPLIT", "STAGES", "ZERO_SPLIT", "ZB", "PACKED", "PREFETCH",
-             "A_ROW_DIV", "UNIT", "ROUTE", "K_PAD", "E_PAD", "SIGMOID", "RENORMALIZE")  # gemv_rows_kernel's own
+             "A_ROW_DIV", "UNIT", "ROUTE", "K_PAD", "E_PAD", "SIGMOID", "RENORMALIZE", "X_QUAD")
 POINTERS = {"a_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*bf16", "z_ptr": "*i8", "sidx_ptr": "*i32",
             "ids_ptr": "*i32", "c_ptr": "*fp32", "count_ptr": "*i32", "perm_ptr": "*i32", "bias_ptr": "*bf16"}
 # Triton specializes integer arguments equal to 1: rows kernel (weights, scales and zero points rows-contiguous)
