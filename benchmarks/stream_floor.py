@@ -39,7 +39,8 @@ FORMAT_BYTES = {"int4": 0.5, "fp8": 1.0, "bf16": 2.0}  # bytes per weight elemen
 
 
 @triton.jit
-def _xor(a, b):
+def xor_combine(a, b):
+    """tl.reduce's combine: XOR (every loaded word reaches the stored result, so no load is dead)."""
     return a ^ b
 
 
@@ -60,7 +61,7 @@ def stream_kernel(src_ptr, out_ptr, n_words, WORDS: tl.constexpr, STEPS: tl.cons
         for s in range(STEPS):
             o = base + s * WORDS + offs
             acc ^= tl.load(src_ptr + o, mask=o < n_words, other=0)
-    tl.store(out_ptr + tl.program_id(0), tl.reduce(acc, 0, _xor))
+    tl.store(out_ptr + tl.program_id(0), tl.reduce(acc, 0, xor_combine))
 
 
 @triton.jit

@@ -17,19 +17,17 @@ import argparse
 import datetime
 import json
 import sys
+from pathlib import Path
 
 import torch
 import triton
 import triton.language as tl
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.stream_floor import REPLICAS, xor_combine  # noqa: E402
+
 E, CW, N, S = 128, 256, 1536, 8
-REPLICAS = 8
 CONFIGS = ((8, 64, 4), (8, 128, 4), (8, 256, 4), (16, 64, 4), (32, 32, 4), (8, 64, 8))  # (BN, GW, num_warps)
-
-
-@triton.jit
-def _xor(a, b):
-    return a ^ b
 
 
 @triton.jit
@@ -48,7 +46,7 @@ def rows_kernel(src, out, CW, N, BN: tl.constexpr, GW: tl.constexpr):
         j = c * GW + tl.arange(0, GW)[:, None]
         acc ^= tl.load(base + j * N + n)  # gate rows
         acc ^= tl.load(base + j * N + n + N // 2)  # up rows
-    tl.store(out + slot * tl.num_programs(1) + tl.program_id(1), tl.reduce(tl.reduce(acc, 1, _xor), 0, _xor))
+    tl.store(out + slot * tl.num_programs(1) + tl.program_id(1), tl.reduce(tl.reduce(acc, 1, xor_combine), 0, xor_combine))
 
 
 @triton.jit
@@ -63,7 +61,7 @@ def tiled_kernel(src, out, CW, N, BN: tl.constexpr, GW: tl.constexpr):
         j = c * GW + tl.arange(0, GW)[:, None]
         acc ^= tl.load(base + rows + j * 4)
         acc ^= tl.load(base + rows + (N // 2) * CW + j * 4)
-    tl.store(out + slot * tl.num_programs(1) + tl.program_id(1), tl.reduce(tl.reduce(acc, 1, _xor), 0, _xor))
+    tl.store(out + slot * tl.num_programs(1) + tl.program_id(1), tl.reduce(tl.reduce(acc, 1, xor_combine), 0, xor_combine))
 
 
 def tile(words: torch.Tensor) -> torch.Tensor:
