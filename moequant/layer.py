@@ -189,13 +189,16 @@ class FusedMoE(nn.Module):
         order = None
         if fused and self.expert_map is None:
             order = self.quant_method.slot_column_order(self, hidden_states)
-            if (order is None and not self.apply_router_weight_on_input
-                    and self.quant_method.routes_in_kernel(self, hidden_states)):  # no routing launch
-                from moequant.kernels.topk import deferred_routing
+            if not self.apply_router_weight_on_input and self.quant_method.routes_in_kernel(self, hidden_states):
+                from moequant.kernels.gemv import rows_launch_pdl
+                from moequant.kernels.topk import deferred_routing, routed_rows
 
+                # no routing launch; with a column order, one launch writes the slots' rows without routing
                 route = deferred_routing(router_logits, self.top_k, self.renormalize, self.scoring_func,
                                          self.routed_scaling_factor)
-                return self.experts_forward(hidden_states, route.weights, route.ids, route=route)
+                rows = None if order is None else routed_rows(router_logits, self.top_k, hidden_states, order,
+                                                              pdl=rows_launch_pdl(hidden_states))
+                return self.experts_forward(hidden_states, route.weights, route.ids, slot_rows=rows, route=route)
         if order is not None:  # routing also writes each slot's x row in its expert's column order (one launch)
             from moequant.kernels.topk import fused_topk_gather
 

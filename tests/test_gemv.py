@@ -137,10 +137,13 @@ def test_gemv_expert_parallel_and_weight_on_input(scheme, always_gemv):
 
 @pytest.mark.parametrize("scheme", ["w4a16", "w8a16", "w4a16-asym"])
 def test_act_order_decode_gathers_in_the_routing_launch(scheme, always_gemv, monkeypatch):
-    """Act-order on the decode path: the layer's forward routes and writes each slot's x row in w13's sorted order
-    in one launch (fused_topk_gather, no gather_slot_columns), and matches the reference forward."""
+    """Act-order on the decode path with a routing launch (GEMM1 not routing: beyond ROUTE_MAX_TOKENS, or
+    MOEQUANT_GEMV_ROUTE=never): the layer's forward routes and writes each slot's x row in w13's sorted order in one
+    launch (fused_topk_gather, no gather_slot_columns), and matches the reference forward."""
     import moequant.kernels.gather as gather_mod
     import moequant.kernels.topk as topk_mod
+
+    monkeypatch.setattr(gv, "ROUTE_MODE", "never")
 
     dtype = torch.bfloat16 if ON_GPU else torch.float32
     dev = "cuda" if ON_GPU else "cpu"
@@ -163,30 +166,39 @@ def test_act_order_decode_gathers_in_the_routing_launch(scheme, always_gemv, mon
     assert len(calls) == 2
 
 
-@pytest.mark.parametrize("case", [("w4a16", 32, False, "softmax", True), ("w8a16", 128, False, "sigmoid", True),
-                                  ("nvfp4a16", None, False, "softmax", False), ("mxfp4", None, True, "softmax", True),
-                                  ("w4a16-asym", 64, False, "sigmoid", False)],
-                         ids=lambda c: f"{c[0]}-G{c[1]}-bias{int(c[2])}-{c[3]}-renorm{int(c[4])}")
+@pytest.mark.parametrize("case", [("w4a16", 32, False, False, "softmax", True),
+                                  ("w8a16", 128, False, False, "sigmoid", True),
+                                  ("nvfp4a16", None, False, False, "softmax", False),
+                                  ("mxfp4", None, False, True, "softmax", True),
+                                  ("w4a16-asym", 64, False, False, "sigmoid", False),
+                                  ("w4a16", 32, True, False, "softmax", True),
+                                  ("w8a16", 64, True, True, "sigmoid", False)],
+                         ids=lambda c: f"{c[0]}-G{c[1]}-act{int(c[2])}-bias{int(c[3])}-{c[4]}-renorm{int(c[5])}")
 def test_decode_gemv_routes_in_gemm1(case, monkeypatch):
-    """Decode GEMV: GEMM1's programs route their tokens themselves (no routing launch: fused_topk is not called)
-    and write the weights and ids GEMM2 reads: the ids those of the routing launch, the weights equal up to the
-    order of one fp32 sum (another warp count); the output matches the one with a routing launch first (on the CPU
-    bit for bit: the same GEMV sums; a GPU's split-K atomics add in any order) and the reference. Softmax and
-    sigmoid, with and without renormalisation, a routed scaling factor, E = 6 padded to 16, one token and two.
-    Beyond ROUTE_MAX_TOKENS, and for mxfp4 (measured slower), the routing launch stays."""
+    """Decode GEMV: GEMM1's programs route their tokens themselves (no routing launch: neither fused_topk nor
+    fused_topk_gather is called) and write the weights and ids GEMM2 reads: the ids those of the routing launch, the
+    weights equal up to the order of one fp32 sum (another warp count); the output matches the one with a routing
+    launch first (on the CPU bit for bit: the same GEMV sums; a GPU's split-K atomics add in any order) and the
+    reference. Act-order: routed_rows (no routing) writes the slots' rows of x in sorted column order, each where
+    GEMM1's routing puts its expert (on a GPU, GEMM1 as its programmatic dependent). Softmax and sigmoid, with and
+    without renormalisation, a routed scaling factor, E = 6 padded to 16, one token and two. Beyond
+    ROUTE_MAX_TOKENS, and for mxfp4 (measured slower), the routing launch stays."""
     import moequant.kernels.topk as topk_mod
 
-    scheme, G, bias, scoring, renorm = case
+    scheme, G, act_order, bias, scoring, renorm = case
     dtype = torch.bfloat16 if ON_GPU else torch.float32
     dev = "cuda" if ON_GPU else "cpu"
     if not ON_GPU and not INTERP:
         pytest.skip("the Triton backend on the CPU needs the interpreter")
-    layer = build(scheme, G, False, bias, dtype, dev)
+    layer = build(scheme, G, act_order, bias, dtype, dev)
     layer.scoring_func, layer.renormalize, layer.routed_scaling_factor = scoring, renorm, 2.5
-    calls, routes = [], []
+    calls, routes, rows = [], [], []
     fused, deferred = topk_mod.fused_topk, topk_mod.deferred_routing
+    fused_gather, routed = topk_mod.fused_topk_gather, topk_mod.routed_rows
     monkeypatch.setattr(topk_mod, "fused_topk", lambda *a, **k: calls.append(1) or fused(*a, **k))
+    monkeypatch.setattr(topk_mod, "fused_topk_gather", lambda *a, **k: calls.append(2) or fused_gather(*a, **k))
     monkeypatch.setattr(topk_mod, "deferred_routing", lambda *a: routes.append(deferred(*a)) or routes[-1])
+    monkeypatch.setattr(topk_mod, "routed_rows", lambda *a, **k: rows.append(routed(*a, **k)) or rows[-1])
     gen = torch.Generator().manual_seed(11)
     for T, max_tokens in ((1, 1), (2, 2), (2, 1)):
         monkeypatch.setattr(gv, "ROUTE_MAX_TOKENS", max_tokens)
@@ -194,14 +206,20 @@ def test_decode_gemv_routes_in_gemm1(case, monkeypatch):
         logits = torch.randn(T, E, generator=gen).to(dev)
         layer.backend = "triton"
         calls.clear()
+        rows.clear()
         monkeypatch.setattr(gv, "ROUTE_MODE", "auto")
         out = layer(x, logits)
         assert len(calls) == (T > max_tokens or scheme == "mxfp4"), (T, max_tokens, calls)
+        assert len(rows) == (act_order and not calls), (T, max_tokens, len(rows))
         monkeypatch.setattr(gv, "ROUTE_MODE", "never")
         w_ref, ids_ref = layer.route(x, logits)
         if not calls:  # routed in GEMM1
             assert torch.equal(routes[-1].ids, ids_ref), T
             torch.testing.assert_close(routes[-1].weights, w_ref, rtol=1e-6, atol=1e-7)
+        if rows:  # each slot's row: x in its expert's sorted column order
+            slot_x = x.repeat_interleave(layer.top_k, 0)
+            want = torch.gather(slot_x, 1, layer.w13_sort_idx[ids_ref.reshape(-1).long()].long())
+            assert torch.equal(rows[-1], want), T
         launched = layer(x, logits)
         assert torch.equal(out, launched) if dev == "cpu" else rel_err(out, launched) <= 5e-3, T
         layer.backend = "reference"

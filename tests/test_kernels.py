@@ -244,6 +244,26 @@ def test_fused_topk_gather_matches_topk_and_gather(T, E, K, C, scoring, renorm):
         fused_topk_gather(logits.to(DEVICE), K, renorm, scoring, 1.0, x.to(DEVICE), sort_idx[:, :-1].to(DEVICE))
 
 
+@pytest.mark.parametrize("T,E,K,C", [(1, 128, 8, 2500), (4, 6, 2, 64), (0, 8, 2, 64)])
+def test_routed_rows_order_slots_as_topk(T, E, K, C):
+    """routed_rows (no routing; each program ranks one expert) writes the rows fused_topk_gather writes, every slot
+    where fused_topk's top k puts its expert: logits with many ties (ties to the lower index), -0.0 and +0.0
+    (equal), -inf entries, and C over several programs' blocks."""
+    from moequant.kernels.topk import fused_topk_gather, routed_rows
+
+    gen = torch.Generator().manual_seed(E)
+    logits = torch.randint(-2, 3, (T, E), generator=gen).float()
+    if T:
+        logits[0, :3] = torch.tensor([-0.0, 0.0, -float("inf")])
+    x = torch.randn(T, C, generator=gen).to(torch.float16)
+    sort_idx = torch.stack([torch.randperm(C, generator=gen) for _ in range(E)]).int()
+    rows = routed_rows(logits.to(DEVICE), K, x.to(DEVICE), sort_idx.to(DEVICE)).cpu()
+    _, _, want = fused_topk_gather(logits.to(DEVICE), K, True, "softmax", 1.0, x.to(DEVICE), sort_idx.to(DEVICE))
+    assert torch.equal(rows, want.cpu())
+    with pytest.raises(ValueError, match="do not match"):
+        routed_rows(logits.to(DEVICE), K, x.to(DEVICE), sort_idx[:, :-1].to(DEVICE))
+
+
 @pytest.mark.parametrize("T,K,H", [(1, 8, 2048), (7, 3, 33), (0, 2, 16)])
 def test_moe_sum_matches_twin(T, K, H):
     from moequant.kernels.moe_gemm import moe_sum

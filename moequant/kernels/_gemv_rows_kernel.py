@@ -41,7 +41,9 @@ GEMM1 (not DOWN): grid (S, cdiv(N, BN), 1); activation row slot // A_ROW_DIV (TO
   when applied on the input), stored at column perm[e, n] with OUT_PERM (GEMM2's act-order), so GEMM2 reads its
   input unpermuted. ROUTE: no routing launch came first; every program chooses its token's top k from the logits
   (_topk_kernel._topk_choice, E_ROUTE experts padded to E_PAD) and takes the expert of its slot (slot % TOP_K-th);
-  the programs of row block 0 and k = 0 write the token's weights (_topk_weights) and ids for GEMM2.
+  the programs of row block 0 and k = 0 write the token's weights (_topk_weights) and ids for GEMM2. PDL: launched
+  as a programmatic dependent of the launch that writes a (act-order's kernels.topk.routed_rows): the launch and the
+  routing overlap it, and the program waits for it (griddepcontrol.wait) before reading anything else.
 GEMM2 (DOWN): grid (T, cdiv(N, BN), SPLIT_K, or SPLIT_K * TOP_K with PART_SPLIT: one expert per program, P = 1);
   out[t, n] = sum_k w[t, k] * (part_k + b2[e_k]): the top-k sum in fp32, no separate launch; with several programs
   per output block (SHARES) each adds its share atomically to an fp32 split buffer [T, N] and the last of a block's
@@ -56,6 +58,7 @@ the epilogue is _gemv_kernel.gemv_epilogue.
 
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_wait
 
 from moequant.kernels._gemv_fp4_bf16x2 import (FP4_PACKED_FACTOR, act_pair, act_quad, block_scale, fp4_bf16x2_sums,
                                                 interleave_rows)
@@ -278,7 +281,7 @@ def gemv_rows_kernel(
     BLOCK_N: tl.constexpr, NG: tl.constexpr,
     logits_ptr=None, E_ROUTE=0, stride_lt=0, route_scale=1.0, ROUTE: tl.constexpr = False,
     K_PAD: tl.constexpr = 2, E_PAD: tl.constexpr = 16, SIGMOID: tl.constexpr = False,
-    RENORMALIZE: tl.constexpr = False, X_QUAD: tl.constexpr = False,
+    RENORMALIZE: tl.constexpr = False, X_QUAD: tl.constexpr = False, PDL: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
     if ZERO_SPLIT:  # GEMM1 zeroes GEMM2's split-K buffer and counters: ZB elements of each per program
@@ -312,6 +315,8 @@ def gemv_rows_kernel(
             e0 = tl.load(ids_ptr + pid)
             if e0 < 0:  # another rank's expert: GEMM2 skips this slot
                 return
+        if PDL:  # launched as a programmatic dependent: the activation rows are the previous launch's output
+            gdc_wait()
         slot = pid + parts * 0
         e = e0 + parts * 0
         p_ok = parts < 2

@@ -5,10 +5,13 @@ scores = softmax(logits) or sigmoid(logits); the K largest (ties to the lower in
 order the same (_topk_row); weights optionally renormalised over the K, then multiplied by the routed scaling factor.
 fused_topk_gather also writes out[t*K + k, j] = x[t, sort_idx[ids[t, k], j]]: each slot's row of x in its expert's
 act-order (sorted) column order, in the routing launch (grid (T, K, cdiv(C, BLOCK)); every program routes its token).
+routed_rows_kernel writes the same rows without routing (grid (T, E, cdiv(C, BLOCK))): expert e's programs rank e
+among the token's keys (rank = the number of larger keys; the k-th largest has rank k) and store only when rank < K.
 """
 
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents
 
 
 @triton.jit
@@ -20,13 +23,20 @@ def _ordered(x):
 
 
 @triton.jit
+def _row_keys(logits_ptr, t, E, stride_t, E_PAD: tl.constexpr):
+    """(int64 keys [E_PAD], logits fp32 [E_PAD]) of token t's row: key = ordered(x) << 32 | (E_PAD - 1 - index),
+    distinct, larger for a larger logit and, at equal logits, for the lower index (-inf past E; -0 taken as +0)."""
+    offs = tl.arange(0, E_PAD)
+    x = tl.load(logits_ptr + t * stride_t + offs, mask=offs < E, other=-float("inf")).to(tl.float32) + 0.0
+    return (_ordered(x).to(tl.int64) << 32) | (E_PAD - 1 - offs).to(tl.int64), x
+
+
+@triton.jit
 def _topk_choice(logits_ptr, t, E, stride_t, K_PAD: tl.constexpr, E_PAD: tl.constexpr):
     """(ids int32 [K_PAD], their logits fp32 [K_PAD], the row's logits [E_PAD] (-inf past E), k positions [K_PAD])
-    of token t's K_PAD largest logits, largest first, ties to the lower index: one bitonic top-k (tl.topk) of int64
-    keys ordered(x) << 32 | (E_PAD - 1 - index)."""
-    offs = tl.arange(0, E_PAD)
-    x = tl.load(logits_ptr + t * stride_t + offs, mask=offs < E, other=-float("inf")).to(tl.float32) + 0.0  # -0 -> +0
-    key = (_ordered(x).to(tl.int64) << 32) | (E_PAD - 1 - offs).to(tl.int64)
+    of token t's K_PAD largest logits, largest first, ties to the lower index: one bitonic top-k (tl.topk) of the
+    row's keys (_row_keys)."""
+    key, x = _row_keys(logits_ptr, t, E, stride_t, E_PAD)
     best = tl.topk(key, K_PAD)  # descending
     ids = (E_PAD - 1 - (best & 0xFFFFFFFF)).to(tl.int32)
     xk = _ordered((best >> 32).to(tl.int32)).to(tl.float32, bitcast=True)
@@ -93,3 +103,25 @@ def fused_topk_gather_kernel(
     cols = tl.load(sidx_ptr + e * stride_ie + offs, mask=ok, other=0).to(tl.int64)
     vals = tl.load(x_ptr + t * stride_xm + cols, mask=ok, other=0.0)
     tl.store(out_ptr + (t * TOP_K + k) * stride_om + offs, vals, mask=ok)
+
+
+@triton.jit
+def routed_rows_kernel(
+    logits_ptr, x_ptr, sidx_ptr, out_ptr, E, C, stride_t, stride_xm, stride_ie, stride_om,
+    TOP_K: tl.constexpr, E_PAD: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
+):
+    if PDL:  # the next launch (the GEMV's GEMM1, a programmatic dependent) may start routing now
+        gdc_launch_dependents()
+    t = tl.program_id(0).to(tl.int64)
+    e = tl.program_id(1)
+    offs = tl.program_id(2) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < C
+    # the copy does not wait for the ranking: expert e's columns of x are loaded alongside the logits, and only
+    # the store depends on the rank (a predicate, not a branch the loads could sink into)
+    cols = tl.load(sidx_ptr + e.to(tl.int64) * stride_ie + offs, mask=ok, other=0)
+    vals = tl.load(x_ptr + t * stride_xm + cols, mask=ok, other=0.0)
+    key, _ = _row_keys(logits_ptr, t, E, stride_t, E_PAD)
+    x_e = tl.load(logits_ptr + t * stride_t + e).to(tl.float32) + 0.0
+    key_e = (_ordered(x_e).to(tl.int64) << 32) | (E_PAD - 1 - e).to(tl.int64)
+    rank = tl.sum((key > key_e).to(tl.int32), 0)
+    tl.store(out_ptr + (t * TOP_K + rank) * stride_om + offs, vals, mask=ok & (offs * 0 + rank < TOP_K))

@@ -30,6 +30,8 @@ _A_CODE = {None: 0, "tensor": 1, "row": 2, "group": 3}
 _W_CODE = {None: 0, "expert": 1, "row": 2}
 MODE = os.environ.get("MOEQUANT_GEMV", "auto")  # auto | always | never (see use_gemv)
 ROUTE_MODE = os.environ.get("MOEQUANT_GEMV_ROUTE", "auto")  # auto | always | never (see gemv_routes)
+PDL_MODE = os.environ.get("MOEQUANT_GEMV_PDL", "auto")  # auto | never (see rows_launch_pdl)
+PDL_MAX_TOKENS = 4
 ROUTE_MAX_TOKENS = 8  # gemv_routes: GEMM1 routes its tokens itself up to this many tokens
 # int4 / A16 fp4 weights with bf16 activations on a GPU: products in bf16x2 (gemv_rows_kernel's PACKED); 0: fp32
 PACKED = os.environ.get("MOEQUANT_GEMV_PACKED", "1") == "1"
@@ -109,6 +111,18 @@ def gemv_routes(T: int) -> bool:
     if ROUTE_MODE in ("always", "never"):
         return ROUTE_MODE == "always" and T > 0
     return 0 < T <= ROUTE_MAX_TOKENS
+
+
+def rows_launch_pdl(x: torch.Tensor) -> bool:
+    """Whether act-order's routed_rows launch and the GEMM1 that routes and reads its rows run with programmatic
+    dependent launch: GEMM1 starts and routes while the rows are written (Hopper and later, not the interpreter),
+    up to PDL_MAX_TOKENS tokens. H200, w4a16 g128 act-order, us per forward with / without PDL (fused_topk_gather
+    and a GEMM1 that reads ids instead): Qwen3-30B M=1 17.8 / 18.6 (18.3), M=2 27.8 / 28.9 (28.5), M=4 45.7 / 46.8
+    (44.7), M=8 66.8 / 63.2 (65.6) (at M=8 slower: plausibly its 6144 early GEMM1 programs take SM slots the rows
+    launch still needs; not profiled)
+    MOEQUANT_GEMV_PDL=never turns it off (benchmarks)."""
+    return (PDL_MODE != "never" and 0 < x.shape[0] <= PDL_MAX_TOKENS and x.is_cuda
+            and os.environ.get("TRITON_INTERPRET") != "1" and torch.cuda.get_device_capability(x.device)[0] >= 9)
 
 
 def _group(w: GemvWeights) -> int:
@@ -284,14 +298,17 @@ def split_buffers(plan: GemvPlan, out_rows: int, device) -> tuple[torch.Tensor, 
 
 def gemv(a, w: GemvWeights, c, topk_ids, *, down: bool, top_k: int, activation: str = "silu", a_scale=None,
          a_scale_kind=None, bias=None, topk_weights=None, out_amax=None, cfg: GemvConfig | None = None,
-         plan: GemvPlan | None = None, split_bufs=None, zero_bufs=None, a_per_slot: bool = False, route=None):
+         plan: GemvPlan | None = None, split_bufs=None, zero_bufs=None, a_per_slot: bool = False, route=None,
+         pdl: bool = False):
     """GEMM1 (down=False): c[slot] = act(W13[e] a[slot // top_k]) for every slot; GEMM2 (down=True):
     c[t] = sum_k w[t, k] * (W2[e_k] a[t*top_k + k] + b2[e_k]). a_scale_kind: None (A16), "tensor" [1],
     "row" [rows] or "group" [rows, C/128] scales of a (fp8 or pre-quantized nvfp4).
     GEMM2 with several programs per output block (plan.shares > 1) uses split_bufs (zeroed by the GEMM1 that got
     them as zero_bufs; zeroed here when not given). a_per_slot (GEMM1, rows kernel): a holds one row per slot
     instead of one per token. route (GEMM1; topk.DeferredRouting): topk_ids are route.ids, not yet written; the rows
-    kernel routes in every program and writes route's outputs, another kernel gets them from route.run() first."""
+    kernel routes in every program and writes route's outputs, another kernel gets them from route.run() first.
+    pdl (GEMM1 on the rows kernel): launch as a programmatic dependent that waits for the previous launch (which
+    wrote a) after routing."""
     ids = topk_ids.reshape(-1)
     C = w.columns
     plan = plan or plan_gemv(w, c.shape[0], topk_ids, down=down, top_k=top_k, a_scale_kind=a_scale_kind, cfg=cfg)
@@ -372,7 +389,8 @@ def gemv(a, w: GemvWeights, c, topk_ids, *, down: bool, top_k: int, activation: 
                                                 PREFETCH=packed and cfg.PREFETCH,
                                                 A_ROW_DIV=1 if a_per_slot else top_k,
                                                 UNIT=fp4_unit(cfg, G) if packed and w.fmt == "fp4" else 2, **consts,
-                                                X_QUAD=x_quad, **routing)
+                                                X_QUAD=x_quad, **routing,
+                                                **(dict(PDL=True, launch_pdl=True) if pdl and not down else {}))
     else:
         if a_per_slot:
             raise ValueError("gemv: one activation row per slot needs the rows kernel (int or A16 fp4 weights)")
@@ -390,7 +408,8 @@ def fused_experts_gemv(x, w13: GemvWeights, w2: GemvWeights, topk_weights, topk_
     quantize(a, stage) -> (a_q, scale, scale kind) quantizes GEMM1's (stage 1) and GEMM2's (stage 2) input (None:
     A16); inter_dtype: GEMM1's output dtype (fp32 when it is quantized next, so it is rounded once); out_amax: fold
     max |inter| into it (a dynamic per-tensor stage-2 scale). slot_rows [T*K, H]: act-order's per-slot rows of x in
-    w13's sorted column order, already written (by the routing launch, kernels.topk.fused_topk_gather).
+    w13's sorted column order, already written (kernels.topk.fused_topk_gather with the routing, or routed_rows for
+    a GEMM1 that routes: then launched as its programmatic dependent where rows_launch_pdl says so).
     route (topk.DeferredRouting; topk_weights and topk_ids are its outputs): GEMM1 routes (gemv's route=)."""
     T, H = x.shape
     K = topk_ids.shape[1]
@@ -398,7 +417,10 @@ def fused_experts_gemv(x, w13: GemvWeights, w2: GemvWeights, topk_weights, topk_
     topk_weights = topk_weights.reshape(-1).float().contiguous()
     a, s, kind = quantize(x, 1) if quantize is not None else (x, None, None)
     per_slot = w13.sort_idx is not None and quantize is None and uses_rows_kernel(w13)
-    if route is not None and (per_slot or apply_router_weight_on_input):  # GEMM1 needs the routing before it runs
+    # rows written without routing (kernels.topk.routed_rows) for a GEMM1 that routes: launched as its dependent
+    pdl = route is not None and per_slot and slot_rows is not None and rows_launch_pdl(x)
+    if route is not None and ((per_slot and slot_rows is None) or apply_router_weight_on_input):
+        # GEMM1 needs the routing before it runs (to gather act-order's rows, or to weight its input)
         route.run()
         route = None
     if per_slot:  # act-order: each slot's row of x in its expert's sorted column order (one launch), read in order
@@ -411,7 +433,7 @@ def fused_experts_gemv(x, w13: GemvWeights, w2: GemvWeights, topk_weights, topk_
     bufs = split_buffers(plan2, T, x.device) if plan2 is not None else None
     gemv(a, w13, inter, topk_ids, down=False, top_k=K, activation=activation, a_scale=s, a_scale_kind=kind,
          bias=w13_bias, topk_weights=topk_weights if apply_router_weight_on_input else None, out_amax=out_amax,
-         zero_bufs=bufs, a_per_slot=per_slot, route=route)
+         zero_bufs=bufs, a_per_slot=per_slot, route=route, pdl=pdl)
     a, s, kind = quantize(inter, 2) if quantize is not None else (inter, None, None)
     out = torch.empty(T, H, dtype=x.dtype, device=x.device)
     return gemv(a, w2, out, topk_ids, down=True, top_k=K, a_scale=s, a_scale_kind=kind, bias=w2_bias,

@@ -1,6 +1,7 @@
 """fused_topk: softmax/sigmoid scores, top-k, renormalisation and scaling in one launch (the common routing case);
 fused_topk_gather: the same, also writing each slot's row of x in its expert's act-order column order;
-deferred_routing: the same routing left to the decode GEMV's first launch (gemv.py, route=).
+deferred_routing: the same routing left to the decode GEMV's first launch (gemv.py, route=);
+routed_rows: fused_topk_gather's rows without the routing, for that launch to read (act-order on the decode GEMV).
 
 logits [T, E] -> (topk_weights fp32 [T, K], topk_ids int32 [T, K]); ties go to the lower expert index.
 Torch twins: moequant.routing.select_experts (without grouped top-k, correction bias or a custom function) and
@@ -14,9 +15,10 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from moequant.kernels._topk_kernel import fused_topk_gather_kernel, fused_topk_kernel
+from moequant.kernels._topk_kernel import fused_topk_gather_kernel, fused_topk_kernel, routed_rows_kernel
 
 GATHER_BLOCK = 256  # fused_topk_gather: columns per program (each program also routes its token)
+ROWS_BLOCK = 1024  # routed_rows: columns per program (each program ranks one expert)
 
 
 def _consts(router_logits: torch.Tensor, top_k: int, renormalize: bool, scoring_func: str) -> dict:
@@ -101,3 +103,29 @@ def fused_topk_gather(router_logits: torch.Tensor, top_k: int, renormalize: bool
         logits, weights, ids, x, sort_idx, rows, E, C, logits.stride(0), x.stride(0), sort_idx.stride(0),
         rows.stride(0), float(routed_scaling_factor), BLOCK=block, **_consts(logits, top_k, renormalize, scoring_func))
     return weights, ids, rows
+
+
+def routed_rows(router_logits: torch.Tensor, top_k: int, x: torch.Tensor, sort_idx: torch.Tensor,
+                pdl: bool = False) -> torch.Tensor:
+    """fused_topk_gather's rows [T*K, C] without its routing: rows[t*K + k, j] = x[t, sort_idx[e, j]] for e the
+    k-th largest of token t's logits (ties to the lower index, as fused_topk and the GEMV's in-kernel routing order
+    them); weights and ids are left to the launch that reads the rows and routes itself. One launch of
+    T x E x cdiv(C, ROWS_BLOCK) programs: each ranks its expert among the token's logits (E compares, no top-k)
+    and loads its expert's columns of x before knowing the rank, storing them only if it is below K. pdl: let the
+    next launch start early (it must be launched as a programmatic dependent that waits before reading the rows)."""
+    T, E = router_logits.shape
+    C = x.shape[1]
+    if x.shape[0] != T or sort_idx.shape != (E, C):
+        raise ValueError(f"routed_rows: x {tuple(x.shape)} and sort_idx {tuple(sort_idx.shape)} do not match "
+                         f"router_logits {tuple(router_logits.shape)} (expected x [{T}, C], sort_idx [{E}, C])")
+    rows = torch.empty(T * top_k, C, dtype=x.dtype, device=x.device)
+    if T == 0:
+        return rows
+    logits = router_logits if router_logits.stride(1) == 1 else router_logits.contiguous()
+    x = x if x.stride(1) == 1 else x.contiguous()
+    sort_idx = sort_idx if sort_idx.stride(1) == 1 else sort_idx.contiguous()
+    block = min(ROWS_BLOCK, triton.next_power_of_2(C))
+    routed_rows_kernel[(T, E, triton.cdiv(C, block))](
+        logits, x, sort_idx, rows, E, C, logits.stride(0), x.stride(0), sort_idx.stride(0), rows.stride(0),
+        TOP_K=top_k, E_PAD=_consts(logits, top_k, False, "softmax")["E_PAD"], BLOCK=block, PDL=pdl, num_warps=4)
+    return rows

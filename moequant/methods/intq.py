@@ -275,12 +275,12 @@ class IntWeightOnlyMethod(FusedMoEMethodBase):
         return layer.w13_sort_idx if T and use_gemv(T, layer.top_k, layer.local_num_experts) else None
 
     def routes_in_kernel(self, layer, x):
-        """On the decode GEMV without act-order (whose routing launch also gathers x): GEMM1 routes
-        (kernels.gemv.gemv_routes)."""
+        """On the decode GEMV: GEMM1 routes (kernels.gemv.gemv_routes); with act-order it reads the slots' rows of x
+        in sorted column order from kernels.topk.routed_rows, a launch that does not route."""
         from moequant.kernels.gemv import gemv_routes, use_gemv
 
         T = x.shape[0]
-        return (not self.act_order and self.processed and all(self.uniform_groups.get(p, True) for p in ("w13", "w2"))
+        return (self.processed and all(self.uniform_groups.get(p, True) for p in ("w13", "w2"))
                 and gemv_routes(T) and use_gemv(T, layer.top_k, layer.local_num_experts))
 
     def apply_triton(self, layer, x, topk_weights, topk_ids, slot_rows=None, route=None):
