@@ -180,9 +180,10 @@ def test_decode_gemv_routes_in_gemm1(case, monkeypatch):
     weights equal up to the order of one fp32 sum (another warp count); the output matches the one with a routing
     launch first (on the CPU bit for bit: the same GEMV sums; a GPU's split-K atomics add in any order) and the
     reference. Act-order: routed_rows (no routing) writes the slots' rows of x in sorted column order, each where
-    GEMM1's routing puts its expert (on a GPU, GEMM1 as its programmatic dependent). Softmax and sigmoid, with and
-    without renormalisation, a routed scaling factor, E = 6 padded to 16, one token and two. Beyond
-    ROUTE_MAX_TOKENS, and for mxfp4 (measured slower), the routing launch stays."""
+    GEMM1's routing puts its expert (GEMM1 its programmatic dependent, and GEMM2, routing again, GEMM1's:
+    gemv.rows_launch_pdl and chain_pdl, forced here; in the interpreter the launches wait as plain ones).
+    Softmax and sigmoid, with and without renormalisation, a routed scaling factor, E = 6 padded to 16, one token
+    and two. Beyond ROUTE_MAX_TOKENS, and for mxfp4 (measured slower), the routing launch stays."""
     import moequant.kernels.topk as topk_mod
 
     scheme, G, act_order, bias, scoring, renorm = case
@@ -199,6 +200,11 @@ def test_decode_gemv_routes_in_gemm1(case, monkeypatch):
     monkeypatch.setattr(topk_mod, "fused_topk_gather", lambda *a, **k: calls.append(2) or fused_gather(*a, **k))
     monkeypatch.setattr(topk_mod, "deferred_routing", lambda *a: routes.append(deferred(*a)) or routes[-1])
     monkeypatch.setattr(topk_mod, "routed_rows", lambda *a, **k: rows.append(routed(*a, **k)) or rows[-1])
+    monkeypatch.setattr(gv, "rows_launch_pdl", lambda x: True)
+    monkeypatch.setattr(gv, "chain_pdl", lambda x: True)
+    launches, gemv = [], gv.gemv
+    monkeypatch.setattr(gv, "gemv", lambda *a, **k: launches.append((k["down"], k.get("route") is not None))
+                        or gemv(*a, **k))
     gen = torch.Generator().manual_seed(11)
     for T, max_tokens in ((1, 1), (2, 2), (2, 1)):
         monkeypatch.setattr(gv, "ROUTE_MAX_TOKENS", max_tokens)
@@ -207,9 +213,11 @@ def test_decode_gemv_routes_in_gemm1(case, monkeypatch):
         layer.backend = "triton"
         calls.clear()
         rows.clear()
+        launches.clear()
         monkeypatch.setattr(gv, "ROUTE_MODE", "auto")
         out = layer(x, logits)
         assert len(calls) == (T > max_tokens or scheme == "mxfp4"), (T, max_tokens, calls)
+        assert launches == [(False, not calls), (True, act_order and not calls)], launches  # which ones route
         assert len(rows) == (act_order and not calls), (T, max_tokens, len(rows))
         monkeypatch.setattr(gv, "ROUTE_MODE", "never")
         w_ref, ids_ref = layer.route(x, logits)

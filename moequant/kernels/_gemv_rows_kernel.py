@@ -43,14 +43,18 @@ GEMM1 (not DOWN): grid (S, cdiv(N, BN), 1); activation row slot // A_ROW_DIV (TO
   (_topk_kernel._topk_choice, E_ROUTE experts padded to E_PAD) and takes the expert of its slot (slot % TOP_K-th);
   the programs of row block 0 and k = 0 write the token's weights (_topk_weights) and ids for GEMM2. PDL: launched
   as a programmatic dependent of the launch that writes a (act-order's kernels.topk.routed_rows): the launch and the
-  routing overlap it, and the program waits for it (griddepcontrol.wait) before reading anything else.
+  routing overlap it, and the program waits for it (griddepcontrol.wait) before reading anything else. TRIGGER:
+  GEMM2 is launched as a programmatic dependent and may start (griddepcontrol.launch_dependents) right away.
 GEMM2 (DOWN): grid (T, cdiv(N, BN), SPLIT_K, or SPLIT_K * TOP_K with PART_SPLIT: one expert per program, P = 1);
   out[t, n] = sum_k w[t, k] * (part_k + b2[e_k]): the top-k sum in fp32, no separate launch; with several programs
   per output block (SHARES) each adds its share atomically to an fp32 split buffer [T, N] and the last of a block's
   programs (int32 counters [T, cdiv(N, BN)]) casts the block into out; GEMM1 zeroes both (ZERO_SPLIT: ZB elements
   of each per program, n_split / n_count in all), so the split costs no extra launch. PART_SPLIT keeps the
   activation tile [1, NG, GW, 1] (a [TOP_K, NG, GW, 1] one of as many elements as threads gets its own layout).
-  Parts whose expert id is negative (another rank's) or beyond TOP_K read nothing.
+  Parts whose expert id is negative (another rank's) or beyond TOP_K read nothing. PDL (with ROUTE, after a GEMM1
+  that routes and TRIGGERs): launched while GEMM1 runs, each program routes its token again (GEMM1's ids may not be
+  written yet), then waits for GEMM1 (griddepcontrol.wait) before reading its input, the routing weights and the
+  split buffers.
 Act-order (SORTED, not with PACKED): column k of expert e reads a[sort_idx[e, k]].
 as_ptr and stride_asm (activation scales) are unused here (A16 only): gemv.py passes one argument list to both kernels;
 the epilogue is _gemv_kernel.gemv_epilogue.
@@ -58,7 +62,7 @@ the epilogue is _gemv_kernel.gemv_epilogue.
 
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_wait
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from moequant.kernels._gemv_fp4_bf16x2 import (FP4_PACKED_FACTOR, act_pair, act_quad, block_scale, fp4_bf16x2_sums,
                                                 interleave_rows)
@@ -282,8 +286,11 @@ def gemv_rows_kernel(
     logits_ptr=None, E_ROUTE=0, stride_lt=0, route_scale=1.0, ROUTE: tl.constexpr = False,
     K_PAD: tl.constexpr = 2, E_PAD: tl.constexpr = 16, SIGMOID: tl.constexpr = False,
     RENORMALIZE: tl.constexpr = False, X_QUAD: tl.constexpr = False, PDL: tl.constexpr = False,
+    TRIGGER: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
+    if TRIGGER:  # GEMM1: GEMM2, launched as a programmatic dependent, may start now (it waits for our output)
+        gdc_launch_dependents()
     if ZERO_SPLIT:  # GEMM1 zeroes GEMM2's split-K buffer and counters: ZB elements of each per program
         z = (pid * tl.num_programs(1) + tl.program_id(1)).to(tl.int64) * ZB + tl.arange(0, ZB)
         tl.store(split_ptr + z, tl.zeros((ZB,), dtype=tl.float32), mask=z < n_split)
@@ -298,7 +305,12 @@ def gemv_rows_kernel(
         else:
             slot = pid * TOP_K + parts
         p_ok = parts < TOP_K
-        e = tl.load(ids_ptr + slot, mask=p_ok, other=-1)
+        if ROUTE:  # launched while GEMM1 (which routes and writes the ids) may still run: route again
+            r_ids, r_x, x_row, ks = _topk_choice(logits_ptr, pid.to(tl.int64), E_ROUTE, stride_lt, K_PAD, E_PAD)
+            k_of = (slot - pid * TOP_K)[:, None]
+            e = tl.sum(tl.where(ks[None, :] == k_of, r_ids[None, :], 0), 1)
+        else:
+            e = tl.load(ids_ptr + slot, mask=p_ok, other=-1)
         p_ok = p_ok & (e >= 0)
         a_off = tl.where(p_ok, slot, 0).to(tl.int64)[:, None, None, None] * stride_am  # [P, 1, 1, 1]
         row_off = parts * 0
@@ -346,6 +358,8 @@ def gemv_rows_kernel(
     per_split = tl.cdiv(n_chunks, SPLIT_K)
     c0 = split * per_split
     c1 = tl.minimum(c0 + per_split, n_chunks)
+    if PDL and DOWN:  # launched while GEMM1 runs (routed again above): wait for GEMM1's output
+        gdc_wait()
     if FMT == 0:
         n4 = offs_n[None, None, None, :].to(tl.int64)
         if EVEN:

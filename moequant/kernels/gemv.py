@@ -30,8 +30,9 @@ _A_CODE = {None: 0, "tensor": 1, "row": 2, "group": 3}
 _W_CODE = {None: 0, "expert": 1, "row": 2}
 MODE = os.environ.get("MOEQUANT_GEMV", "auto")  # auto | always | never (see use_gemv)
 ROUTE_MODE = os.environ.get("MOEQUANT_GEMV_ROUTE", "auto")  # auto | always | never (see gemv_routes)
-PDL_MODE = os.environ.get("MOEQUANT_GEMV_PDL", "auto")  # auto | never (see rows_launch_pdl)
-PDL_MAX_TOKENS = 4
+PDL_MODE = os.environ.get("MOEQUANT_GEMV_PDL", "auto")  # auto | rows | never (see rows_launch_pdl, chain_pdl)
+PDL_MAX_TOKENS = 4  # rows_launch_pdl
+CHAIN_MAX_TOKENS = 1  # chain_pdl
 ROUTE_MAX_TOKENS = 8  # gemv_routes: GEMM1 routes its tokens itself up to this many tokens
 # int4 / A16 fp4 weights with bf16 activations on a GPU: products in bf16x2 (gemv_rows_kernel's PACKED); 0: fp32
 PACKED = os.environ.get("MOEQUANT_GEMV_PACKED", "1") == "1"
@@ -123,6 +124,23 @@ def rows_launch_pdl(x: torch.Tensor) -> bool:
     MOEQUANT_GEMV_PDL=never turns it off (benchmarks)."""
     return (PDL_MODE != "never" and 0 < x.shape[0] <= PDL_MAX_TOKENS and x.is_cuda
             and os.environ.get("TRITON_INTERPRET") != "1" and torch.cuda.get_device_capability(x.device)[0] >= 9)
+
+
+def chain_pdl(x: torch.Tensor) -> bool:
+    """Whether act-order's GEMM2 (after routed_rows and a GEMM1 launched as its dependent) is launched as GEMM1's
+    programmatic dependent too: it starts while GEMM1 runs, routes again and waits for GEMM1's output. One token
+    only, measured (H200, us per forward, with / without): Qwen3-30B w4a16 g128 act-order M=1 17.0-17.3 / 17.8-18.0,
+    M=2 30.6-31.0 / 27.9, M=4 51.2 / 45.7; the plain pair (GEMM1 not a dependent) M=1 16.2 / 15.6, Mixtral 80.0 /
+    63.7, nvfp4a16 also slower: the cause of the losses was not profiled. MOEQUANT_GEMV_PDL=rows turns it off."""
+    return PDL_MODE == "auto" and x.shape[0] <= CHAIN_MAX_TOKENS and rows_launch_pdl(x)
+
+
+def _pdl_kwargs(pdl: bool, trigger: bool) -> dict:
+    """The rows kernel's launch options for programmatic dependent launch (none in the interpreter, which cannot run
+    griddepcontrol: the kernels then wait for the previous launch as plain launches do)."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return {}
+    return {**(dict(PDL=True, launch_pdl=True) if pdl else {}), **(dict(TRIGGER=True) if trigger else {})}
 
 
 def _group(w: GemvWeights) -> int:
@@ -299,7 +317,7 @@ def split_buffers(plan: GemvPlan, out_rows: int, device) -> tuple[torch.Tensor, 
 def gemv(a, w: GemvWeights, c, topk_ids, *, down: bool, top_k: int, activation: str = "silu", a_scale=None,
          a_scale_kind=None, bias=None, topk_weights=None, out_amax=None, cfg: GemvConfig | None = None,
          plan: GemvPlan | None = None, split_bufs=None, zero_bufs=None, a_per_slot: bool = False, route=None,
-         pdl: bool = False):
+         pdl: bool = False, trigger: bool = False):
     """GEMM1 (down=False): c[slot] = act(W13[e] a[slot // top_k]) for every slot; GEMM2 (down=True):
     c[t] = sum_k w[t, k] * (W2[e_k] a[t*top_k + k] + b2[e_k]). a_scale_kind: None (A16), "tensor" [1],
     "row" [rows] or "group" [rows, C/128] scales of a (fp8 or pre-quantized nvfp4).
@@ -307,21 +325,23 @@ def gemv(a, w: GemvWeights, c, topk_ids, *, down: bool, top_k: int, activation: 
     them as zero_bufs; zeroed here when not given). a_per_slot (GEMM1, rows kernel): a holds one row per slot
     instead of one per token. route (GEMM1; topk.DeferredRouting): topk_ids are route.ids, not yet written; the rows
     kernel routes in every program and writes route's outputs, another kernel gets them from route.run() first.
-    pdl (GEMM1 on the rows kernel): launch as a programmatic dependent that waits for the previous launch (which
-    wrote a) after routing."""
+    pdl (rows kernel): launch as a programmatic dependent of the previous launch (which wrote a), waiting for it
+    after routing (GEMM1) or after routing again and prefetching its weights (GEMM2: route= is the routing GEMM1
+    did, topk_weights its weights output). trigger (GEMM1): let a dependent GEMM2 launch at once."""
     ids = topk_ids.reshape(-1)
     C = w.columns
     plan = plan or plan_gemv(w, c.shape[0], topk_ids, down=down, top_k=top_k, a_scale_kind=a_scale_kind, cfg=cfg)
     N, P, rows_kernel, cfg = plan.N, plan.P, plan.rows_kernel, plan.cfg
     routing = {}
     if route is not None:
-        if down or topk_weights is not None or route.ids.data_ptr() != topk_ids.data_ptr():
-            raise ValueError("gemv: route= is for GEMM1 without routing weights on its input, with topk_ids = "
-                             "route.ids")
-        if rows_kernel:  # the routing weights go out through topk_w_ptr (GEMM1 does not read them)
-            topk_weights, routing = route.weights, dict(
-                logits_ptr=route.logits, E_ROUTE=route.logits.shape[1], stride_lt=route.logits.stride(0),
-                route_scale=route.scale, ROUTE=True, **route.consts())
+        if (route.ids.data_ptr() != topk_ids.data_ptr() or (topk_weights is not None) != down
+                or (down and not (rows_kernel and pdl))):
+            raise ValueError("gemv: route= is for GEMM1 without routing weights on its input, or for a GEMM2 on the "
+                             "rows kernel launched as its dependent (pdl=True), with topk_ids = route.ids")
+        if rows_kernel:  # GEMM1: the routing weights go out through topk_w_ptr (GEMM1 does not read them)
+            topk_weights = topk_weights if down else route.weights
+            routing = dict(logits_ptr=route.logits, E_ROUTE=route.logits.shape[1], stride_lt=route.logits.stride(0),
+                           route_scale=route.scale, ROUTE=True, **route.consts())
         else:
             route.run()
     G = _group(w)
@@ -370,7 +390,8 @@ def gemv(a, w: GemvWeights, c, topk_ids, *, down: bool, top_k: int, activation: 
         FMT=_FMT[w.fmt], BITS=8 if w.fmt == "fp8" else w.bits, G=G,
         GROUP_SCALES=w.scale is not None and (w.fmt != "int" or w.group is not None), HAS_ZP=zp is not None,
         SCALE_KIND=1 if w.scale_kind == "e8m0" else 0, W_SCALE=_W_CODE[w_kind], A_SCALE=_A_CODE[a_scale_kind],
-        SORTED=si is not None, MUL_WEIGHT=topk_weights is not None and not routing, HAS_BIAS=bias is not None,
+        SORTED=si is not None, MUL_WEIGHT=topk_weights is not None and (down or not routing),
+        HAS_BIAS=bias is not None,
         OUT_AMAX=out_amax is not None, OUT_PERM=w.out_perm is not None and not down,
         BLOCK_N=cfg.BLOCK_N, NG=cfg.NG, num_warps=cfg.num_warps,
     )
@@ -389,8 +410,7 @@ def gemv(a, w: GemvWeights, c, topk_ids, *, down: bool, top_k: int, activation: 
                                                 PREFETCH=packed and cfg.PREFETCH,
                                                 A_ROW_DIV=1 if a_per_slot else top_k,
                                                 UNIT=fp4_unit(cfg, G) if packed and w.fmt == "fp4" else 2, **consts,
-                                                X_QUAD=x_quad, **routing,
-                                                **(dict(PDL=True, launch_pdl=True) if pdl and not down else {}))
+                                                X_QUAD=x_quad, **routing, **_pdl_kwargs(pdl, trigger and not down))
     else:
         if a_per_slot:
             raise ValueError("gemv: one activation row per slot needs the rows kernel (int or A16 fp4 weights)")
@@ -419,6 +439,8 @@ def fused_experts_gemv(x, w13: GemvWeights, w2: GemvWeights, topk_weights, topk_
     per_slot = w13.sort_idx is not None and quantize is None and uses_rows_kernel(w13)
     # rows written without routing (kernels.topk.routed_rows) for a GEMM1 that routes: launched as its dependent
     pdl = route is not None and per_slot and slot_rows is not None and rows_launch_pdl(x)
+    # act-order's GEMM1 (a dependent of routed_rows) starts a GEMM2 that routes again while it runs
+    chain = pdl and uses_rows_kernel(w2) and chain_pdl(x)
     if route is not None and ((per_slot and slot_rows is None) or apply_router_weight_on_input):
         # GEMM1 needs the routing before it runs (to gather act-order's rows, or to weight its input)
         route.run()
@@ -433,8 +455,9 @@ def fused_experts_gemv(x, w13: GemvWeights, w2: GemvWeights, topk_weights, topk_
     bufs = split_buffers(plan2, T, x.device) if plan2 is not None else None
     gemv(a, w13, inter, topk_ids, down=False, top_k=K, activation=activation, a_scale=s, a_scale_kind=kind,
          bias=w13_bias, topk_weights=topk_weights if apply_router_weight_on_input else None, out_amax=out_amax,
-         zero_bufs=bufs, a_per_slot=per_slot, route=route, pdl=pdl)
+         zero_bufs=bufs, a_per_slot=per_slot, route=route, pdl=pdl, trigger=chain)
     a, s, kind = quantize(inter, 2) if quantize is not None else (inter, None, None)
     out = torch.empty(T, H, dtype=x.dtype, device=x.device)
     return gemv(a, w2, out, topk_ids, down=True, top_k=K, a_scale=s, a_scale_kind=kind, bias=w2_bias,
-                topk_weights=None if apply_router_weight_on_input else topk_weights, plan=plan2, split_bufs=bufs)
+                topk_weights=None if apply_router_weight_on_input else topk_weights, plan=plan2, split_bufs=bufs,
+                route=route if chain else None, pdl=chain)

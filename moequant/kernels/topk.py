@@ -10,6 +10,7 @@ moequant.kernels.reference.gather_slot_columns_ref.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -127,5 +128,6 @@ def routed_rows(router_logits: torch.Tensor, top_k: int, x: torch.Tensor, sort_i
     block = min(ROWS_BLOCK, triton.next_power_of_2(C))
     routed_rows_kernel[(T, E, triton.cdiv(C, block))](
         logits, x, sort_idx, rows, E, C, logits.stride(0), x.stride(0), sort_idx.stride(0), rows.stride(0),
-        TOP_K=top_k, E_PAD=_consts(logits, top_k, False, "softmax")["E_PAD"], BLOCK=block, PDL=pdl, num_warps=4)
+        TOP_K=top_k, E_PAD=_consts(logits, top_k, False, "softmax")["E_PAD"], BLOCK=block,
+        PDL=pdl and os.environ.get("TRITON_INTERPRET") != "1", num_warps=4)
     return rows
