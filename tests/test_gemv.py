@@ -201,7 +201,7 @@ def test_decode_gemv_routes_in_gemm1(case, monkeypatch):
     monkeypatch.setattr(topk_mod, "deferred_routing", lambda *a: routes.append(deferred(*a)) or routes[-1])
     monkeypatch.setattr(topk_mod, "routed_rows", lambda *a, **k: rows.append(routed(*a, **k)) or rows[-1])
     monkeypatch.setattr(gv, "rows_launch_pdl", lambda x: True)
-    monkeypatch.setattr(gv, "chain_pdl", lambda x: True)
+    monkeypatch.setattr(gv, "chain_pdl", lambda x, w13: True)
     launches, gemv = [], gv.gemv
     monkeypatch.setattr(gv, "gemv", lambda *a, **k: launches.append((k["down"], k.get("route") is not None))
                         or gemv(*a, **k))

@@ -33,6 +33,7 @@ ROUTE_MODE = os.environ.get("MOEQUANT_GEMV_ROUTE", "auto")  # auto | always | ne
 PDL_MODE = os.environ.get("MOEQUANT_GEMV_PDL", "auto")  # auto | rows | never (see rows_launch_pdl, chain_pdl)
 PDL_MAX_TOKENS = 4  # rows_launch_pdl
 CHAIN_MAX_TOKENS = 1  # chain_pdl
+CHAIN_MAX_EXPERT_BYTES = 8 << 20  # chain_pdl: w13 bytes of one expert
 ROUTE_MAX_TOKENS = 8  # gemv_routes: GEMM1 routes its tokens itself up to this many tokens
 # int4 / A16 fp4 weights with bf16 activations on a GPU: products in bf16x2 (gemv_rows_kernel's PACKED); 0: fp32
 PACKED = os.environ.get("MOEQUANT_GEMV_PACKED", "1") == "1"
@@ -126,13 +127,17 @@ def rows_launch_pdl(x: torch.Tensor) -> bool:
             and os.environ.get("TRITON_INTERPRET") != "1" and torch.cuda.get_device_capability(x.device)[0] >= 9)
 
 
-def chain_pdl(x: torch.Tensor) -> bool:
+def chain_pdl(x: torch.Tensor, w13: GemvWeights) -> bool:
     """Whether act-order's GEMM2 (after routed_rows and a GEMM1 launched as its dependent) is launched as GEMM1's
-    programmatic dependent too: it starts while GEMM1 runs, routes again and waits for GEMM1's output. One token
-    only, measured (H200, us per forward, with / without): Qwen3-30B w4a16 g128 act-order M=1 17.0-17.3 / 17.8-18.0,
-    M=2 30.6-31.0 / 27.9, M=4 51.2 / 45.7; the plain pair (GEMM1 not a dependent) M=1 16.2 / 15.6, Mixtral 80.0 /
-    63.7, nvfp4a16 also slower: the cause of the losses was not profiled. MOEQUANT_GEMV_PDL=rows turns it off."""
-    return PDL_MODE == "auto" and x.shape[0] <= CHAIN_MAX_TOKENS and rows_launch_pdl(x)
+    programmatic dependent too: it starts while GEMM1 runs, routes again and waits for GEMM1's output. One token and
+    experts of at most CHAIN_MAX_EXPERT_BYTES of w13, from what was measured (H200, us per forward, with / without):
+    Qwen3-30B w4a16 g128 act-order (1.5 MB per expert) M=1 16.8-17.3 / 17.8-18.0, M=2 30.6-31.0 / 27.9, M=4 51.2 /
+    45.7; Mixtral (58.7 MB) M=1 69.5 / 66.1; the plain pair (GEMM1 not a dependent) M=1 16.2 / 15.6, Mixtral 68.4 /
+    63.7, nvfp4a16 also slower. The losses were not profiled (only two shapes: the bound is a guess between them).
+    MOEQUANT_GEMV_PDL=rows turns it off."""
+    expert_bytes = w13.data[0].numel() * w13.data.element_size()
+    return (PDL_MODE == "auto" and x.shape[0] <= CHAIN_MAX_TOKENS and expert_bytes <= CHAIN_MAX_EXPERT_BYTES
+            and rows_launch_pdl(x))
 
 
 def _pdl_kwargs(pdl: bool, trigger: bool) -> dict:
@@ -440,7 +445,7 @@ def fused_experts_gemv(x, w13: GemvWeights, w2: GemvWeights, topk_weights, topk_
     # rows written without routing (kernels.topk.routed_rows) for a GEMM1 that routes: launched as its dependent
     pdl = route is not None and per_slot and slot_rows is not None and rows_launch_pdl(x)
     # act-order's GEMM1 (a dependent of routed_rows) starts a GEMM2 that routes again while it runs
-    chain = pdl and uses_rows_kernel(w2) and chain_pdl(x)
+    chain = pdl and uses_rows_kernel(w2) and chain_pdl(x, w13)
     if route is not None and ((per_slot and slot_rows is None) or apply_router_weight_on_input):
         # GEMM1 needs the routing before it runs (to gather act-order's rows, or to weight its input)
         route.run()
