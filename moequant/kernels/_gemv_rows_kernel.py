@@ -43,7 +43,9 @@ GEMM1 (not DOWN): grid (S, cdiv(N, BN), 1); activation row slot // A_ROW_DIV (TO
   (_topk_kernel._topk_choice, E_ROUTE experts padded to E_PAD) and takes the expert of its slot (slot % TOP_K-th);
   the programs of row block 0 and k = 0 write the token's weights (_topk_weights) and ids for GEMM2. PDL: launched
   as a programmatic dependent of the launch that writes a (act-order's kernels.topk.routed_rows): the launch and the
-  routing overlap it, and the program waits for it (griddepcontrol.wait) before reading anything else. TRIGGER:
+  routing overlap it, and the program waits for it (griddepcontrol.wait) before reading anything else or writing
+  anything but the routing outputs (buffers the previous launch may still read, such as a copy of its input freed
+  after its launch, can be reused by this launch's outputs). TRIGGER:
   GEMM2 is launched as a programmatic dependent and may start (griddepcontrol.launch_dependents) right away.
 GEMM2 (DOWN): grid (T, cdiv(N, BN), SPLIT_K, or SPLIT_K * TOP_K with PART_SPLIT: one expert per program, P = 1);
   out[t, n] = sum_k w[t, k] * (part_k + b2[e_k]): the top-k sum in fp32, no separate launch; with several programs
@@ -264,6 +266,14 @@ def _fp4_words(r0, r1, r2, r3, w_base, s_base, j4, g4, w_ok, g_ok, stride_wk, st
 
 
 @triton.jit
+def _zero_split(split_ptr, count_ptr, pid, n_split, n_count, ZB: tl.constexpr):
+    """GEMM1's share of zeroing GEMM2's split-K buffer and counters: ZB elements of each per program."""
+    z = (pid * tl.num_programs(1) + tl.program_id(1)).to(tl.int64) * ZB + tl.arange(0, ZB)
+    tl.store(split_ptr + z, tl.zeros((ZB,), dtype=tl.float32), mask=z < n_split)
+    tl.store(count_ptr + z, tl.zeros((ZB,), dtype=tl.int32), mask=z < n_count)
+
+
+@triton.jit
 def _sum_steps(t):
     return tl.sum(tl.sum(t, axis=2), axis=1)
 
@@ -291,10 +301,8 @@ def gemv_rows_kernel(
     pid = tl.program_id(0)
     if TRIGGER:  # GEMM1: GEMM2, launched as a programmatic dependent, may start now (it waits for our output)
         gdc_launch_dependents()
-    if ZERO_SPLIT:  # GEMM1 zeroes GEMM2's split-K buffer and counters: ZB elements of each per program
-        z = (pid * tl.num_programs(1) + tl.program_id(1)).to(tl.int64) * ZB + tl.arange(0, ZB)
-        tl.store(split_ptr + z, tl.zeros((ZB,), dtype=tl.float32), mask=z < n_split)
-        tl.store(count_ptr + z, tl.zeros((ZB,), dtype=tl.int32), mask=z < n_count)
+    if ZERO_SPLIT and not PDL:  # GEMM1 zeroes GEMM2's split-K buffer and counters (as a dependent: after its wait)
+        _zero_split(split_ptr, count_ptr, pid, n_split, n_count, ZB)
     parts = tl.arange(0, P)
     split = tl.program_id(2)  # this program's share of the reduction (GEMM2)
     SHARES: tl.constexpr = SPLIT_K * TOP_K if PART_SPLIT else SPLIT_K  # programs adding into one output block
@@ -328,7 +336,9 @@ def gemv_rows_kernel(
             if e0 < 0:  # another rank's expert: GEMM2 skips this slot
                 return
         if PDL:  # launched as a programmatic dependent: the activation rows are the previous launch's output
-            gdc_wait()
+            gdc_wait()  # (and nothing is written before it but the routing outputs, allocated before that launch)
+            if ZERO_SPLIT:
+                _zero_split(split_ptr, count_ptr, pid, n_split, n_count, ZB)
         slot = pid + parts * 0
         e = e0 + parts * 0
         p_ok = parts < 2

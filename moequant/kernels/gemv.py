@@ -121,8 +121,7 @@ def rows_launch_pdl(x: torch.Tensor) -> bool:
     up to PDL_MAX_TOKENS tokens. H200, w4a16 g128 act-order, us per forward with / without PDL (fused_topk_gather
     and a GEMM1 that reads ids instead): Qwen3-30B M=1 17.8 / 18.6 (18.3), M=2 27.8 / 28.9 (28.5), M=4 45.7 / 46.8
     (44.7), M=8 66.8 / 63.2 (65.6) (at M=8 slower: plausibly its 6144 early GEMM1 programs take SM slots the rows
-    launch still needs; not profiled)
-    MOEQUANT_GEMV_PDL=never turns it off (benchmarks)."""
+    launch still needs; not profiled). MOEQUANT_GEMV_PDL=never turns it off (benchmarks)."""
     return (PDL_MODE != "never" and 0 < x.shape[0] <= PDL_MAX_TOKENS and x.is_cuda
             and os.environ.get("TRITON_INTERPRET") != "1" and torch.cuda.get_device_capability(x.device)[0] >= 9)
 
@@ -331,8 +330,8 @@ def gemv(a, w: GemvWeights, c, topk_ids, *, down: bool, top_k: int, activation: 
     instead of one per token. route (GEMM1; topk.DeferredRouting): topk_ids are route.ids, not yet written; the rows
     kernel routes in every program and writes route's outputs, another kernel gets them from route.run() first.
     pdl (rows kernel): launch as a programmatic dependent of the previous launch (which wrote a), waiting for it
-    after routing (GEMM1) or after routing again and prefetching its weights (GEMM2: route= is the routing GEMM1
-    did, topk_weights its weights output). trigger (GEMM1): let a dependent GEMM2 launch at once."""
+    after routing (GEMM1) or after routing again (GEMM2: route= is the routing GEMM1 did, topk_weights its weights
+    output). trigger (GEMM1): let a dependent GEMM2 launch at once."""
     ids = topk_ids.reshape(-1)
     C = w.columns
     plan = plan or plan_gemv(w, c.shape[0], topk_ids, down=down, top_k=top_k, a_scale_kind=a_scale_kind, cfg=cfg)
