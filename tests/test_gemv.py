@@ -263,12 +263,15 @@ def test_gemv_gpu_pipelined_steps(case, always_gemv, monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
-def test_gemv_gpu_graph_replay_with_split(always_gemv, monkeypatch):
-    """Routing -> GEMM1 -> GEMM2 captured in a CUDA graph with GEMM2 split in three (GEMM1 zeroes the split buffer
-    and counters on every replay, the last program of a block casts it): replays with new inputs match eager
-    forwards (fp32 atomics may add in another order: a bf16 rounding apart at most)."""
+@pytest.mark.parametrize("act_order", [False, True], ids=["plain", "act-order"])
+def test_gemv_gpu_graph_replay_with_split(act_order, always_gemv, monkeypatch):
+    """GEMM1 (routing) -> GEMM2 captured in a CUDA graph with GEMM2 split in three (GEMM1 zeroes the split buffer
+    and counters on every replay, the last program of a block casts it); with act-order routed_rows -> GEMM1 ->
+    GEMM2 chained as programmatic dependents (forced on): replays with new inputs match eager forwards (fp32 atomics
+    may add in another order: a bf16 rounding apart at most)."""
     monkeypatch.setattr(gv, "OVERRIDE", {False: gv.GemvConfig(32, 1, 4), True: gv.GemvConfig(16, 1, 4, SPLIT_K=3)})
-    layer = build("w4a16", 128, False, False, torch.bfloat16, "cuda")
+    monkeypatch.setattr(gv, "chain_pdl", lambda x, w13: gv.rows_launch_pdl(x))
+    layer = build("w4a16", 128, act_order, False, torch.bfloat16, "cuda")
     gen = torch.Generator(device="cuda").manual_seed(3)
     x = torch.randn(1, H, device="cuda", dtype=torch.bfloat16, generator=gen)
     logits = torch.randn(1, E, device="cuda", generator=gen)
