@@ -45,8 +45,8 @@ GEMM1 (not DOWN): grid (S, cdiv(N, BN), 1); activation row slot // A_ROW_DIV (TO
   as a programmatic dependent of the launch that writes a (act-order's kernels.topk.routed_rows): the launch and the
   routing overlap it, and the program waits for it (griddepcontrol.wait) before reading anything else or writing
   anything but the routing outputs (buffers the previous launch may still read, such as a copy of its input freed
-  after its launch, can be reused by this launch's outputs). TRIGGER:
-  GEMM2 is launched as a programmatic dependent and may start (griddepcontrol.launch_dependents) right away.
+  after its launch, can be reused by this launch's outputs). TRIGGER: GEMM2 is launched as a programmatic
+  dependent and may start right away (griddepcontrol.launch_dependents).
 GEMM2 (DOWN): grid (T, cdiv(N, BN), SPLIT_K, or SPLIT_K * TOP_K with PART_SPLIT: one expert per program, P = 1);
   out[t, n] = sum_k w[t, k] * (part_k + b2[e_k]): the top-k sum in fp32, no separate launch; with several programs
   per output block (SHARES) each adds its share atomically to an fp32 split buffer [T, N] and the last of a block's
