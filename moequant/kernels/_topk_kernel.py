@@ -23,12 +23,18 @@ def _ordered(x):
 
 
 @triton.jit
+def _key(x, index, E_PAD: tl.constexpr):
+    """int64 key ordered(x) << 32 | (E_PAD - 1 - index) of logit x (fp32, -0 already +0) of expert index: distinct,
+    larger for a larger logit and, at equal logits, for the lower index (the top-k's and the ranking's one order)."""
+    return (_ordered(x).to(tl.int64) << 32) | (E_PAD - 1 - index).to(tl.int64)
+
+
+@triton.jit
 def _row_keys(logits_ptr, t, E, stride_t, E_PAD: tl.constexpr):
-    """(int64 keys [E_PAD], logits fp32 [E_PAD]) of token t's row: key = ordered(x) << 32 | (E_PAD - 1 - index),
-    distinct, larger for a larger logit and, at equal logits, for the lower index (-inf past E; -0 taken as +0)."""
+    """(int64 keys [E_PAD], logits fp32 [E_PAD]) of token t's row (_key; -inf past E; -0 taken as +0)."""
     offs = tl.arange(0, E_PAD)
     x = tl.load(logits_ptr + t * stride_t + offs, mask=offs < E, other=-float("inf")).to(tl.float32) + 0.0
-    return (_ordered(x).to(tl.int64) << 32) | (E_PAD - 1 - offs).to(tl.int64), x
+    return _key(x, offs, E_PAD), x
 
 
 @triton.jit
@@ -121,7 +127,6 @@ def routed_rows_kernel(
     cols = tl.load(sidx_ptr + e.to(tl.int64) * stride_ie + offs, mask=ok, other=0)
     vals = tl.load(x_ptr + t * stride_xm + cols, mask=ok, other=0.0)
     key, _ = _row_keys(logits_ptr, t, E, stride_t, E_PAD)
-    x_e = tl.load(logits_ptr + t * stride_t + e).to(tl.float32) + 0.0
-    key_e = (_ordered(x_e).to(tl.int64) << 32) | (E_PAD - 1 - e).to(tl.int64)
+    key_e = _key(tl.load(logits_ptr + t * stride_t + e).to(tl.float32) + 0.0, e, E_PAD)
     rank = tl.sum((key > key_e).to(tl.int32), 0)
     tl.store(out_ptr + (t * TOP_K + rank) * stride_om + offs, vals, mask=ok & (offs * 0 + rank < TOP_K))

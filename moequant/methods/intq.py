@@ -265,23 +265,24 @@ class IntWeightOnlyMethod(FusedMoEMethodBase):
             inv_sort_idx=getattr(layer, f"{p}_inv_sort_idx", None) if self.act_order else None)
 
     def slot_column_order(self, layer, x):
-        """Act-order on the decode path (kernels.gemv.use_gemv): w13's sort_idx, so that routing writes each slot's x
-        row in its expert's sorted column order in the same launch (one gather launch fewer per forward)."""
-        from moequant.kernels.gemv import use_gemv
-
-        if not (self.act_order and self.processed and all(self.uniform_groups.get(p, True) for p in ("w13", "w2"))):
-            return None
-        T = x.shape[0]
-        return layer.w13_sort_idx if T and use_gemv(T, layer.top_k, layer.local_num_experts) else None
+        """Act-order on the decode path (kernels.gemv.use_gemv): w13's sort_idx, so that one launch before GEMM1
+        writes each slot's x row in its expert's sorted column order (the routing launch, fused_topk_gather, or
+        routed_rows when GEMM1 routes), not a gather launch of its own."""
+        return layer.w13_sort_idx if self.act_order and self._on_decode_gemv(layer, x.shape[0]) else None
 
     def routes_in_kernel(self, layer, x):
         """On the decode GEMV: GEMM1 routes (kernels.gemv.gemv_routes); with act-order it reads the slots' rows of x
         in sorted column order from kernels.topk.routed_rows, a launch that does not route."""
-        from moequant.kernels.gemv import gemv_routes, use_gemv
+        from moequant.kernels.gemv import gemv_routes
 
-        T = x.shape[0]
-        return (self.processed and all(self.uniform_groups.get(p, True) for p in ("w13", "w2"))
-                and gemv_routes(T) and use_gemv(T, layer.top_k, layer.local_num_experts))
+        return gemv_routes(x.shape[0]) and self._on_decode_gemv(layer, x.shape[0])
+
+    def _on_decode_gemv(self, layer, T: int) -> bool:
+        """Whether T tokens take the decode GEMV (kernels.gemv.use_gemv) with the processed, uniform-group layout."""
+        from moequant.kernels.gemv import use_gemv
+
+        return (T > 0 and self.processed and all(self.uniform_groups.get(p, True) for p in ("w13", "w2"))
+                and use_gemv(T, layer.top_k, layer.local_num_experts))
 
     def apply_triton(self, layer, x, topk_weights, topk_ids, slot_rows=None, route=None):
         from moequant.kernels.int_gemm import IntLayout, fused_experts_int
