@@ -7,6 +7,8 @@ device time (to match the GPU's Triton, put that version first on PYTHONPATH: pi
     python benchmarks/sass_count.py '{"FMT": 1, "G": 16, "W_SCALE": 1, "BLOCK_N": 64, "NG": 4}'    # nvfp4a16
     python benchmarks/sass_count.py '{"BLOCK_N": 8, "NG": 4, "PACKED": true, "PREFETCH": true, "X_QUAD": true,
         "ROUTE": true, "TOP_K": 8, "K_PAD": 8, "E_PAD": 128, "A_ROW_DIV": 8}'    # Qwen3-30B w4a16 GEMM1 at M=1
+    python benchmarks/sass_count.py '{"FMT": 2, "BITS": 8, "GROUP_SCALES": false, "W_SCALE": 1, "A_SCALE": 1,
+        "A_SRC": 2, "F16X2": true, "OUT_AMAX": 2, "BLOCK_N": 8, "NG": 4}'    # fp8-tensor GEMM1 on the rows kernel
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ DEFAULTS = dict(DOWN=False, TOP_K=2, P=2, ACTIVATION=0, FMT=0, BITS=4, G=128, GR
                 ROUTE=False, K_PAD=2, E_PAD=16, SIGMOID=False, RENORMALIZE=False, X_QUAD=False, PDL=False, TRIGGER=False)
 # gemv_rows_kernel's own constexprs
 ROWS_ONLY = ("EVEN", "SPLIT_K", "PART_SPLIT", "STAGES", "ZERO_SPLIT", "ZB", "PACKED", "PREFETCH",
-             "A_ROW_DIV", "UNIT", "ROUTE", "K_PAD", "E_PAD", "SIGMOID", "RENORMALIZE", "X_QUAD", "PDL", "TRIGGER")
+             "A_ROW_DIV", "UNIT", "ROUTE", "K_PAD", "E_PAD", "SIGMOID", "RENORMALIZE", "X_QUAD", "PDL", "TRIGGER",
+             "A_SRC", "F16X2", "EPS", "EMULATE_CAST")
 POINTERS = {"a_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*bf16", "z_ptr": "*i8", "sidx_ptr": "*i32",
             "ids_ptr": "*i32", "c_ptr": "*fp32", "count_ptr": "*i32", "perm_ptr": "*i32", "bias_ptr": "*bf16"}
 # Triton specializes integer arguments equal to 1: rows kernel (weights, scales and zero points rows-contiguous)
@@ -47,7 +50,7 @@ DIV16 = ("N", "C", "two23", "stride_am", "stride_we", "stride_wk", "stride_se", 
 def compile_sm90(consts: dict, num_warps: int):
     """gemv_rows_kernel for int and A16 fp4, else gemv_moe_kernel (as gemv.uses_rows_kernel), with the launcher's
     specializations."""
-    rows = consts["FMT"] == 0 or consts["FMT"] == 1 and consts["A_SCALE"] == 0
+    rows = consts["FMT"] == 0 or consts["FMT"] == 1 and consts["A_SCALE"] == 0 or consts.get("F16X2", False)
     kernel = gemv_rows_kernel if rows else gemv_moe_kernel
     if not rows:
         consts = {k: v for k, v in consts.items() if k not in ROWS_ONLY}
@@ -82,6 +85,8 @@ def main(argv=None) -> int:
     if cfg["FMT"] == 1:  # fp4 (rows kernel: int32 words of four rows' bytes and scales; else bytes)
         unit = "*i32" if cfg["A_SCALE"] == 0 else "*u8"
         POINTERS.update(w_ptr=unit, s_ptr=unit)
+    elif cfg.get("F16X2"):  # fp8 on the rows kernel: int32 words, activations in high precision
+        POINTERS.update(w_ptr="*i32", s_ptr="*fp32", a_ptr="*fp32" if cfg["DOWN"] else "*bf16")
     elif cfg["FMT"] == 2:  # fp8 weights (and fp8 activations when they have scales) as bytes
         POINTERS.update(w_ptr="*u8", s_ptr="*fp32", a_ptr="*u8" if cfg["A_SCALE"] else "*bf16")
     num_warps = cfg.pop("num_warps", 4)

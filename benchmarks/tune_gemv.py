@@ -83,6 +83,8 @@ def heuristic_configs(gv, rec: Recorder, run) -> dict:
 def applies(axis: str, name: str, down: bool) -> bool:
     """Whether an axis means anything for the GEMV kernel `name` (gemv.kernel_name)."""
     rows = "int" in name or "rows" in name
+    if "fp8" in name and axis in ("STAGES", "PREFETCH", "UNIT", "PART_SPLIT"):
+        return False  # the fp8 rows GEMV: plain steps, GEMM2 always one expert per program
     if axis in ("SPLIT_K", "PART_SPLIT"):
         return down and rows  # only GEMM2 of the rows kernel (int, A16 fp4) splits
     if axis == "STAGES":  # only the rows kernel pipelines its steps, and not on A16 fp4's bf16x2 path (PREFETCH)

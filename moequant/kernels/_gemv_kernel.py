@@ -120,8 +120,8 @@ def gemv_epilogue(acc, pid, e, parts, slot, p_ok, row_ok, n_ok, offs_n, rows, N,
     """Both GEMV kernels' epilogue from acc [P, BN] (the parts' sums, group scales applied): the per-expert or
     per-row weight scale, then GEMM2: out[t, n] = sum_k w_k * (acc_k + b2) (the bias from the programs holding the
     reduction's first share, split = 0; with SHARES > 1 programs per output block see _split_store), or GEMM1:
-    c[slot, perm(n)] = act(gate + b, up + b) (routing weight first when applied on the input; OUT_AMAX folds
-    max |out| into amax_ptr)."""
+    c[slot, perm(n)] = act(gate + b, up + b) (routing weight first when applied on the input; OUT_AMAX 1 folds
+    max |out| into amax_ptr[0], 2 stores this program's max at amax_ptr[pid * programs along N + block])."""
     if W_SCALE == 1:  # per expert and part (fp8 per-tensor, nvfp4's second-level scale)
         acc *= tl.load(es_ptr + e * stride_ese + parts * stride_esj, mask=p_ok, other=0.0)[:, None]
     elif W_SCALE == 2:  # per output row (fp8 per-channel, int per-channel)
@@ -149,8 +149,11 @@ def gemv_epilogue(acc, pid, e, parts, slot, p_ok, row_ok, n_ok, offs_n, rows, N,
         gate = tl.sum(tl.where(parts[:, None] == 0, acc, 0.0), axis=0)
         up = tl.sum(tl.where(parts[:, None] == 1, acc, 0.0), axis=0)
         out = gated_act(gate, up, ACTIVATION)
-        if OUT_AMAX:
+        if OUT_AMAX == 1:
             tl.atomic_max(amax_ptr, tl.max(tl.where(n_ok, tl.abs(out), 0.0), axis=0))
+        elif OUT_AMAX == 2:  # one partial per program, no atomics (the fp8 rows GEMV's GEMM2 reduces them)
+            tl.store(amax_ptr + pid * tl.num_programs(1) + tl.program_id(1),
+                     tl.max(tl.where(n_ok, tl.abs(out), 0.0), axis=0))
         cols = offs_n
         if OUT_PERM:  # write in the next GEMM's act-order (sorted) column order; every part holds the slot's expert
             cols = tl.load(perm_ptr + tl.max(e, axis=0) * stride_pe + offs_n, mask=n_ok, other=0)

@@ -1,5 +1,6 @@
-"""Triton body of the decode (GEMV) kernel for int weights and A16 fp4 weights stored rows-contiguous (launcher:
-gemv.py; fp8 and fp4 with fp4 activations go through _gemv_kernel.py).
+"""Triton body of the decode (GEMV) kernel for int weights and A16 fp4 weights stored rows-contiguous, and for fp8
+weights (K-contiguous) whose activations it quantizes itself (launcher: gemv.py; fp8 with pre-quantized
+activations and fp4 with fp4 activations go through _gemv_kernel.py).
 
 Each program streams BN output rows of its slot's expert (GEMM1: the gate and the up rows; GEMM2: the rows of each of
 the token's TOP_K experts) over its share of the reduction, on the CUDA cores in fp32. The tile puts the rows last: a
@@ -31,6 +32,11 @@ fp4: bytes and block scales (rows-contiguous) read as int32 words [E, N/4, C/2] 
   byte columns per element: bf16x2 chains of four products, one block scale per row and element (STAGES unused:
   PREFETCH keeps the next step in flight).
   out[part, n] = sum_g scale[part, n, g] * sum_{k in g} wq[part, n, k] * a[part, k]   (a: x's dtype or fp32)
+fp8 (FMT 2): _gemv_fp8_rows.fp8_rows_sums, its own tile [BN, 8 NG, 2, 2] of int32 words (K-contiguous rows);
+  the activation arrives in high precision (x, or GEMM1's fp32 output) and is quantized to e4m3 in the program
+  with the scale A_SCALE (1 per tensor, 2 per row) and A_SRC (0 static as_ptr[0], 1 from the a_amax_n amax
+  partials at as_ptr that GEMM1 stored with OUT_AMAX 2, 2 from the input's a_rows rows) say; F16X2 on a GPU (the
+  interpreter takes fp32 products and EMULATE_CAST). GEMM2 takes one expert per program (PART_SPLIT, P = 1).
 EVEN (C a multiple of a step, N of BN) drops the column and row masks from the loop. STAGES > 1 software-pipelines
 the steps: the weight words and scales of the next STAGES - 1 steps are copied to shared memory asynchronously
 (cp.async) while the current step computes, keeping more bytes in flight than the registers would hold. PREFETCH
@@ -58,8 +64,8 @@ GEMM2 (DOWN): grid (T, cdiv(N, BN), SPLIT_K, or SPLIT_K * TOP_K with PART_SPLIT:
   written yet), then waits for GEMM1 (griddepcontrol.wait) before reading its input, the routing weights and the
   split buffers.
 Act-order (SORTED, not with PACKED): column k of expert e reads a[sort_idx[e, k]].
-as_ptr and stride_asm (activation scales) are unused here (A16 only): gemv.py passes one argument list to both kernels;
-the epilogue is _gemv_kernel.gemv_epilogue.
+stride_asm is unused here (gemv.py passes one argument list to both kernels; as_ptr serves fp8 only); the epilogue is
+_gemv_kernel.gemv_epilogue.
 """
 
 import triton
@@ -68,6 +74,7 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from moequant.kernels._gemv_fp4_bf16x2 import (FP4_PACKED_FACTOR, act_pair, act_quad, block_scale, fp4_bf16x2_sums,
                                                 interleave_rows)
+from moequant.kernels._gemv_fp8_rows import fp8_rows_sums
 from moequant.kernels._gemv_kernel import FP4_FACTOR, gemv_epilogue
 from moequant.kernels._topk_kernel import _topk_choice, _topk_weights
 
@@ -296,7 +303,8 @@ def gemv_rows_kernel(
     logits_ptr=None, E_ROUTE=0, stride_lt=0, route_scale=1.0, ROUTE: tl.constexpr = False,
     K_PAD: tl.constexpr = 2, E_PAD: tl.constexpr = 16, SIGMOID: tl.constexpr = False,
     RENORMALIZE: tl.constexpr = False, X_QUAD: tl.constexpr = False, PDL: tl.constexpr = False,
-    TRIGGER: tl.constexpr = False,
+    TRIGGER: tl.constexpr = False, A_SRC: tl.constexpr = 0, a_amax_n=0, a_rows=0, F16X2: tl.constexpr = False,
+    EPS: tl.constexpr = 1e-10, EMULATE_CAST: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
     if TRIGGER:  # GEMM1: GEMM2, launched as a programmatic dependent, may start now (it waits for our output)
@@ -334,6 +342,8 @@ def gemv_rows_kernel(
         else:
             e0 = tl.load(ids_ptr + pid)
             if e0 < 0:  # another rank's expert: GEMM2 skips this slot
+                if OUT_AMAX == 2:  # its amax partial still counts (as 0)
+                    tl.store(amax_ptr + pid * tl.num_programs(1) + tl.program_id(1), 0.0)
                 return
         if PDL:  # launched as a programmatic dependent: the activation rows are the previous launch's output
             gdc_wait()  # (and nothing is written before it but the routing outputs, allocated before that launch)
@@ -358,7 +368,7 @@ def gemv_rows_kernel(
     else:
         e4 = e0.to(tl.int64)
         pa_ok = pa[:, None, None, None] < 1
-    tl.static_assert(A_SCALE == 0, "activations in x's dtype (A16)")
+    tl.static_assert(A_SCALE == 0 or FMT == 2, "activations in x's dtype (A16), or quantized here (fp8)")
     tl.static_assert(PACKED or not PREFETCH, "PREFETCH double-buffers the PACKED (bf16x2) paths' loads")
     MASKED: tl.constexpr = not EVEN  # parts that read nothing point at row 0 of a and of sort_idx: loads stay in bounds
     a_base = a_ptr + a_off
@@ -452,6 +462,21 @@ def gemv_rows_kernel(
             gate = tl.sum(tl.sum(tl.sum(acc_a, axis=2), axis=1), axis=0)
             up = tl.sum(tl.sum(tl.sum(acc_b, axis=2), axis=1), axis=0)
             acc = tl.where(parts[:, None] == 0, gate[None, :], up[None, :])  # [P = 2, BN]
+    elif FMT == 2:  # fp8, activations quantized here: _gemv_fp8_rows.py (GEMM2: one expert per program)
+        tl.static_assert(PA == 1, "the fp8 GEMV's GEMM2 takes one expert per program (PART_SPLIT)")
+        e1 = tl.max(e, axis=0)  # GEMM1: both parts hold the slot's expert; GEMM2: the one part's
+        ok1 = tl.sum(p_ok.to(tl.int32), axis=0) > 0
+        slot1 = tl.max(slot, axis=0)
+        a_row = pid // A_ROW_DIV
+        if DOWN:
+            a_row = tl.where(ok1, slot1, 0)
+        first, second, s_a = fp8_rows_sums(w_ptr, a_ptr, as_ptr, a_row, slot1, e1, ok1, offs_n, N, C, c0, c1,
+                                           a_amax_n, a_rows, stride_am, stride_we, stride_wn, stride_wk, stride_ak,
+                                           A_SCALE, A_SRC, EPS, DOWN, EVEN, F16X2, EMULATE_CAST, BLOCK_N, NG)
+        if DOWN:
+            acc = first[None, :] * s_a
+        else:
+            acc = tl.where(parts[:, None] == 0, first[None, :], second[None, :]) * s_a  # [P = 2, BN]
     elif PACKED:  # A16 fp4, bf16 activations: _gemv_fp4_bf16x2.py (tile [PA, NG * G / (2 UNIT), BLOCK_N / 4])
         if DOWN:
             acc, up = fp4_bf16x2_sums(w_ptr, s_ptr, a_ptr, tl.where(p_ok, slot, 0).to(tl.int64) * stride_am, e, p_ok,

@@ -12,6 +12,8 @@ sorts the slots by expert in its first program: moe_align's one-program body), G
 (skipped with a static per-tensor scale, and for <= FUSE_A2_SLOTS slots with per-tensor / per-token scales: GEMM2
 then quantizes its A tiles itself), GEMM2, the sum: as many launches as the bf16 path (align, GEMM1, GEMM2, sum)
 plus one, or none with static scales; more slots add moe_align's launches.
+Decode of one token with small experts (rows_gemv) takes the rows GEMV instead (_fused_gemv_rows): GEMM1 routes and
+quantizes x itself, GEMM2 quantizes the fp32 activation itself and sums over the top k: two launches.
 """
 
 from __future__ import annotations
@@ -25,7 +27,9 @@ import triton
 from moequant.kernels._fp8_act_quant_kernel import fp8_act_quant_kernel
 from moequant.kernels._fp8_gemm_kernel import fp8_moe_gemm_kernel
 from moequant.kernels.align import OneProgramAlign, moe_align, one_program_align
-from moequant.kernels.gemv import GemvWeights, fused_experts_gemv, use_gemv
+from moequant.kernels import gemv as gemv_mod
+from moequant.kernels.gemv import (Fp8ActIn, GemvWeights, fp8_rows, fused_experts_gemv, gemv, plan_gemv,
+                                   split_buffers, use_gemv)
 from moequant.kernels.moe_gemm import _ACT_CODE, moe_sum
 from moequant.kernels.tuning import GemmConfig, cached_config
 from moequant.quantize.fp8_math import ACT_EPS, BLOCK, FP8_DTYPE
@@ -206,10 +210,12 @@ def fp8_grouped_gemm(a, a_scale, b, b_scale, c, routing, cfg, layout: Fp8Layout,
 
 def fused_experts_fp8(x, w13, w2, w13_scale, w2_scale, topk_weights, topk_ids, layout: Fp8Layout, *,
                       a13_scale=None, a2_scale=None, activation="silu", w13_bias=None, w2_bias=None,
-                      apply_router_weight_on_input=False, has_remote_experts=False) -> torch.Tensor:
+                      apply_router_weight_on_input=False, has_remote_experts=False, route=None) -> torch.Tensor:
     """out[t] = sum_k w[t,k] * (W2[e] q2(act(W13[e] q1(x[t]) + b13[e])) + b2[e]), e = topk_ids[t,k], with W the
     dequantized fp8 weights and q1, q2 the fp8 activation quantizers (static scales a13_scale / a2_scale [1] for
-    act="tensor" when given, else dynamic). No host synchronisation (CUDA-graph safe)."""
+    act="tensor" when given, else dynamic). No host synchronisation (CUDA-graph safe). route (topk.DeferredRouting;
+    topk_weights and topk_ids are its outputs): routing left to the kernels (the rows GEMV's GEMM1 routes; other
+    paths route with the routing launch first)."""
     T, H = x.shape
     E, two_i, _ = w13.shape
     I = two_i // 2
@@ -218,6 +224,11 @@ def fused_experts_fp8(x, w13, w2, w13_scale, w2_scale, topk_weights, topk_ids, l
         raise ValueError(f"fused_experts_fp8 needs {FP8_DTYPE} weights, got {w13.dtype} and {w2.dtype}")
     if T == 0:
         return torch.zeros(0, H, dtype=x.dtype, device=x.device)
+    if rows_gemv(T, w13, w2, w13_scale, w2_scale, layout):
+        return _fused_gemv_rows(x, w13, w2, w13_scale, w2_scale, topk_weights, topk_ids, layout, a13_scale, a2_scale,
+                                activation, w13_bias, w2_bias, apply_router_weight_on_input, route)
+    if route is not None:  # the kernels below read the routing: route with the routing launch first
+        route.run()
     if use_gemv(T, K, E, slots_per_expert=0):
         return _fused_gemv(x, w13, w2, w13_scale, w2_scale, topk_weights, topk_ids, layout, a13_scale, a2_scale,
                            activation, w13_bias, w2_bias, apply_router_weight_on_input)
@@ -269,6 +280,27 @@ def fused_experts_fp8(x, w13, w2, w13_scale, w2_scale, topk_weights, topk_ids, l
 
 
 _GEMV_A_KIND = {"tensor": "tensor", "token": "row", "group": "group"}
+# decode on the rows GEMV (fp8 weights, activations quantized in its programs): up to this many tokens, and experts
+# of at most this many w13 bytes (rows_gemv)
+ROWS_GEMV_TOKENS = int(os.environ.get("MOEQUANT_FP8_ROWS_GEMV_TOKENS", 1))
+ROWS_MAX_EXPERT_BYTES = 8 << 20
+
+
+def rows_gemv(T: int, w13, w2, w13_scale, w2_scale, layout: Fp8Layout) -> bool:
+    """Whether T tokens take the rows GEMV (gemv.fp8_rows: per-tensor or per-channel weights with per-tensor or
+    per-token activation scales, rows of a multiple of 16 bytes): up to ROWS_GEMV_TOKENS tokens with experts of at
+    most ROWS_MAX_EXPERT_BYTES of w13, or whatever MOEQUANT_GEMV=always|never says (per-tensor dynamic scales read
+    all of x in every GEMM1 program, so it is meant for few tokens). From the H200 at M=1 (us per forward, rows GEMV
+    / tensor-core GEMMs): Qwen3-30B (3 MB per expert) fp8-tensor 26.3 / 27.7, static 24.5 / 25.4-27.5; Mixtral
+    (117 MB) 137.6 / 95-99, the GEMVs reaching 2.5 TB/s where the tensor-core GEMMs stream 3.7."""
+    if layout.weight == "block" or layout.act not in ("tensor", "token") or T == 0:
+        return False
+    if not (fp8_rows(gemv_weights(w13, w13_scale, layout.weight)) and fp8_rows(gemv_weights(w2, w2_scale,
+                                                                                           layout.weight))):
+        return False
+    if gemv_mod.MODE in ("always", "never"):
+        return gemv_mod.MODE == "always"
+    return T <= ROWS_GEMV_TOKENS and w13[0].numel() * w13.element_size() <= ROWS_MAX_EXPERT_BYTES
 
 
 def gemv_weights(w: torch.Tensor, scale: torch.Tensor, granularity: str) -> GemvWeights:
@@ -299,3 +331,43 @@ def _fused_gemv(x, w13, w2, w13_scale, w2_scale, topk_weights, topk_ids, layout:
                               topk_weights, topk_ids, activation=activation, w13_bias=w13_bias, w2_bias=w2_bias,
                               apply_router_weight_on_input=on_input, quantize=quantize, inter_dtype=torch.float32,
                               out_amax=amax)
+
+
+def _fused_gemv_rows(x, w13, w2, w13_scale, w2_scale, topk_weights, topk_ids, layout: Fp8Layout, a13_scale, a2_scale,
+                     activation, w13_bias, w2_bias, on_input, route) -> torch.Tensor:
+    """The decode path on the rows GEMV (gemv.py, _gemv_fp8_rows.py): two launches. GEMM1 (routing itself when
+    route is given) quantizes x in its programs (static scale, or from x's rows), writes its activation in fp32 and,
+    for a dynamic stage-2 scale, one max |act| per program; GEMM2 quantizes that activation with the scale those
+    maxima give (per tensor, or per slot), and sums over the top k."""
+    T, H = x.shape
+    K = topk_ids.shape[1]
+    I = w13.shape[1] // 2
+    g13 = gemv_weights(w13, w13_scale, layout.weight)
+    g2 = gemv_weights(w2, w2_scale, layout.weight)
+    kind = _GEMV_A_KIND[layout.act]
+    if route is not None and on_input:  # GEMM1 weights its input: the routing comes first
+        route.run()
+        route = None
+    topk_weights = topk_weights.reshape(-1)
+    if topk_weights.dtype != torch.float32 or not topk_weights.is_contiguous():
+        topk_weights = topk_weights.float().contiguous()
+    static2 = kind == "tensor" and a2_scale is not None
+    a1 = Fp8ActIn(kind, "input" if a13_scale is None else "static",
+                  None if a13_scale is None else a13_scale.reshape(1).float())
+    probe = Fp8ActIn(kind, "static")  # plans need the input kind only
+    plan1 = plan_gemv(g13, T * K, topk_ids, down=False, top_k=K, a_quant=probe)
+    plan2 = plan_gemv(g2, T, topk_ids, down=True, top_k=K, a_quant=probe)
+    bufs = split_buffers(plan2, T, x.device)
+    per_slot = plan1.programs // (T * K)  # GEMM1 programs (amax partials) per slot
+    amax = None if static2 else torch.empty(T * K * per_slot, dtype=torch.float32, device=x.device)
+    inter = torch.empty(T * K, I, dtype=torch.float32, device=x.device)
+    gemv(x, g13, inter, topk_ids, down=False, top_k=K, activation=activation, bias=w13_bias,
+         topk_weights=topk_weights if on_input else None, out_amax=amax, plan=plan1, zero_bufs=bufs, route=route,
+         a_quant=a1)
+    if static2:
+        a2 = Fp8ActIn(kind, "static", a2_scale.reshape(1).float())
+    else:
+        a2 = Fp8ActIn(kind, "amax", amax, amax.numel() if kind == "tensor" else per_slot)
+    out = torch.empty(T, H, dtype=x.dtype, device=x.device)
+    return gemv(inter, g2, out, topk_ids, down=True, top_k=K, bias=w2_bias,
+                topk_weights=None if on_input else topk_weights, plan=plan2, split_bufs=bufs, a_quant=a2)

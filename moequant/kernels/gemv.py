@@ -1,6 +1,7 @@
-"""Decode path of the quantized fused MoE: two GEMV launches after routing (bodies: _gemv_rows_kernel.py for int and
-A16 fp4 weights, _gemv_kernel.py for fp8 and nvfp4 with fp4 activations; uses_rows_kernel picks). On the rows kernel
-GEMM1 can route itself (gemv_routes), and the forward is then two launches in all.
+"""Decode path of the quantized fused MoE: two GEMV launches after routing (bodies: _gemv_rows_kernel.py for int,
+A16 fp4 and fp8 weights whose activations it quantizes itself (_gemv_fp8_rows.py), _gemv_kernel.py for fp8 with
+pre-quantized activations and nvfp4 with fp4 activations; uses_rows_kernel picks). On the rows kernel GEMM1 can route
+itself (gemv_routes), and the forward is then two launches in all.
 
 For few token slots per expert the grouped GEMMs waste most of their work: one token is padded to 16 rows for the
 tensor cores, the align step costs a launch, the unpacked weights go through the tensor cores' operand layout, and the
@@ -24,6 +25,7 @@ from moequant.kernels._gemv_rows_kernel import gemv_rows_kernel
 from moequant.kernels.gather import gather_slot_columns
 from moequant.kernels.moe_gemm import _ACT_CODE
 from moequant.kernels.tuning import cached_entry
+from moequant.quantize.fp8_math import ACT_EPS
 
 _FMT = {"int": 0, "fp4": 1, "fp8": 2}
 _A_CODE = {None: 0, "tensor": 1, "row": 2, "group": 3}
@@ -77,6 +79,21 @@ class GemvWeights:
     @property
     def columns(self) -> int:
         return self.data.shape[2] * self.per_unit
+
+
+@dataclass(frozen=True)
+class Fp8ActIn:
+    """How the fp8 rows GEMV quantizes its high-precision input (_gemv_fp8_rows.py): kind "tensor" | "row" (one
+    scale per row: token for GEMM1, slot for GEMM2); src "static" (scale [1]), "amax" (scale: GEMM1's amax partials,
+    amax_n of them in all per tensor, or per slot per row) or "input" (from the input rows themselves)."""
+
+    kind: str
+    src: str
+    scale: torch.Tensor | None = None
+    amax_n: int = 0
+
+
+_A_SRC = {"static": 0, "amax": 1, "input": 2}
 
 
 @dataclass(frozen=True)
@@ -158,10 +175,25 @@ def _group(w: GemvWeights) -> int:
 OVERRIDE: dict[bool, GemvConfig] = {}  # down -> config, set by benchmarks/tune_gemv.py while it sweeps
 
 
-def uses_rows_kernel(w: GemvWeights, a_scale_kind=None) -> bool:
-    """Int weights and A16 fp4 weights stored rows-contiguous go through gemv_rows_kernel (fp4 bytes and block scales
-    read as int32 words of four rows: N a multiple of 4 per half, scales rows-contiguous too); the rest (fp8, nvfp4
-    with fp4 activations) through gemv_moe_kernel."""
+def fp8_rows(w: GemvWeights) -> bool:
+    """Whether fp8 weights suit the rows kernel's fp8 branch: per-tensor or per-channel scales, K-contiguous rows of
+    a multiple of 16 bytes, 16-byte aligned (each 16 columns one 16-byte load)."""
+    d = w.data
+    return (w.fmt == "fp8" and w.scale is None and d.dim() == 3 and d.stride(2) == 1 and d.shape[2] % 16 == 0
+            and d.stride(1) % 16 == 0 and d.stride(0) % 16 == 0 and d.data_ptr() % 16 == 0)
+
+
+def uses_rows_kernel(w: GemvWeights, a_scale_kind=None, a_quant: Fp8ActIn | None = None) -> bool:
+    """Int weights, A16 fp4 weights stored rows-contiguous and fp8 weights with an input the kernel quantizes
+    (a_quant; fp8_rows layout) go through gemv_rows_kernel (fp4 bytes and block scales read as int32 words of four
+    rows: N a multiple of 4 per half, scales rows-contiguous too); the rest (fp8 with pre-quantized activations,
+    nvfp4 with fp4 activations) through gemv_moe_kernel."""
+    if a_quant is not None:
+        if not fp8_rows(w):
+            raise ValueError(f"the fp8 rows GEMV needs per-tensor or per-channel fp8 weights, K-contiguous, rows of "
+                             f"a multiple of 16 bytes, 16-byte aligned (gemv.fp8_rows): shape {tuple(w.data.shape)}, "
+                             f"strides {w.data.stride()}, block scales {w.scale is not None}")
+        return True
     if w.fmt == "int":
         if w.data.dim() != 3 or w.data.stride(1) != 1:
             raise ValueError(f"int GEMV weights must be stored rows-contiguous (methods.base.rows_contiguous): "
@@ -192,7 +224,7 @@ def kernel_name(w: GemvWeights, down: bool, rows: bool = False) -> str:
         fmt = f"fp8-{kind}"
     else:
         fmt = (f"int{w.bits}" if w.fmt == "int" else "fp4") + (f"-g{w.group}" if w.group is not None else "")
-    return f"gemv-{'down' if down else 'up'}-{fmt}" + ("-rows" if rows and w.fmt == "fp4" else "")
+    return f"gemv-{'down' if down else 'up'}-{fmt}" + ("-rows" if rows and w.fmt != "int" else "")
 
 
 def gemv_config(parts: int, N: int, w: GemvWeights, T: int, down: bool, grid_rows: int = 1,
@@ -209,6 +241,8 @@ def gemv_config(parts: int, N: int, w: GemvWeights, T: int, down: bool, grid_row
     num_g = triton.cdiv(w.columns, G)
     if rows:
         sms = torch.cuda.get_device_properties(w.data.device).multi_processor_count if w.data.is_cuda else 0
+        if w.fmt == "fp8":
+            return fp8_rows_heuristic(N, num_g, grid_rows, down, sms)
         return rows_heuristic(w.fmt, w.per_unit, G, N, num_g, parts, grid_rows, down, sms)
     bn = min(triton.next_power_of_2(N), 4 if w.fmt == "fp8" else 16)
     budget = (FP8_ELEMS_PER_THREAD if w.fmt == "fp8" else ELEMS_PER_THREAD) * 128
@@ -249,6 +283,32 @@ def rows_heuristic(fmt: str, per_unit: int, G: int, N: int, num_g: int, parts: i
         bn //= 2
     bn = max(bn_min, min(bn, triton.next_power_of_2(N)))
     return GemvConfig(bn, step_groups(bn, parts), 4, PREFETCH=fp4_gpu, UNIT=unit)
+
+
+FP8_WORDS_PER_THREAD = 16  # fp8 rows heuristic: weight words (16-byte quads / 4) per thread and step, both halves
+
+
+def fp8_rows_heuristic(N: int, num_g: int, grid_rows: int, down: bool, sms: int) -> GemvConfig:
+    """The fp8 rows GEMV's config without a tuned entry: GEMM1 the widest BLOCK_N up to 64 (at least 4) that still
+    gives 4 programs per multiprocessor; GEMM2 one program per top-k expert (PART_SPLIT, which the fp8 branch needs),
+    BLOCK_N 16 and the reduction split in up to 8 shares until there are about 6 programs per multiprocessor; NG
+    128-column groups per step so that a thread of 4 warps holds FP8_WORDS_PER_THREAD words. On the CPU (interpreter)
+    few wide programs."""
+    halves = 1 if down else 2
+    if down:
+        bn = max(4, min(16, triton.next_power_of_2(N)))
+    else:
+        bn = 64
+        while bn > 4 and grid_rows * triton.cdiv(N, bn) < 4 * sms:
+            bn //= 2
+        bn = max(4, min(bn, triton.next_power_of_2(N)))
+    ng = max(1, min(triton.next_power_of_2(num_g), FP8_WORDS_PER_THREAD * 128 // (halves * bn * 32)))
+    split = 1
+    if down and sms > 0:
+        chunks = triton.cdiv(num_g, ng)
+        while split < min(8, chunks) and grid_rows * triton.cdiv(N, bn) * split < 6 * sms:
+            split *= 2
+    return GemvConfig(bn, ng, 4, SPLIT_K=split, PART_SPLIT=down)
 
 
 def fp4_unit(cfg: GemvConfig, G: int) -> int:
@@ -295,15 +355,18 @@ class GemvPlan:
 
 
 def plan_gemv(w: GemvWeights, out_rows: int, topk_ids, *, down: bool, top_k: int, a_scale_kind=None,
-              cfg: GemvConfig | None = None) -> GemvPlan:
+              cfg: GemvConfig | None = None, a_quant: Fp8ActIn | None = None) -> GemvPlan:
     """The launch of one GEMV (cfg: given, else the tuned cache's or the heuristic's); fused_experts_gemv plans GEMM2
-    before GEMM1 so that GEMM1 can zero GEMM2's split buffers."""
+    before GEMM1 so that GEMM1 can zero GEMM2's split buffers. The fp8 rows GEMV's GEMM2 always takes one expert
+    per program (PART_SPLIT)."""
     N = w.data.shape[1] if down else w.data.shape[1] // 2
     P = triton.next_power_of_2(top_k) if down else 2
     grid_rows = out_rows if down else topk_ids.numel()
-    rows_kernel = uses_rows_kernel(w, a_scale_kind)
+    rows_kernel = uses_rows_kernel(w, a_scale_kind, a_quant)
     cfg = cfg or gemv_config(P, N, w, topk_ids.shape[0], down, grid_rows, rows_kernel)
     split = max(1, min(cfg.SPLIT_K, triton.cdiv(w.columns, cfg.NG * _group(w)))) if down and rows_kernel else 1
+    if down and w.fmt == "fp8" and rows_kernel:
+        return GemvPlan(N, 1, grid_rows, rows_kernel, cfg, split, top_k)
     if down and rows_kernel and cfg.PART_SPLIT and top_k > 1:
         return GemvPlan(N, 1, grid_rows, rows_kernel, cfg, split, top_k)
     return GemvPlan(N, P, grid_rows, rows_kernel, cfg, split)
@@ -321,7 +384,7 @@ def split_buffers(plan: GemvPlan, out_rows: int, device) -> tuple[torch.Tensor, 
 def gemv(a, w: GemvWeights, c, topk_ids, *, down: bool, top_k: int, activation: str = "silu", a_scale=None,
          a_scale_kind=None, bias=None, topk_weights=None, out_amax=None, cfg: GemvConfig | None = None,
          plan: GemvPlan | None = None, split_bufs=None, zero_bufs=None, a_per_slot: bool = False, route=None,
-         pdl: bool = False, trigger: bool = False):
+         pdl: bool = False, trigger: bool = False, a_quant: Fp8ActIn | None = None):
     """GEMM1 (down=False): c[slot] = act(W13[e] a[slot // top_k]) for every slot; GEMM2 (down=True):
     c[t] = sum_k w[t, k] * (W2[e_k] a[t*top_k + k] + b2[e_k]). a_scale_kind: None (A16), "tensor" [1],
     "row" [rows] or "group" [rows, C/128] scales of a (fp8 or pre-quantized nvfp4).
@@ -331,10 +394,15 @@ def gemv(a, w: GemvWeights, c, topk_ids, *, down: bool, top_k: int, activation: 
     kernel routes in every program and writes route's outputs, another kernel gets them from route.run() first.
     pdl (rows kernel): launch as a programmatic dependent of the previous launch (which wrote a), waiting for it
     after routing (GEMM1) or after routing again (GEMM2: route= is the routing GEMM1 did, topk_weights its weights
-    output). trigger (GEMM1): let a dependent GEMM2 launch at once."""
+    output). trigger (GEMM1): let a dependent GEMM2 launch at once. a_quant (fp8 weights, fp8_rows layout): a is
+    in high precision and the rows kernel quantizes it (Fp8ActIn); GEMM1's out_amax then receives one max |out|
+    per program (the partials a GEMM2 with src "amax" reduces)."""
     ids = topk_ids.reshape(-1)
     C = w.columns
-    plan = plan or plan_gemv(w, c.shape[0], topk_ids, down=down, top_k=top_k, a_scale_kind=a_scale_kind, cfg=cfg)
+    if a_quant is not None:
+        a_scale, a_scale_kind = a_quant.scale, a_quant.kind
+    plan = plan or plan_gemv(w, c.shape[0], topk_ids, down=down, top_k=top_k, a_scale_kind=a_scale_kind, cfg=cfg,
+                             a_quant=a_quant)
     N, P, rows_kernel, cfg = plan.N, plan.P, plan.rows_kernel, plan.cfg
     routing = {}
     if route is not None:
@@ -366,7 +434,7 @@ def gemv(a, w: GemvWeights, c, topk_ids, *, down: bool, top_k: int, activation: 
         es, w_kind, es_strides = dummy, None, (0, 0)
     a_s = a_scale if a_scale is not None else dummy
     as_strides = (0, 0)
-    if a_scale_kind == "row":
+    if a_scale_kind == "row" and a_scale is not None:
         as_strides = (a_scale.stride(0), 0)
     elif a_scale_kind == "group":
         as_strides = (a_scale.stride(0), a_scale.stride(1))
@@ -374,6 +442,12 @@ def gemv(a, w: GemvWeights, c, topk_ids, *, down: bool, top_k: int, activation: 
     if rows_kernel and w.fmt == "fp4":  # bytes and scales of rows 4q..4q+3 as one int32 word: [E, N/4, C/2 | C/G]
         data, s = _row_words(w.data), _row_words(w.scale.view(torch.uint8))
         s_strides = s.stride()
+    fp8_kw = {}
+    if rows_kernel and w.fmt == "fp8":  # f16x2 products on a GPU: the bytes as int32 words [E, N, C/4]
+        f16x2 = c.is_cuda and os.environ.get("TRITON_INTERPRET") != "1"
+        data = w.data.view(torch.int32) if f16x2 else data
+        fp8_kw = dict(A_SRC=_A_SRC[a_quant.src], a_amax_n=a_quant.amax_n, a_rows=a.shape[0], F16X2=f16x2,
+                      EPS=ACT_EPS, EMULATE_CAST=not f16x2)
     if down and plan.shares > 1 and split_bufs is None:
         split_bufs = tuple(b.zero_() for b in split_buffers(plan, c.shape[0], c.device))
     bufs = split_bufs if down and plan.shares > 1 else zero_bufs if not down else None
@@ -396,7 +470,7 @@ def gemv(a, w: GemvWeights, c, topk_ids, *, down: bool, top_k: int, activation: 
         SCALE_KIND=1 if w.scale_kind == "e8m0" else 0, W_SCALE=_W_CODE[w_kind], A_SCALE=_A_CODE[a_scale_kind],
         SORTED=si is not None, MUL_WEIGHT=topk_weights is not None and (down or not routing),
         HAS_BIAS=bias is not None,
-        OUT_AMAX=out_amax is not None, OUT_PERM=w.out_perm is not None and not down,
+        OUT_AMAX=0 if out_amax is None else 2 if fp8_kw else 1, OUT_PERM=w.out_perm is not None and not down,
         BLOCK_N=cfg.BLOCK_N, NG=cfg.NG, num_warps=cfg.num_warps,
     )
     if rows_kernel:  # rows-contiguous int words or fp4 bytes (methods.base.rows_contiguous)
@@ -414,7 +488,8 @@ def gemv(a, w: GemvWeights, c, topk_ids, *, down: bool, top_k: int, activation: 
                                                 PREFETCH=packed and cfg.PREFETCH,
                                                 A_ROW_DIV=1 if a_per_slot else top_k,
                                                 UNIT=fp4_unit(cfg, G) if packed and w.fmt == "fp4" else 2, **consts,
-                                                X_QUAD=x_quad, **routing, **_pdl_kwargs(pdl, trigger and not down))
+                                                X_QUAD=x_quad, **routing, **_pdl_kwargs(pdl, trigger and not down),
+                                                **fp8_kw)
     else:
         if a_per_slot:
             raise ValueError("gemv: one activation row per slot needs the rows kernel (int or A16 fp4 weights)")

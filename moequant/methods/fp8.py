@@ -156,7 +156,16 @@ class Fp8MethodBase(FusedMoEMethodBase):
     def act_quant_ref(self, layer, a, stage: int):
         return fm.act_fake_quant(a, self.act_granularity, self.input_scale(layer, stage)).to(a.dtype)
 
-    def apply_triton(self, layer, x, topk_weights, topk_ids):
+    def routes_in_kernel(self, layer, x):
+        """On the rows GEMV (kernels.fp8_gemm.rows_gemv) GEMM1 routes (kernels.gemv.gemv_routes)."""
+        from moequant.kernels.fp8_gemm import Fp8Layout, rows_gemv
+        from moequant.kernels.gemv import gemv_routes
+
+        return self.processed and gemv_routes(x.shape[0]) and rows_gemv(
+            x.shape[0], layer.w13_weight, layer.w2_weight, layer.w13_weight_scale, layer.w2_weight_scale,
+            Fp8Layout(self.weight_granularity, self.act_granularity))
+
+    def apply_triton(self, layer, x, topk_weights, topk_ids, route=None):
         from moequant.kernels.fp8_gemm import Fp8Layout, fused_experts_fp8
 
         return fused_experts_fp8(
@@ -166,7 +175,7 @@ class Fp8MethodBase(FusedMoEMethodBase):
             activation=self.moe.activation,
             w13_bias=getattr(layer, "w13_bias", None), w2_bias=getattr(layer, "w2_bias", None),
             apply_router_weight_on_input=layer.apply_router_weight_on_input,
-            has_remote_experts=layer.expert_map is not None,
+            has_remote_experts=layer.expert_map is not None, route=route,
         )
 
 
