@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import moequant.kernels.gemv as gv
+from _graph_replay import assert_graph_replays_match_eager
 from conftest import ON_GPU, rel_err
 from moequant import FusedMoE, QuantConfig
 
@@ -272,20 +273,7 @@ def test_gemv_gpu_graph_replay_with_split(act_order, always_gemv, monkeypatch):
     monkeypatch.setattr(gv, "OVERRIDE", {False: gv.GemvConfig(32, 1, 4), True: gv.GemvConfig(16, 1, 4, SPLIT_K=3)})
     monkeypatch.setattr(gv, "chain_pdl", lambda x, w13: gv.rows_launch_pdl(x))
     layer = build("w4a16", 128, act_order, False, torch.bfloat16, "cuda")
-    gen = torch.Generator(device="cuda").manual_seed(3)
-    x = torch.randn(1, H, device="cuda", dtype=torch.bfloat16, generator=gen)
-    logits = torch.randn(1, E, device="cuda", generator=gen)
-    layer(x, logits)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        out = layer(x, logits)
-    for _ in range(3):
-        x.copy_(torch.randn(1, H, device="cuda", dtype=torch.bfloat16, generator=gen))
-        logits.copy_(torch.randn(1, E, device="cuda", generator=gen))
-        g.replay()
-        torch.cuda.synchronize()
-        assert rel_err(out, layer(x, logits)) <= 4e-3
+    assert_graph_replays_match_eager(layer, H, E)
 
 
 @pytest.mark.gpu

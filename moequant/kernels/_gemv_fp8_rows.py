@@ -32,15 +32,14 @@ F16X2_FACTOR = tl.constexpr(256.0)  # 2^8: the activation codes enter the f16x2 
 
 
 @triton.jit
-def _quant_pair_f16x2(x0, x1, r, ns):
-    """(q(x0), q(x1)) * 2^-8 as one f16x2 word (x0 in the low half); r = RN(1/s), ns = -s. Quotient x * r, then
-    corrected by (x - q s) * r, which rounds to the IEEE quotient x / s; satfinite clamps to +-448 (NaN stays
-    NaN), as the twin's clamp and cast."""
+def _quant_pair(x0, x1, r, ns):
+    """The e4m3 codes of (x0, x1) in the low two bytes of an int32 (x0's lowest); r = RN(1/s), ns = -s. Quotient
+    x * r, then corrected by (x - q s) * r, which rounds to the IEEE quotient x / s; satfinite clamps to +-448 (NaN
+    stays NaN), as the twin's clamp and cast."""
     return tl.inline_asm_elementwise(
         """{
         .reg .f32 q0, q1, e0, e1;
-        .reg .b16 h;
-        .reg .b32 k;
+        .reg .b16 h, z;
         mul.rn.f32 q0, $1, $3;
         mul.rn.f32 q1, $2, $3;
         fma.rn.f32 e0, q0, $4, $1;
@@ -48,34 +47,25 @@ def _quant_pair_f16x2(x0, x1, r, ns):
         fma.rn.f32 q0, e0, $3, q0;
         fma.rn.f32 q1, e1, $3, q1;
         cvt.rn.satfinite.e4m3x2.f32 h, q1, q0;
-        cvt.rn.f16x2.e4m3x2 $0, h;
-        mov.b32 k, 0x1C001C00;
-        mul.rn.f16x2 $0, $0, k;
+        mov.b16 z, 0;
+        mov.b32 $0, {h, z};
         }""",
         "=r,f,f,f,f", [x0, x1, r, ns], dtype=tl.int32, is_pure=True, pack=1)
 
 
 @triton.jit
-def _quant_pair_f32(x0, x1, r, ns):
-    """(q(x0), q(x1)) as fp32 codes (_quant_pair_f16x2's quantizer, without the 2^-8)."""
+def _pair_f16x2(p):
+    """The two e4m3 codes in the low bytes of each int32 times 2^-8 as one f16x2 word (exact)."""
     return tl.inline_asm_elementwise(
         """{
-        .reg .f32 q0, q1, e0, e1;
-        .reg .b16 h, c0, c1;
-        .reg .b32 p;
-        mul.rn.f32 q0, $2, $4;
-        mul.rn.f32 q1, $3, $4;
-        fma.rn.f32 e0, q0, $5, $2;
-        fma.rn.f32 e1, q1, $5, $3;
-        fma.rn.f32 q0, e0, $4, q0;
-        fma.rn.f32 q1, e1, $4, q1;
-        cvt.rn.satfinite.e4m3x2.f32 h, q1, q0;
-        cvt.rn.f16x2.e4m3x2 p, h;
-        mov.b32 {c0, c1}, p;
-        cvt.f32.f16 $0, c0;
-        cvt.f32.f16 $1, c1;
+        .reg .b16 l, h;
+        .reg .b32 k;
+        mov.b32 {l, h}, $1;
+        cvt.rn.f16x2.e4m3x2 $0, l;
+        mov.b32 k, 0x1C001C00;
+        mul.rn.f16x2 $0, $0, k;
         }""",
-        "=f,=f,f,f,f,f", [x0, x1, r, ns], dtype=(tl.float32, tl.float32), is_pure=True, pack=1)
+        "=r,r", [p], dtype=tl.int32, is_pure=True, pack=1)
 
 
 @triton.jit
@@ -98,42 +88,28 @@ def _word_f32(w):
         "=f,=f,=f,=f,r", [w], dtype=(tl.float32, tl.float32, tl.float32, tl.float32), is_pure=True, pack=1)
 
 
+def _quad_dot_ptx() -> str:
+    """_quad_dot_f16x2's PTX: per word $1..$4, its two code pairs into f16x2 and two fmas against the activation
+    pairs $5 + 2i, $6 + 2i (the first a multiply), then the chain's lanes added in fp32."""
+    body = []
+    for i in range(4):
+        body += [f"mov.b32 {{l, h}}, ${i + 1};", "cvt.rn.f16x2.e4m3x2 a, l;", "cvt.rn.f16x2.e4m3x2 b, h;",
+                 f"mul.rn.f16x2 acc, a, ${5 + 2 * i};" if i == 0 else f"fma.rn.f16x2 acc, a, ${5 + 2 * i}, acc;",
+                 f"fma.rn.f16x2 acc, b, ${6 + 2 * i}, acc;"]
+    return ("{ .reg .b16 l, h, f0, f1; .reg .b32 a, b, acc; .reg .f32 g0, g1; " + " ".join(body)
+            + " mov.b32 {f0, f1}, acc; cvt.f32.f16 g0, f0; cvt.f32.f16 g1, f1; add.f32 $0, g0, g1; }")
+
+
+QUAD_DOT_PTX = tl.constexpr(_quad_dot_ptx())
+
+
 @triton.jit
 def _quad_dot_f16x2(w0, w1, w2, w3, x0, x1, x2, x3, x4, x5, x6, x7):
     """sum of the 16 products of four words of e4m3 codes (w0 .. w3: columns 0-3 .. 12-15) with the activation
     pairs x0 .. x7 (f16x2 of columns 0-1, 2-3, ..): one chain of eight f16x2 fmas, its lanes added in fp32."""
-    return tl.inline_asm_elementwise(
-        """{
-        .reg .b16 l, h, f0, f1;
-        .reg .b32 a, b, acc;
-        .reg .f32 g0, g1;
-        mov.b32 {l, h}, $1;
-        cvt.rn.f16x2.e4m3x2 a, l;
-        cvt.rn.f16x2.e4m3x2 b, h;
-        mul.rn.f16x2 acc, a, $5;
-        fma.rn.f16x2 acc, b, $6, acc;
-        mov.b32 {l, h}, $2;
-        cvt.rn.f16x2.e4m3x2 a, l;
-        cvt.rn.f16x2.e4m3x2 b, h;
-        fma.rn.f16x2 acc, a, $7, acc;
-        fma.rn.f16x2 acc, b, $8, acc;
-        mov.b32 {l, h}, $3;
-        cvt.rn.f16x2.e4m3x2 a, l;
-        cvt.rn.f16x2.e4m3x2 b, h;
-        fma.rn.f16x2 acc, a, $9, acc;
-        fma.rn.f16x2 acc, b, $10, acc;
-        mov.b32 {l, h}, $4;
-        cvt.rn.f16x2.e4m3x2 a, l;
-        cvt.rn.f16x2.e4m3x2 b, h;
-        fma.rn.f16x2 acc, a, $11, acc;
-        fma.rn.f16x2 acc, b, $12, acc;
-        mov.b32 {f0, f1}, acc;
-        cvt.f32.f16 g0, f0;
-        cvt.f32.f16 g1, f1;
-        add.f32 $0, g0, g1;
-        }""",
-        "=f,r,r,r,r,r,r,r,r,r,r,r,r", [w0, w1, w2, w3, x0, x1, x2, x3, x4, x5, x6, x7], dtype=tl.float32,
-        is_pure=True, pack=1)
+    return tl.inline_asm_elementwise(QUAD_DOT_PTX, "=f,r,r,r,r,r,r,r,r,r,r,r,r",
+                                     [w0, w1, w2, w3, x0, x1, x2, x3, x4, x5, x6, x7], dtype=tl.float32,
+                                     is_pure=True, pack=1)
 
 
 @triton.jit
@@ -301,13 +277,12 @@ def fp8_rows_sums(w_ptr, a_ptr, as_ptr, a_row_idx, slot, e, ok, offs_n, N, C, c0
             nxt = _step_loads(c + 1, c1, w_a4, w_b4, a_row, word, ok4, C, stride_wk, DOWN, EVEN, KQ, A_BYTES,
                               IS_BF16)
             if DOWN:  # f16x2 chains: GEMM2's output is not quantized again
-                lo = _quant_pair_f16x2(x0, x1, r, ns)
-                hi = _quant_pair_f16x2(x2, x3, r, ns)
+                lo = _pair_f16x2(_quant_pair(x0, x1, r, ns))
+                hi = _pair_f16x2(_quant_pair(x2, x3, r, ns))
                 acc_a += _tile_dot(ua, lo, hi)
             else:  # exact products summed in fp32: GEMM1's output is quantized again (GEMM2's input), where the
                 # f16 chains' rounding moved codes across e4m3 rounding boundaries (5e-3 against 2.4e-3 measured)
-                q0, q1 = _quant_pair_f32(x0, x1, r, ns)
-                q2, q3 = _quant_pair_f32(x2, x3, r, ns)
+                q0, q1, q2, q3 = _word_f32(_quant_pair(x0, x1, r, ns) | (_quant_pair(x2, x3, r, ns) << 16))
                 acc_a = _word_dot_f32(acc_a, ua, q0, q1, q2, q3)
                 acc_b = _word_dot_f32(acc_b, ub, q0, q1, q2, q3)
         if DOWN:
