@@ -77,11 +77,12 @@ CASES = [  # (scheme, static, bias)
 def test_rows_gemv_matches_reference(case, cfg, monkeypatch):
     """Both GEMVs on the rows kernel (GEMM2 one expert per program), routing in GEMM1, for one token and for three
     (a per-tensor dynamic scale over all of x's rows; GEMM2's from GEMM1's per-program maxima); "uneven-split":
-    steps of 256 columns over I = 384 (masked last step), GEMM2 split in two, GEMM1 blocks of 256 rows over 384."""
+    steps of 256 columns over I = 384 (masked last step), GEMM2 split in two, GEMM1 blocks of 256 rows over 384 (on a
+    GPU 128: a thread would hold 256 words per half)."""
     scheme, static, bias = case
     monkeypatch.setattr(gv, "MODE", "always")
     if cfg == "uneven-split":
-        monkeypatch.setattr(gv, "OVERRIDE", {False: gv.GemvConfig(256, 2, 4),
+        monkeypatch.setattr(gv, "OVERRIDE", {False: gv.GemvConfig(256 if not ON_GPU else 128, 2, 4),
                                              True: gv.GemvConfig(32, 2, 4, SPLIT_K=2, PART_SPLIT=True)})
     dtype = torch.bfloat16 if ON_GPU else torch.float32
     layer = build(scheme, dtype, static=static, bias=bias)
@@ -142,6 +143,27 @@ def test_rows_gemv_is_the_default_for_one_token_only(monkeypatch):
     w = layer.w13_weight
     assert not fp8_gemm.rows_gemv(1, w, layer.w2_weight, layer.w13_weight_scale, layer.w2_weight_scale, blocky)
     assert not gv.fp8_rows(gv.GemvWeights("fp8", w[:, :, :248], expert_scale=layer.w13_weight_scale))
+
+
+@needs_triton
+def test_rows_gemv_reads_an_aligned_copy_of_a_strided_x(monkeypatch):
+    """x whose rows are not 16-byte aligned (a column slice) goes to GEMM1 as an aligned contiguous copy (its
+    activations are read by vector loads) and gives the output of the contiguous x."""
+    monkeypatch.setattr(gv, "MODE", "always")
+    dtype = torch.bfloat16 if ON_GPU else torch.float32
+    layer = build("fp8-tensor", dtype)
+    gen = torch.Generator().manual_seed(6)
+    wide = torch.randn(2, H + 1, generator=gen).to(dtype).to(DEV)
+    x = wide[:, 1:]
+    w = torch.rand(2, K, generator=gen).to(DEV)
+    ids = torch.stack([torch.randperm(E, generator=gen)[:K] for _ in range(2)]).int().to(DEV)
+    seen, gemv = [], gv.gemv
+    monkeypatch.setattr(fp8_gemm, "gemv", lambda a, *r, **k: seen.append(a) or gemv(a, *r, **k))
+    out = layer.quant_method.apply_triton(layer, x, w, ids)
+    a = seen[0]
+    assert a.stride(1) == 1 and a.stride(0) % 8 == 0 and a.data_ptr() % 16 == 0
+    again = layer.quant_method.apply_triton(layer, x.contiguous(), w, ids)  # GPU: atomics may add in another order
+    assert torch.equal(out, again) if not ON_GPU else rel_err(out, again) <= 4e-3
 
 
 def test_rows_gemv_rejects_other_fp8_layouts():

@@ -291,8 +291,9 @@ def rows_gemv(T: int, w13, w2, w13_scale, w2_scale, layout: Fp8Layout) -> bool:
     per-token activation scales, rows of a multiple of 16 bytes): up to ROWS_GEMV_TOKENS tokens with experts of at
     most ROWS_MAX_EXPERT_BYTES of w13, or whatever MOEQUANT_GEMV=always|never says (per-tensor dynamic scales read
     all of x in every GEMM1 program, so it is meant for few tokens). From the H200 at M=1 (us per forward, rows GEMV
-    / tensor-core GEMMs): Qwen3-30B (3 MB per expert) fp8-tensor 26.3 / 27.7, static 24.5 / 25.4-27.5; Mixtral
-    (117 MB) 137.6 / 95-99, the GEMVs reaching 2.5 TB/s where the tensor-core GEMMs stream 3.7."""
+    / tensor-core GEMMs): Qwen3-30B (3 MB per expert) fp8-tensor 26.3 / 27.4, static 24.4 / 25.4, fp8-channel
+    26.4 / 28.5; Mixtral (117 MB) fp8-tensor 137.6 / 100.0, the GEMVs streaming 2.5 TB/s where the tensor-core
+    GEMMs stream 3.5 (benchmarks/results/*-s12-fp8-*)."""
     if layout.weight == "block" or layout.act not in ("tensor", "token") or T == 0:
         return False
     if not (fp8_rows(gemv_weights(w13, w13_scale, layout.weight)) and fp8_rows(gemv_weights(w2, w2_scale,
@@ -342,6 +343,8 @@ def _fused_gemv_rows(x, w13, w2, w13_scale, w2_scale, topk_weights, topk_ids, la
     T, H = x.shape
     K = topk_ids.shape[1]
     I = w13.shape[1] // 2
+    if x.stride(1) != 1 or x.stride(0) % 8 or x.data_ptr() % 16:  # rows read by 8 / 16-byte vector loads
+        x = x.clone(memory_format=torch.contiguous_format)
     g13 = gemv_weights(w13, w13_scale, layout.weight)
     g2 = gemv_weights(w2, w2_scale, layout.weight)
     kind = _GEMV_A_KIND[layout.act]
