@@ -42,9 +42,11 @@ POINTERS = {"a_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*bf16", "z_ptr": "*i8",
             "ids_ptr": "*i32", "c_ptr": "*fp32", "count_ptr": "*i32", "perm_ptr": "*i32", "bias_ptr": "*bf16"}
 # Triton specializes integer arguments equal to 1: rows kernel (weights, scales and zero points rows-contiguous)
 ONES_ROWS = ("stride_ak", "stride_wn", "stride_sn", "stride_zn", "stride_cn")
+ONES_FP8_ROWS = ("stride_ak", "stride_wk", "stride_cn")  # the rows kernel's fp8 branch: K-contiguous words
 ONES = ("stride_ak", "stride_wn", "stride_sg", "stride_cn")  # gemv_moe_kernel (K-contiguous scales)
 FLOATS = ("route_scale",)
-DIV16 = ("N", "C", "two23", "stride_am", "stride_we", "stride_wk", "stride_se", "stride_sn", "stride_sg", "stride_cm")
+DIV16 = ("N", "C", "two23", "stride_am", "stride_we", "stride_wn", "stride_wk", "stride_se", "stride_sn", "stride_sg",
+         "stride_cm")
 
 
 def compile_sm90(consts: dict, num_warps: int):
@@ -54,7 +56,7 @@ def compile_sm90(consts: dict, num_warps: int):
     kernel = gemv_rows_kernel if rows else gemv_moe_kernel
     if not rows:
         consts = {k: v for k, v in consts.items() if k not in ROWS_ONLY}
-    ones = ONES_ROWS if rows else ONES
+    ones = (ONES_FP8_ROWS if consts.get("F16X2") else ONES_ROWS) if rows else ONES
     names = kernel.arg_names
     sig, cst = {}, dict(consts)
     for n in names:
