@@ -8,7 +8,7 @@ weights  fp8 [E, N(*2), C], K-contiguous (the tensor-core GEMMs' layout); F16X2 
          [BN, KQ, 2, 2] words, a thread's quad of four words one 16-byte load of 16 columns of one row
 act      a row of x (GEMM1, x's dtype) or of GEMM1's fp32 output (GEMM2), quantized as the twin
          (quantize.fp8_math.act_quant_ref): q(a) = e4m3(clamp(a / s, -448, 448)), a / s correctly rounded; its
-         values come by vector loads of the words' shape (_act_word2 / _act_word4)
+         values come by vector loads of the words' shape (_act_word2; fp32: _gemv_fp4_bf16x2.act_quad)
 scale    s by A_SCALE (1 per tensor, 2 per row) and A_SRC: 0 static (as_ptr[0]); 1 from GEMM1's amax partials
          (gemv_epilogue's OUT_AMAX 2: max |out| per GEMM1 program), s = max(max of the a_amax_n entries at as_ptr
          (+ slot * a_amax_n per row), EPS) / 448; 2 from the input itself: max |a| over its a_rows rows (per
@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from moequant.kernels._fp8_act_quant_kernel import _quant, _scale
+from moequant.kernels._gemv_fp4_bf16x2 import act_quad
 
 F16X2_FACTOR = tl.constexpr(256.0)  # 2^8: the activation codes enter the f16x2 chains times 2^-8
 
@@ -127,19 +128,6 @@ def _act_word2(ptr, ok, MASKED: tl.constexpr):
 
 
 @triton.jit
-def _act_word4(ptr, ok, MASKED: tl.constexpr):
-    """_act_word2 for fp32 activations: the four values' bit patterns (ptr 16-byte aligned)."""
-    if MASKED:
-        return tl.inline_asm_elementwise(
-            "{ .reg .pred p; setp.ne.b32 p, $5, 0; mov.b32 $0, 0; mov.b32 $1, 0; mov.b32 $2, 0; mov.b32 $3, 0; "
-            "@p ld.global.v4.b32 {$0, $1, $2, $3}, [$4]; }",
-            "=r,=r,=r,=r,l,r", [ptr, ok.to(tl.int32)], dtype=(tl.int32, tl.int32, tl.int32, tl.int32),
-            is_pure=True, pack=1)
-    return tl.inline_asm_elementwise("ld.global.v4.b32 {$0, $1, $2, $3}, [$4];", "=r,=r,=r,=r,l", [ptr],
-                                     dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1)
-
-
-@triton.jit
 def _halves_f32(p, IS_BF16: tl.constexpr):
     """(low, high) 16-bit halves of int32 words as fp32: bf16 by placement, fp16 by conversion."""
     if IS_BF16:
@@ -150,14 +138,15 @@ def _halves_f32(p, IS_BF16: tl.constexpr):
 
 
 @triton.jit
-def _act_values(ptr, ok, A_BYTES: tl.constexpr, IS_BF16: tl.constexpr, MASKED: tl.constexpr):
-    """The four activation values of each word's columns as fp32."""
+def _act_values(a_row, col, ok, A_BYTES: tl.constexpr, IS_BF16: tl.constexpr, MASKED: tl.constexpr):
+    """The four activation values of each word's columns (col: the first) as fp32: two int32 pairs, or fp32 bit
+    patterns by the fp4 GEMV's 16-byte act_quad."""
     if A_BYTES == 2:
-        p01, p23 = _act_word2(ptr, ok, MASKED)
+        p01, p23 = _act_word2(a_row + col, ok, MASKED)
         x0, x1 = _halves_f32(p01, IS_BF16)
         x2, x3 = _halves_f32(p23, IS_BF16)
     else:
-        v0, v1, v2, v3 = _act_word4(ptr, ok, MASKED)
+        v0, v1, v2, v3 = act_quad(a_row, col, ok, MASKED)
         x0 = v0.to(tl.float32, bitcast=True)
         x1 = v1.to(tl.float32, bitcast=True)
         x2 = v2.to(tl.float32, bitcast=True)
@@ -233,7 +222,7 @@ def _step_loads(c, c1, w_a4, w_b4, a_row, word, ok4, C, stride_wk, DOWN: tl.cons
     ub = ua
     if not DOWN:
         ub = tl.load(w_b4 + wd * stride_wk, mask=w_ok, other=0)
-    x0, x1, x2, x3 = _act_values(a_row + wd * 4, (wd * 4 < C) & live, A_BYTES, IS_BF16, True)
+    x0, x1, x2, x3 = _act_values(a_row, wd * 4, (wd * 4 < C) & live, A_BYTES, IS_BF16, True)
     return ua, ub, x0, x1, x2, x3
 
 
