@@ -9,6 +9,8 @@ device time (to match the GPU's Triton, put that version first on PYTHONPATH: pi
         "ROUTE": true, "TOP_K": 8, "K_PAD": 8, "E_PAD": 128, "A_ROW_DIV": 8}'    # Qwen3-30B w4a16 GEMM1 at M=1
     python benchmarks/sass_count.py '{"FMT": 2, "BITS": 8, "GROUP_SCALES": false, "W_SCALE": 1, "A_SCALE": 1,
         "A_SRC": 2, "F16X2": true, "OUT_AMAX": 2, "BLOCK_N": 8, "NG": 4}'    # fp8-tensor GEMM1 on the rows kernel
+    python benchmarks/sass_count.py '{"FMT": 2, "BITS": 8, "GROUP_SCALES": false, "W_SCALE": 1, "A_SCALE": 1,
+        "A_SRC": 2, "F16X2": true, "OUT_AMAX": 2, "BLOCK_N": 16, "MMA": 8, "num_warps": 8}'    # its tensor-core body
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ DEFAULTS = dict(DOWN=False, TOP_K=2, P=2, ACTIVATION=0, FMT=0, BITS=4, G=128, GR
 # gemv_rows_kernel's own constexprs
 ROWS_ONLY = ("EVEN", "SPLIT_K", "PART_SPLIT", "STAGES", "ZERO_SPLIT", "ZB", "PACKED", "PREFETCH",
              "A_ROW_DIV", "UNIT", "ROUTE", "K_PAD", "E_PAD", "SIGMOID", "RENORMALIZE", "X_QUAD", "PDL", "TRIGGER",
-             "A_SRC", "F16X2", "EPS", "EMULATE_CAST")
+             "A_SRC", "F16X2", "EPS", "EMULATE_CAST", "MMA")
 POINTERS = {"a_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*bf16", "z_ptr": "*i8", "sidx_ptr": "*i32",
             "ids_ptr": "*i32", "c_ptr": "*fp32", "count_ptr": "*i32", "perm_ptr": "*i32", "bias_ptr": "*bf16"}
 # Triton specializes integer arguments equal to 1: rows kernel (weights, scales and zero points rows-contiguous)

@@ -1,6 +1,7 @@
 """fp8 decode on the rows GEMV (kernels/_gemv_fp8_rows.py): activations quantized inside the two GEMV launches
 (static scale, x's own amax, GEMM1's amax partials), GEMM1 routing itself, against the layer's torch reference on
-the same dequantized weights: interpreter (fp32 products) on the CPU, f16x2 products on the GPU.
+the same dequantized weights: interpreter (fp32 products) on the CPU; on the GPU the tensor-core body
+(_gemv_fp8_mma.py, the default there) and the CUDA-core one (f16x2 products).
 
 # T tokens, E experts, H hidden, I intermediate, K top-k
 """
@@ -173,7 +174,7 @@ def test_rows_gemv_rejects_other_fp8_layouts():
                                                                                                          "input"))
 
 
-# --- GPU: the f16x2 path ------------------------------------------------------------------------------------------
+# --- GPU: the tensor-core (mma) and CUDA-core (f16x2) bodies ------------------------------------------------------
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
 def test_quant_pair_equals_the_twin_bit_for_bit():
@@ -213,29 +214,76 @@ def test_quant_pair_equals_the_twin_bit_for_bit():
         assert torch.equal(halves.view(torch.float16).float().cpu() * 256, want), amax
 
 
+F16X2 = {False: gv.GemvConfig(32, 2, 4), True: gv.GemvConfig(16, 2, 4, PART_SPLIT=True)}  # the CUDA-core body
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("body", ["mma", "f16x2"])
 @pytest.mark.parametrize("scheme", ["fp8-tensor", "fp8-channel"])
 @pytest.mark.parametrize("dtype,magnitude", [(torch.bfloat16, 1e-4), (torch.bfloat16, 1.0), (torch.bfloat16, 3e3),
                                              (torch.float16, 1e-2), (torch.float16, 1.0), (torch.float16, 30.0)])
-def test_rows_gemv_gpu_f16x2_products(scheme, dtype, magnitude, monkeypatch):
-    """GEMM1's exact products in fp32 and GEMM2's f16x2 chains (codes exact in fp16, the activation codes times
-    2^-8, chains of eight fmas) keep the error within issue 3's 5e-3 at activation scales far from 1 (the codes do
-    not depend on the scale; the sums do not overflow), one to five tokens; fp16 at scales whose outputs fp16 holds
-    (1e-4 gives outputs ~1e-8, below its subnormals; 3e3 beyond its range)."""
+def test_rows_gemv_gpu_products(body, scheme, dtype, magnitude, monkeypatch):
+    """Both GPU bodies keep the error within issue 3's 5e-3 at activation scales far from 1 (the codes do not depend
+    on the scale; the sums do not overflow), one to five tokens; fp16 at scales whose outputs fp16 holds (1e-4 gives
+    outputs ~1e-8, below its subnormals; 3e3 beyond its range). mma (the heuristic's on a GPU): codes in f16,
+    products and sums in the mma's fp32 accumulator; f16x2: GEMM1's exact products in fp32 and GEMM2's f16x2 chains
+    (the activation codes times 2^-8, chains of eight fmas)."""
     monkeypatch.setattr(gv, "MODE", "always")
+    if body == "f16x2":
+        monkeypatch.setattr(gv, "OVERRIDE", F16X2)
     layer = build(scheme, dtype)
+    plans = record_plans(monkeypatch)
     for T in (1, 2, 5):
         out, ref = forward_pair(layer, T, dtype, seed=T, scale=magnitude)
         assert rel_err(out, ref) <= 5e-3, (T, rel_err(out, ref))
+    assert {p.cfg.MMA for p in plans} == {body == "mma"}
+
+
+# (GEMM1 warps, GEMM2 rows, GEMM2 warps): H = 256 columns are one step of 4 warps (EVEN) or a masked half step of
+# 8; I = 384 are three steps of 2 warps (EVEN) or one and a half of 4
+MMA_CONFIGS = [(4, 32, 2), (8, 16, 4), (8, 32, 4), (2, 16, 1)]
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
-def test_rows_gemv_gpu_graph_replay(monkeypatch):
-    """Routing GEMM1 -> GEMM2 (split in three: GEMM1 zeroes its buffers) captured in a CUDA graph: replays with new
-    inputs match eager forwards."""
-    monkeypatch.setattr(gv, "OVERRIDE", {False: gv.GemvConfig(32, 1, 4),
-                                         True: gv.GemvConfig(16, 1, 4, SPLIT_K=3, PART_SPLIT=True)})
+@pytest.mark.parametrize("warps1,rows2,warps2", MMA_CONFIGS)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-static{int(c[1])}-bias{int(c[2])}")
+def test_rows_gemv_gpu_mma_configs(warps1, rows2, warps2, case, monkeypatch):
+    """The tensor-core body over its configs (warps splitting the reduction, with and without a masked last step;
+    GEMM2 blocks of 16 or 32 rows), static / dynamic / per-token scales, bias + swigluoai, one and three tokens
+    (one: GEMM2 launched as GEMM1's programmatic dependent), against the reference within 5e-3."""
+    scheme, static, bias = case
+    monkeypatch.setattr(gv, "MODE", "always")
+    monkeypatch.setattr(gv, "OVERRIDE", {False: gv.GemvConfig(16, 1, warps1, MMA=True),
+                                         True: gv.GemvConfig(rows2, 1, warps2, PART_SPLIT=True, MMA=True)})
+    layer = build(scheme, torch.bfloat16, static=static, bias=bias)
+    launches, gemv = [], gv.gemv
+    monkeypatch.setattr(fp8_gemm, "gemv", lambda *a, **k: launches.append(k.get("pdl", False)) or gemv(*a, **k))
+    for T in (1, 3):
+        out, ref = forward_pair(layer, T, torch.bfloat16, seed=T)
+        assert rel_err(out, ref) <= 5e-3, (case, T, rel_err(out, ref))
+    assert launches == [False, True, False, False]  # the chain at one token only
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
+def test_rows_gemv_gpu_mma_rejects_other_blocks(monkeypatch):
+    monkeypatch.setattr(gv, "MODE", "always")
+    monkeypatch.setattr(gv, "OVERRIDE", {False: gv.GemvConfig(8, 1, 4, MMA=True)})
+    layer = build("fp8-tensor", torch.bfloat16)
+    with pytest.raises(ValueError, match="BLOCK_N 16 or 32"):
+        forward_pair(layer, 1, torch.bfloat16, seed=1)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("body", ["mma", "f16x2"])
+def test_rows_gemv_gpu_graph_replay(body, monkeypatch):
+    """Routing GEMM1 -> GEMM2 captured in a CUDA graph: replays with new inputs match eager forwards. mma: GEMM2
+    launched as GEMM1's programmatic dependent; f16x2: GEMM2 split in three (GEMM1 zeroes its buffers)."""
+    if body == "f16x2":
+        monkeypatch.setattr(gv, "OVERRIDE", {False: gv.GemvConfig(32, 1, 4),
+                                             True: gv.GemvConfig(16, 1, 4, SPLIT_K=3, PART_SPLIT=True)})
     layer = build("fp8-tensor", torch.bfloat16)
     assert_graph_replays_match_eager(layer, H, E)

@@ -14,7 +14,11 @@ static scheme needs no fp32 C and no quantizer launch. GEMM2: bias and routing w
 A_HP: A arrives in high precision and each tile is quantized here, as the quantizer kernel would, bit for bit:
 per tensor with the scale a_scale_ptr[0] or (A_FROM_AMAX) max(a_scale_ptr[0], EPS) / 448; per row with
 max(a_scale_ptr[row], EPS) / 448, a_scale_ptr holding the row amax that GEMM1 folded in (OUT_AMAX 2).
-Shape legend: S token slots, P padded slots, E experts, N output columns, K reduction dim.
+B_DESC: b_ptr is a host TMA descriptor (triton.tools.tensor_descriptor.TensorDescriptor) of B viewed as
+[E * N_b, K] (N_b = 2N for GEMM1, N for GEMM2; K-contiguous rows, 16-byte aligned) with block [BLOCK_N, BLOCK_K]:
+B tiles arrive by TMA (K past the end zero-filled; rows past N read the neighbouring rows, whose columns the
+store masks) and feed the dot transposed (fp8 wgmma takes a K-major B); the stride_b* arguments are unused.
+Shape legend: S token slots, P padded slots, E experts, N output columns, N_b rows of B per expert, K reduction dim.
 """
 
 import triton
@@ -44,7 +48,7 @@ def fp8_moe_gemm_kernel(
     A_SCALE: tl.constexpr, B_SCALE: tl.constexpr, OUT_AMAX: tl.constexpr, IMPRECISE_ACC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     A_HP: tl.constexpr = False, A_FROM_AMAX: tl.constexpr = False, EPS: tl.constexpr = 1e-10,
-    EMULATE_CAST: tl.constexpr = False, OUT_QUANT: tl.constexpr = False,
+    EMULATE_CAST: tl.constexpr = False, OUT_QUANT: tl.constexpr = False, B_DESC: tl.constexpr = False,
 ):
     pid_m, pid_n = tile_coords(P_total, N, BLOCK_M, BLOCK_N, GROUP_M)
     if pid_m * BLOCK_M >= tl.load(total_ptr):
@@ -56,11 +60,14 @@ def fp8_moe_gemm_kernel(
     PER_STEP: tl.constexpr = (A_SCALE == 2) or (B_SCALE == 2)
 
     a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :] * stride_ak
-    b_ptrs = b_ptr + e * stride_be + offs_n[None, :].to(tl.int64) * stride_bn + offs_k[:, None] * stride_bk
+    if B_DESC:  # first row of the tile in the [E * N_b, K] view (GEMM1's up rows: + N)
+        b_row = e.to(tl.int32) * (N * (2 if GATED else 1)) + pid_n * BLOCK_N
+    else:
+        b_ptrs = b_ptr + e * stride_be + offs_n[None, :].to(tl.int64) * stride_bn + offs_k[:, None] * stride_bk
     bs_row = b_scale_ptr + e * stride_bs_e
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # GEMM1's up half (unused by GEMM2)
-    up_off = N * stride_bn
+    up_off = N * stride_bn  # pointer path's up rows
     # per-K-step scales (identity unless PER_STEP)
     sa_k = tl.full((BLOCK_M,), 1.0, tl.float32)
     sb_k = tl.full((BLOCK_N,), 1.0, tl.float32)
@@ -88,13 +95,20 @@ def fp8_moe_gemm_kernel(
         a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         if A_HP:
             a = _quant(a.to(tl.float32), sa_q2, EMULATE_CAST)
-        b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        if B_DESC:  # [BN, BK] tiles by TMA, transposed to [BK, BN]
+            b = b_ptr.load([b_row, k0 * BLOCK_K]).T
+        else:
+            b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         acc = _k_step(a, b, acc, sa_k, sb_k, PER_STEP, IMPRECISE_ACC)
         if GATED:
-            b_up = tl.load(b_ptrs + up_off, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            if B_DESC:
+                b_up = b_ptr.load([b_row + N, k0 * BLOCK_K]).T
+            else:
+                b_up = tl.load(b_ptrs + up_off, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
             acc_up = _k_step(a, b_up, acc_up, sa_k, sb_up_k, PER_STEP, IMPRECISE_ACC)
         a_ptrs += BLOCK_K * stride_ak
-        b_ptrs += BLOCK_K * stride_bk
+        if not B_DESC:
+            b_ptrs += BLOCK_K * stride_bk
 
     # epilogue scales: per tensor / per row of A, per expert / per channel of B
     if A_HP:

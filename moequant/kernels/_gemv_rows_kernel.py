@@ -37,6 +37,9 @@ fp8 (FMT 2): _gemv_fp8_rows.fp8_rows_sums, its own tile [BN, 8 NG, 2, 2] of int3
   with the scale A_SCALE (1 per tensor, 2 per row) and A_SRC (0 static as_ptr[0], 1 from the a_amax_n amax
   partials at as_ptr that GEMM1 stored with OUT_AMAX 2, 2 from the input's a_rows rows) say; F16X2 on a GPU (the
   interpreter takes fp32 products and EMULATE_CAST). GEMM2 takes one expert per program (PART_SPLIT, P = 1).
+  MMA = W > 0 (GPU): _gemv_fp8_mma.fp8_mma_sums instead, products on the tensor cores, BN 16 or 32 rows, the
+  reduction split over the W = num_warps warps; with PDL GEMM2 waits (after routing again) once its first weight
+  loads are in flight.
 EVEN (C a multiple of a step, N of BN) drops the column and row masks from the loop. STAGES > 1 software-pipelines
 the steps: the weight words and scales of the next STAGES - 1 steps are copied to shared memory asynchronously
 (cp.async) while the current step computes, keeping more bytes in flight than the registers would hold. PREFETCH
@@ -74,6 +77,7 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from moequant.kernels._gemv_fp4_bf16x2 import (FP4_PACKED_FACTOR, act_pair, act_quad, block_scale, fp4_bf16x2_sums,
                                                 interleave_rows)
+from moequant.kernels._gemv_fp8_mma import fp8_mma_sums
 from moequant.kernels._gemv_fp8_rows import fp8_rows_sums
 from moequant.kernels._gemv_kernel import FP4_FACTOR, gemv_epilogue
 from moequant.kernels._topk_kernel import _topk_choice, _topk_weights
@@ -304,7 +308,7 @@ def gemv_rows_kernel(
     K_PAD: tl.constexpr = 2, E_PAD: tl.constexpr = 16, SIGMOID: tl.constexpr = False,
     RENORMALIZE: tl.constexpr = False, X_QUAD: tl.constexpr = False, PDL: tl.constexpr = False,
     TRIGGER: tl.constexpr = False, A_SRC: tl.constexpr = 0, a_amax_n=0, a_rows=0, F16X2: tl.constexpr = False,
-    EPS: tl.constexpr = 1e-10, EMULATE_CAST: tl.constexpr = False,
+    EPS: tl.constexpr = 1e-10, EMULATE_CAST: tl.constexpr = False, MMA: tl.constexpr = 0,
 ):
     pid = tl.program_id(0)
     if TRIGGER:  # GEMM1: GEMM2, launched as a programmatic dependent, may start now (it waits for our output)
@@ -378,8 +382,8 @@ def gemv_rows_kernel(
     per_split = tl.cdiv(n_chunks, SPLIT_K)
     c0 = split * per_split
     c1 = tl.minimum(c0 + per_split, n_chunks)
-    if PDL and DOWN:  # launched while GEMM1 runs (routed again above): wait for GEMM1's output
-        gdc_wait()
+    if PDL and DOWN and not MMA:  # launched while GEMM1 runs (routed again above): wait for GEMM1's output (the
+        gdc_wait()  # fp8 mma GEMV waits after issuing its first weight loads)
     if FMT == 0:
         n4 = offs_n[None, None, None, :].to(tl.int64)
         if EVEN:
@@ -470,9 +474,18 @@ def gemv_rows_kernel(
         a_row = pid // A_ROW_DIV
         if DOWN:
             a_row = tl.where(ok1, slot1, 0)
-        first, second, s_a = fp8_rows_sums(w_ptr, a_ptr, as_ptr, a_row, slot1, e1, ok1, offs_n, N, C, c0, c1,
-                                           a_amax_n, a_rows, stride_am, stride_we, stride_wn, stride_wk, stride_ak,
-                                           A_SCALE, A_SRC, EPS, DOWN, EVEN, F16X2, EMULATE_CAST, BLOCK_N, NG)
+        if MMA:  # on the tensor cores: BN 16, the reduction split over the MMA = num_warps warps
+            tl.static_assert((BLOCK_N == 16 or BLOCK_N == 32) and SPLIT_K == 1,
+                             "the fp8 mma GEMV takes 16 or 32 rows and the whole reduction")
+            first, second, s_a = fp8_mma_sums(w_ptr, a_ptr, as_ptr, a_row, slot1, e1, ok1,
+                                              tl.program_id(1) * BLOCK_N, N, C, a_amax_n, a_rows, stride_am,
+                                              stride_we, stride_wn, stride_ak, A_SCALE, A_SRC, EPS, DOWN, EVEN, MMA,
+                                              BLOCK_N, PDL and DOWN)
+        else:
+            first, second, s_a = fp8_rows_sums(w_ptr, a_ptr, as_ptr, a_row, slot1, e1, ok1, offs_n, N, C, c0, c1,
+                                               a_amax_n, a_rows, stride_am, stride_we, stride_wn, stride_wk,
+                                               stride_ak, A_SCALE, A_SRC, EPS, DOWN, EVEN, F16X2, EMULATE_CAST,
+                                               BLOCK_N, NG)
         if DOWN:
             acc = first[None, :] * s_a
         else:

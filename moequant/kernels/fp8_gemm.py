@@ -13,7 +13,9 @@ sorts the slots by expert in its first program: moe_align's one-program body), G
 then quantizes its A tiles itself), GEMM2, the sum: as many launches as the bf16 path (align, GEMM1, GEMM2, sum)
 plus one, or none with static scales; more slots add moe_align's launches.
 Decode of one token with small experts (rows_gemv) takes the rows GEMV instead (_fused_gemv_rows): GEMM1 routes and
-quantizes x itself, GEMM2 quantizes the fp32 activation itself and sums over the top k: two launches.
+quantizes x itself, GEMM2 quantizes the fp32 activation itself and sums over the top k: two launches (on a GPU the
+tensor-core body, GEMM2 launched as GEMM1's programmatic dependent). Prefill tiles load their weight tiles by TMA
+(B_DESC_MODE).
 """
 
 from __future__ import annotations
@@ -34,6 +36,11 @@ from moequant.kernels.moe_gemm import _ACT_CODE, moe_sum
 from moequant.kernels.tuning import GemmConfig, cached_config
 from moequant.quantize.fp8_math import ACT_EPS, BLOCK, FP8_DTYPE
 
+try:  # host-side TMA descriptors (Triton >= 3.3); without them B always takes pointer loads
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - old Triton
+    TensorDescriptor = None
+
 _A_CODE = {"tensor": 0, "token": 1, "group": 2}
 _ALIGN_ARGS = ("al_ids_ptr", "al_sorted_ptr", "al_expert_ptr", "al_total_ptr", "al_scratch_ptr", "al_S", "al_E", "al_P",
                "al_NB")  # fp8_act_quant_kernel's names of OneProgramAlign.args
@@ -46,6 +53,13 @@ FAST_ACCUM = os.environ.get("MOEQUANT_FP8_FAST_ACCUM") == "1"
 # up to this many slots GEMM2 quantizes its own input: off by default, since on the H200 it made decode 2-11x slower
 # (Mixtral M=1: 383 -> 105 us per-tensor, 1249 -> 111 us per-token without it; benchmarks/results/*fp8-nofuse*)
 FUSE_A2_SLOTS = int(os.environ.get("MOEQUANT_FP8_FUSE_A2_SLOTS", 0))
+# the grouped GEMMs load weight (B) tiles through a host TMA descriptor (the kernel's B_DESC) where b_descriptor allows
+# it: MOEQUANT_FP8_TMA=auto (default) for tiles of at least TMA_MIN_BLOCK_M slots (H200, Mixtral M=4096: fp8-tensor
+# 3866 -> 3700 us per forward, 59.3 -> 62.0% of scaled_mm; fp8-channel 3908 -> 3812, 58.7 -> 60.1%; decode tiles
+# not measured with it), on (every tile), off (masked pointer loads). fp8_grouped_gemm's b_desc overrides it per call
+B_DESC_MODE = os.environ.get("MOEQUANT_FP8_TMA", "auto")
+TMA_MIN_BLOCK_M = 64
+TMA_MAX_BOX = 256  # a TMA box spans at most 256 elements per dimension
 ONE_PROGRAM = 1 << 14  # dynamic per-tensor quantization of a padded x up to this many elements: one program
 
 
@@ -159,14 +173,47 @@ def fp8_config(kernel: str, M: int, E: int, N: int, K: int, gated: bool, device:
 
 
 # --- the grouped GEMM ---------------------------------------------------------------------------------------------
+def b_desc_wanted(b_desc: bool | None = None, block_m: int = TMA_MIN_BLOCK_M) -> bool:
+    """b_desc when given, else MOEQUANT_FP8_TMA (B_DESC_MODE): whether a GEMM with BLOCK_M block_m should try TMA
+    loads of B."""
+    if b_desc is not None:
+        return bool(b_desc)
+    if B_DESC_MODE not in ("auto", "off", "on"):
+        raise ValueError(f"MOEQUANT_FP8_TMA={B_DESC_MODE!r}: expected 'auto', 'off' or 'on'")
+    return B_DESC_MODE == "on" or (B_DESC_MODE == "auto" and block_m >= TMA_MIN_BLOCK_M)
+
+
+def b_descriptor(b: torch.Tensor, cfg: GemmConfig):
+    """A host TMA descriptor of b [E, N_b, K] viewed as [E * N_b, K], block [BLOCK_N, BLOCK_K] (the kernel's B_DESC
+    operand), or None where TMA cannot load it and B keeps pointer loads: no TensorDescriptor in this Triton; a GPU
+    before sm_90 (the interpreter takes descriptors); rows not K-contiguous, not stacked evenly ([E * N_b] rows of one
+    stride), or at a row stride / base address that is not a multiple of 16 bytes (a contiguous b needs K % 16 == 0);
+    BLOCK_K * elem < 16 bytes or a block dimension over TMA_MAX_BOX."""
+    E, Nb, K = b.shape
+    if TensorDescriptor is None or b.numel() == 0:
+        return None
+    if not _interpret() and (not b.is_cuda or torch.version.hip is not None
+                             or torch.cuda.get_device_capability(b.device)[0] < 9):
+        return None
+    row = b.stride(1) * b.element_size()
+    if b.stride(2) != 1 or (E > 1 and b.stride(0) != Nb * b.stride(1)) or row % 16 or b.data_ptr() % 16:
+        return None
+    if cfg.BLOCK_K * b.element_size() < 16 or max(cfg.BLOCK_K, cfg.BLOCK_N) > TMA_MAX_BOX or E * Nb >= 2**31:
+        return None
+    return TensorDescriptor(b, [E * Nb, K], [b.stride(1), 1], [cfg.BLOCK_N, cfg.BLOCK_K])
+
+
 def fp8_grouped_gemm(a, a_scale, b, b_scale, c, routing, cfg, layout: Fp8Layout, *, gated: bool, a_row_div: int,
                      activation: str = "silu", bias=None, topk_weights=None, out_amax=None,
-                     amax_per_row: bool = False, a_from_amax: bool = False, c_scale=None) -> torch.Tensor:
+                     amax_per_row: bool = False, a_from_amax: bool = False, c_scale=None,
+                     b_desc: bool | None = None) -> torch.Tensor:
     """c[slot] = epilogue(sa * a[slot // a_row_div] @ (sb * b[expert(slot)]).T) for every routed slot.
     An `a` that is not fp8 is quantized tile by tile in the kernel (act "tensor": scale a_scale, or from the amax
     a_scale with a_from_amax; act "token": per row from the row amax in a_scale), exactly as act_quant would.
     out_amax: fold max |c| into out_amax[0], or with amax_per_row each slot's into out_amax[slot]. An fp8 c is
-    written quantized with the static scale c_scale [1], exactly as act_quant would."""
+    written quantized with the static scale c_scale [1], exactly as act_quant would.
+    b_desc: load B's tiles by TMA (True), by pointers (False), or as MOEQUANT_FP8_TMA says (None); TMA falls back to
+    pointers where b_descriptor cannot describe b."""
     sorted_ids, expert_ids, total = routing
     N = b.shape[1] // 2 if gated else b.shape[1]
     K = b.shape[2]
@@ -187,8 +234,9 @@ def fp8_grouped_gemm(a, a_scale, b, b_scale, c, routing, cfg, layout: Fp8Layout,
         raise ValueError("fp8_grouped_gemm: an fp8 output needs its static scale c_scale (and no out_amax)")
     c_out = c.view(torch.uint8) if out_quant else c  # e4m3 stored as bytes
     dummy = c_out
+    desc = b_descriptor(b, cfg) if b_desc_wanted(b_desc, cfg.BLOCK_M) else None
     fp8_moe_gemm_kernel[grid](
-        a, a_scale, b, b_scale, c_out, out_amax if out_amax is not None else a_scale,
+        a, a_scale, b if desc is None else desc, b_scale, c_out, out_amax if out_amax is not None else a_scale,
         c_scale if c_scale is not None else a_scale, bias if bias is not None else dummy,
         topk_weights if topk_weights is not None else dummy,
         sorted_ids, expert_ids, total,
@@ -203,7 +251,7 @@ def fp8_grouped_gemm(a, a_scale, b, b_scale, c, routing, cfg, layout: Fp8Layout,
         OUT_AMAX=0 if out_amax is None else 2 if amax_per_row else 1,
         IMPRECISE_ACC=None if FAST_ACCUM else min(cfg.BLOCK_K, 128),
         A_HP=a_hp, A_FROM_AMAX=a_from_amax, EPS=ACT_EPS, EMULATE_CAST=_interpret(), OUT_QUANT=out_quant,
-        **cfg.launch_kwargs(),
+        B_DESC=desc is not None, **cfg.launch_kwargs(),
     )
     return c
 
@@ -291,9 +339,8 @@ def rows_gemv(T: int, w13, w2, w13_scale, w2_scale, layout: Fp8Layout) -> bool:
     per-token activation scales, rows of a multiple of 16 bytes): up to ROWS_GEMV_TOKENS tokens with experts of at
     most ROWS_MAX_EXPERT_BYTES of w13, or whatever MOEQUANT_GEMV=always|never says (per-tensor dynamic scales read
     all of x in every GEMM1 program, so it is meant for few tokens). From the H200 at M=1 (us per forward, rows GEMV
-    / tensor-core GEMMs): Qwen3-30B (3 MB per expert) fp8-tensor 26.3 / 27.4, static 24.4 / 25.4, fp8-channel
-    26.4 / 28.5; Mixtral (117 MB) fp8-tensor 137.6 / 100.0, the GEMVs streaming 2.5 TB/s where the tensor-core
-    GEMMs stream 3.5 (benchmarks/results/*-s12-fp8-*)."""
+    on the tensor-core body / tensor-core grouped GEMMs): Qwen3-30B (3 MB per expert) fp8-tensor 19.3 / 27.4, static
+    19.9 / 25.4, fp8-channel 19.7 / 28.5; Mixtral (117 MB) fp8-tensor 125 / 100 (benchmarks/results/*-s13-*)."""
     if layout.weight == "block" or layout.act not in ("tensor", "token") or T == 0:
         return False
     if not (fp8_rows(gemv_weights(w13, w13_scale, layout.weight)) and fp8_rows(gemv_weights(w2, w2_scale,
@@ -364,13 +411,18 @@ def _fused_gemv_rows(x, w13, w2, w13_scale, w2_scale, topk_weights, topk_ids, la
     per_slot = plan1.programs // (T * K)  # GEMM1 programs (amax partials) per slot
     amax = None if static2 else torch.empty(T * K * per_slot, dtype=torch.float32, device=x.device)
     inter = torch.empty(T * K, I, dtype=torch.float32, device=x.device)
+    # GEMM2 on the tensor-core body as GEMM1's programmatic dependent: it routes again, issues its first weight
+    # loads and waits for GEMM1 (H200, Qwen3-30B M=1 fp8-tensor 19.9 -> 19.0 us, fp8-channel 20.4 -> 19.8)
+    chain = (route is not None and plan2.cfg.MMA and gemv_mod.PDL_MODE == "auto"
+             and T <= gemv_mod.CHAIN_MAX_TOKENS and gemv_mod.rows_launch_pdl(x))
     gemv(x, g13, inter, topk_ids, down=False, top_k=K, activation=activation, bias=w13_bias,
          topk_weights=topk_weights if on_input else None, out_amax=amax, plan=plan1, zero_bufs=bufs, route=route,
-         a_quant=a1)
+         a_quant=a1, trigger=chain)
     if static2:
         a2 = Fp8ActIn(kind, "static", a2_scale.reshape(1).float())
     else:
         a2 = Fp8ActIn(kind, "amax", amax, amax.numel() if kind == "tensor" else per_slot)
     out = torch.empty(T, H, dtype=x.dtype, device=x.device)
     return gemv(inter, g2, out, topk_ids, down=True, top_k=K, bias=w2_bias,
-                topk_weights=None if on_input else topk_weights, plan=plan2, split_bufs=bufs, a_quant=a2)
+                topk_weights=None if on_input else topk_weights, plan=plan2, split_bufs=bufs, a_quant=a2,
+                route=route if chain else None, pdl=chain)

@@ -1,12 +1,14 @@
 """Decode path of the quantized fused MoE: two GEMV launches after routing (bodies: _gemv_rows_kernel.py for int,
-A16 fp4 and fp8 weights whose activations it quantizes itself (_gemv_fp8_rows.py), _gemv_kernel.py for fp8 with
+A16 fp4 and fp8 weights whose activations it quantizes itself (_gemv_fp8_rows.py on the CUDA cores, _gemv_fp8_mma.py
+on the tensor cores: GemvConfig.MMA), _gemv_kernel.py for fp8 with
 pre-quantized activations and nvfp4 with fp4 activations; uses_rows_kernel picks). On the rows kernel GEMM1 can route
 itself (gemv_routes), and the forward is then two launches in all.
 
 For few token slots per expert the grouped GEMMs waste most of their work: one token is padded to 16 rows for the
 tensor cores, the align step costs a launch, the unpacked weights go through the tensor cores' operand layout, and the
 top-k sum is another launch. Here GEMM1 (gate/up + activation) and GEMM2 (down + routing weight + top-k sum) each
-stream every routed expert's weights once per slot on the CUDA cores.
+stream every routed expert's weights once per slot on the CUDA cores (fp8 on a GPU: through warp-level mma.sync, one
+activation column of eight).
 
 T tokens, K top-k, S = T*K slots, E experts (local), H hidden, I intermediate (per rank), G group size.
 GemvWeights holds one GEMM's weights in the kernel's layout; the methods build them (int: IntWeights, fp4, fp8).
@@ -106,6 +108,8 @@ class GemvConfig:
     STAGES: int = 1  # rows kernel: steps in flight (> 1: the next steps' words stream into shared memory)
     PREFETCH: bool = False  # rows kernel, bf16x2 paths: the next step's loads issued before this step's products
     UNIT: int = 2  # A16 fp4 bf16x2 path: byte columns per tile element (2, 4 or 8; at most G / 2)
+    MMA: bool = False  # fp8 rows GEMV on a GPU: the tensor-core body (_gemv_fp8_mma.py; BLOCK_N 16 or 32 dividing N,
+    # num_warps warps splitting the reduction, SPLIT_K 1)
 
 
 def use_gemv(T: int, K: int, E: int, slots_per_expert: float = 1.0) -> bool:
@@ -289,11 +293,18 @@ FP8_WORDS_PER_THREAD = 16  # fp8 rows heuristic: weight words (16-byte quads / 4
 
 
 def fp8_rows_heuristic(N: int, num_g: int, grid_rows: int, down: bool, sms: int) -> GemvConfig:
-    """The fp8 rows GEMV's config without a tuned entry: GEMM1 the widest BLOCK_N up to 64 (at least 4) that still
-    gives 4 programs per multiprocessor; GEMM2 one program per top-k expert (PART_SPLIT, which the fp8 branch needs),
-    BLOCK_N 16 and the reduction split in up to 8 shares until there are about 6 programs per multiprocessor; NG
-    128-column groups per step so that a thread of 4 warps holds FP8_WORDS_PER_THREAD words. On the CPU (interpreter)
-    few wide programs."""
+    """The fp8 rows GEMV's config without a tuned entry. On a GPU, with N a multiple of 16: the tensor-core body
+    (MMA, _gemv_fp8_mma.py) with GEMM1 programs of 16 rows per half over 8 warps and GEMM2 programs of 32 rows (16
+    when N is not a multiple of 32) over 4, one per top-k expert (H200, Qwen3-30B M=1 fp8-tensor: 19.0-19.3 us per
+    forward against 21.7-23.4 for the other splits measured; benchmarks/results/*-s13-*). Otherwise the CUDA-core
+    body: GEMM1 the widest BLOCK_N up to 64 (at least 4) that still gives 4 programs per multiprocessor; GEMM2 one
+    program per top-k expert (PART_SPLIT, which the fp8 branch needs), BLOCK_N 16 and the reduction split in up to 8
+    shares until there are about 6 programs per multiprocessor; NG 128-column groups per step so that a thread of 4
+    warps holds FP8_WORDS_PER_THREAD words. On the CPU (interpreter) few wide programs."""
+    if sms > 0 and N % 16 == 0:
+        if down:
+            return GemvConfig(32 if N % 32 == 0 else 16, 1, 4, PART_SPLIT=True, MMA=True)
+        return GemvConfig(16, 1, 8, MMA=True)
     halves = 1 if down else 2
     if down:
         bn = max(4, min(16, triton.next_power_of_2(N)))
@@ -447,7 +458,10 @@ def gemv(a, w: GemvWeights, c, topk_ids, *, down: bool, top_k: int, activation: 
         f16x2 = c.is_cuda and os.environ.get("TRITON_INTERPRET") != "1"
         data = w.data.view(torch.int32) if f16x2 else data
         fp8_kw = dict(A_SRC=_A_SRC[a_quant.src], a_amax_n=a_quant.amax_n, a_rows=a.shape[0], F16X2=f16x2,
-                      EPS=ACT_EPS, EMULATE_CAST=not f16x2)
+                      EPS=ACT_EPS, EMULATE_CAST=not f16x2, MMA=cfg.num_warps if f16x2 and cfg.MMA else 0)
+        if fp8_kw["MMA"] and (cfg.BLOCK_N not in (16, 32) or N % cfg.BLOCK_N or plan.split != 1):
+            raise ValueError(f"gemv: the fp8 mma GEMV takes BLOCK_N 16 or 32 dividing N and no split, got "
+                             f"BLOCK_N {cfg.BLOCK_N}, N {N}, split {plan.split}")
     if down and plan.shares > 1 and split_bufs is None:
         split_bufs = tuple(b.zero_() for b in split_buffers(plan, c.shape[0], c.device))
     bufs = split_bufs if down and plan.shares > 1 else zero_bufs if not down else None
@@ -475,6 +489,8 @@ def gemv(a, w: GemvWeights, c, topk_ids, *, down: bool, top_k: int, activation: 
     )
     if rows_kernel:  # rows-contiguous int words or fp4 bytes (methods.base.rows_contiguous)
         even = C % (cfg.NG * G) == 0 and N % cfg.BLOCK_N == 0
+        if fp8_kw.get("MMA"):  # each warp takes whole 64-column chunks
+            even = C % (64 * cfg.num_warps) == 0
         zero = not down and zero_bufs is not None  # ZB: elements of each buffer one GEMM1 program zeroes
         zb = triton.next_power_of_2(max(16, triton.cdiv(zero_bufs[0].numel(), plan.programs))) if zero else 16
         args.insert(20, 0x4B000000)  # two23, after n_count
