@@ -240,22 +240,22 @@ def test_rows_gemv_gpu_products(body, scheme, dtype, magnitude, monkeypatch):
     assert {p.cfg.MMA for p in plans} == {body == "mma"}
 
 
-# (GEMM1 warps, GEMM2 rows, GEMM2 warps): H = 256 columns are one step of 4 warps (EVEN) or a masked half step of
-# 8; I = 384 are three steps of 2 warps (EVEN) or one and a half of 4
-MMA_CONFIGS = [(4, 32, 2), (8, 16, 4), (8, 32, 4), (2, 16, 1)]
+# (GEMM1 rows, GEMM1 warps, GEMM2 rows, GEMM2 warps): H = 256 columns are one step of 4 warps (EVEN) or a masked half
+# step of 8; I = 384 are three steps of 2 warps (EVEN) or one and a half of 4
+MMA_CONFIGS = [(16, 4, 32, 2), (16, 8, 16, 4), (16, 8, 32, 4), (16, 2, 16, 1), (32, 4, 32, 4)]
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
-@pytest.mark.parametrize("warps1,rows2,warps2", MMA_CONFIGS)
+@pytest.mark.parametrize("rows1,warps1,rows2,warps2", MMA_CONFIGS)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-static{int(c[1])}-bias{int(c[2])}")
-def test_rows_gemv_gpu_mma_configs(warps1, rows2, warps2, case, monkeypatch):
+def test_rows_gemv_gpu_mma_configs(rows1, warps1, rows2, warps2, case, monkeypatch):
     """The tensor-core body over its configs (warps splitting the reduction, with and without a masked last step;
-    GEMM2 blocks of 16 or 32 rows), static / dynamic / per-token scales, bias + swigluoai, one and three tokens
-    (one: GEMM2 launched as GEMM1's programmatic dependent), against the reference within 5e-3."""
+    blocks of 16 or 32 rows), static / dynamic / per-token scales, bias + swigluoai, one and three tokens (one:
+    GEMM2 launched as GEMM1's programmatic dependent), against the reference within 5e-3."""
     scheme, static, bias = case
     monkeypatch.setattr(gv, "MODE", "always")
-    monkeypatch.setattr(gv, "OVERRIDE", {False: gv.GemvConfig(16, 1, warps1, MMA=True),
+    monkeypatch.setattr(gv, "OVERRIDE", {False: gv.GemvConfig(rows1, 1, warps1, MMA=True),
                                          True: gv.GemvConfig(rows2, 1, warps2, PART_SPLIT=True, MMA=True)})
     layer = build(scheme, torch.bfloat16, static=static, bias=bias)
     launches, gemv = [], gv.gemv

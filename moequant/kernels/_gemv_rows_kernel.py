@@ -474,7 +474,7 @@ def gemv_rows_kernel(
         a_row = pid // A_ROW_DIV
         if DOWN:
             a_row = tl.where(ok1, slot1, 0)
-        if MMA:  # on the tensor cores: BN 16, the reduction split over the MMA = num_warps warps
+        if MMA:  # on the tensor cores: BN 16 or 32, the reduction split over the MMA = num_warps warps
             tl.static_assert((BLOCK_N == 16 or BLOCK_N == 32) and SPLIT_K == 1,
                              "the fp8 mma GEMV takes 16 or 32 rows and the whole reduction")
             first, second, s_a = fp8_mma_sums(w_ptr, a_ptr, as_ptr, a_row, slot1, e1, ok1,
