@@ -98,12 +98,10 @@ def _step_loads(s, live, w_a, a_row, chunk0, cstep, col, row_ok, n_chunks, strid
     o_j + 8..15 from w_a's, o_0 = 0; unused pairs alias pair 0): chunk chunk0 + s * cstep of each tile row. Unless
     EVEN, nothing is read (zeros) where live is false (the prefetch after the last step), for rows not row_ok or
     past the last chunk. Without ACT the activation is not read (raw: dummies)."""
+    chunk = chunk0 + s * cstep  # [8W, 1]
     if EVEN:  # no masks: the prefetch after the last step reads the last step's chunk again (an L1 hit), rows not
-        # row_ok point at expert 0 (the caller)
-        chunk = chunk0 + s * cstep
-        ok = col >= 0
+        ok = col >= 0  # row_ok point at expert 0 (the caller)
     else:
-        chunk = chunk0 + s * cstep
         ok = row_ok & live & (chunk < n_chunks) & (col >= 0)
     wd = chunk * CHUNK_WORDS + col  # [8W, 16]
     pa = w_a + wd
@@ -126,6 +124,7 @@ def _step_loads(s, live, w_a, a_row, chunk0, cstep, col, row_ok, n_chunks, strid
 
 @triton.jit
 def _load_words(p, ok, EVEN: tl.constexpr):
+    """The int32 words at p: unmasked when EVEN, else zeros where ok is false."""
     if EVEN:
         return tl.load(p)
     return tl.load(p, mask=ok, other=0)
