@@ -28,8 +28,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_wait
 
-from moequant.kernels._gemv_fp4_bf16x2 import act_quad
-from moequant.kernels._gemv_fp8_rows import _act_word2, _halves_f32, _quant_pair, fp8_act_scale
+from moequant.kernels._gemv_fp8_rows import _act_raw, _quant_pair, _raw_f32, fp8_act_scale
 
 CHUNK_WORDS = tl.constexpr(16)  # 64 columns of e4m3 codes
 
@@ -68,26 +67,10 @@ def _codes_f16x2(p):
 
 
 @triton.jit
-def _act_raw(a_row, col, ok, A_BYTES: tl.constexpr, MASKED: tl.constexpr):
-    """A word's four activation values, as loaded (bf16/fp16: two int32 pairs; fp32: four bit patterns)."""
-    if A_BYTES == 2:
-        p01, p23 = _act_word2(a_row + col, ok, MASKED)
-        return p01, p23, p01, p23
-    return act_quad(a_row, col, ok, MASKED)
-
-
-@triton.jit
 def _act_codes(raw, r, ns, A_BYTES: tl.constexpr, IS_BF16: tl.constexpr):
-    """(columns 0-1, 2-3) of each word's activation as f16x2 pairs of its e4m3 codes (q(a) of the module doc)."""
-    v0, v1, v2, v3 = raw
-    if A_BYTES == 2:
-        x0, x1 = _halves_f32(v0, IS_BF16)
-        x2, x3 = _halves_f32(v1, IS_BF16)
-    else:
-        x0 = v0.to(tl.float32, bitcast=True)
-        x1 = v1.to(tl.float32, bitcast=True)
-        x2 = v2.to(tl.float32, bitcast=True)
-        x3 = v3.to(tl.float32, bitcast=True)
+    """(columns 0-1, 2-3) of each word's activation (_act_raw's values) as f16x2 pairs of its e4m3 codes (q(a) of
+    the module doc)."""
+    x0, x1, x2, x3 = _raw_f32(raw, A_BYTES, IS_BF16)
     return _codes_f16x2(_quant_pair(x0, x1, r, ns) | (_quant_pair(x2, x3, r, ns) << 16))
 
 

@@ -138,20 +138,31 @@ def _halves_f32(p, IS_BF16: tl.constexpr):
 
 
 @triton.jit
-def _act_values(a_row, col, ok, A_BYTES: tl.constexpr, IS_BF16: tl.constexpr, MASKED: tl.constexpr):
-    """The four activation values of each word's columns (col: the first) as fp32: two int32 pairs, or fp32 bit
-    patterns by the fp4 GEMV's 16-byte act_quad."""
+def _act_raw(a_row, col, ok, A_BYTES: tl.constexpr, MASKED: tl.constexpr):
+    """The four activation values of each word's columns (col: the first), as loaded: two int32 pairs (16-bit
+    values), or four fp32 bit patterns by the fp4 GEMV's 16-byte act_quad (the pairs' tuple repeats them)."""
     if A_BYTES == 2:
         p01, p23 = _act_word2(a_row + col, ok, MASKED)
-        x0, x1 = _halves_f32(p01, IS_BF16)
-        x2, x3 = _halves_f32(p23, IS_BF16)
-    else:
-        v0, v1, v2, v3 = act_quad(a_row, col, ok, MASKED)
-        x0 = v0.to(tl.float32, bitcast=True)
-        x1 = v1.to(tl.float32, bitcast=True)
-        x2 = v2.to(tl.float32, bitcast=True)
-        x3 = v3.to(tl.float32, bitcast=True)
-    return x0, x1, x2, x3
+        return p01, p23, p01, p23
+    return act_quad(a_row, col, ok, MASKED)
+
+
+@triton.jit
+def _raw_f32(raw, A_BYTES: tl.constexpr, IS_BF16: tl.constexpr):
+    """_act_raw's values as fp32."""
+    v0, v1, v2, v3 = raw
+    if A_BYTES == 2:
+        x0, x1 = _halves_f32(v0, IS_BF16)
+        x2, x3 = _halves_f32(v1, IS_BF16)
+        return x0, x1, x2, x3
+    return (v0.to(tl.float32, bitcast=True), v1.to(tl.float32, bitcast=True), v2.to(tl.float32, bitcast=True),
+            v3.to(tl.float32, bitcast=True))
+
+
+@triton.jit
+def _act_values(a_row, col, ok, A_BYTES: tl.constexpr, IS_BF16: tl.constexpr, MASKED: tl.constexpr):
+    """The four activation values of each word's columns (col: the first) as fp32."""
+    return _raw_f32(_act_raw(a_row, col, ok, A_BYTES, MASKED), A_BYTES, IS_BF16)
 
 
 @triton.jit
