@@ -218,7 +218,9 @@ def test_decode_gemv_routes_in_gemm1(case, monkeypatch):
         monkeypatch.setattr(gv, "ROUTE_MODE", "auto")
         out = layer(x, logits)
         assert len(calls) == (T > max_tokens or scheme == "mxfp4"), (T, max_tokens, calls)
-        assert launches == [(False, not calls), (True, act_order and not calls)], launches  # which ones route
+        # GEMM2 routes again when chained to GEMM1: act-order, and A16 fp4's bf16x2 body on a GPU
+        chained = not calls and (act_order or (gv.PLAIN_CHAIN and scheme == "nvfp4a16" and ON_GPU))
+        assert launches == [(False, not calls), (True, chained)], launches  # which ones route
         assert len(rows) == (act_order and not calls), (T, max_tokens, len(rows))
         monkeypatch.setattr(gv, "ROUTE_MODE", "never")
         w_ref, ids_ref = layer.route(x, logits)
@@ -264,16 +266,27 @@ def test_gemv_gpu_pipelined_steps(case, always_gemv, monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
-@pytest.mark.parametrize("act_order", [False, True], ids=["plain", "act-order"])
-def test_gemv_gpu_graph_replay_with_split(act_order, always_gemv, monkeypatch):
+@pytest.mark.parametrize("scheme, G, act_order", [("w4a16", 128, False), ("w4a16", 128, True), ("nvfp4a16", None, False)],
+                         ids=["plain", "act-order", "nvfp4a16"])
+def test_gemv_gpu_graph_replay_with_split(scheme, G, act_order, always_gemv, monkeypatch):
     """GEMM1 (routing) -> GEMM2 captured in a CUDA graph with GEMM2 split in three (GEMM1 zeroes the split buffer
     and counters on every replay, the last program of a block casts it); with act-order routed_rows -> GEMM1 ->
-    GEMM2 chained as programmatic dependents (forced on): replays with new inputs match eager forwards (fp32 atomics
-    may add in another order: a bf16 rounding apart at most)."""
+    GEMM2, and for nvfp4a16 GEMM1 -> GEMM2 (its first weights loaded before it waits), chained as programmatic
+    dependents (forced on): replays with new inputs match eager forwards (fp32 atomics may add in another order: a
+    bf16 rounding apart at most) and the reference."""
     monkeypatch.setattr(gv, "OVERRIDE", {False: gv.GemvConfig(32, 1, 4), True: gv.GemvConfig(16, 1, 4, SPLIT_K=3)})
     monkeypatch.setattr(gv, "chain_pdl", lambda x, w13: gv.rows_launch_pdl(x))
-    layer = build("w4a16", 128, act_order, False, torch.bfloat16, "cuda")
+    layer = build(scheme, G, act_order, False, torch.bfloat16, "cuda")
     assert_graph_replays_match_eager(layer, H, E)
+    gen = torch.Generator().manual_seed(5)
+    for T in (1, 2):  # routed by GEMM1 (chained at one token)
+        x = torch.randn(T, H, generator=gen).to(torch.bfloat16).cuda()
+        logits = torch.randn(T, E, generator=gen).cuda()
+        layer.backend = "triton"
+        out = layer(x, logits)
+        layer.backend = "reference"
+        assert rel_err(out, layer(x.float(), logits).to(torch.bfloat16)) <= 1e-2, (scheme, T)
+        layer.backend = "triton"
 
 
 @pytest.mark.gpu

@@ -242,21 +242,25 @@ def test_rows_gemv_gpu_products(body, scheme, dtype, magnitude, monkeypatch):
 
 # (GEMM1 rows, GEMM1 warps, GEMM2 rows, GEMM2 warps): H = 256 columns are one step of 4 warps (EVEN) or a masked half
 # step of 8; I = 384 are three steps of 2 warps (EVEN) or one and a half of 4
-MMA_CONFIGS = [(16, 4, 32, 2), (16, 8, 16, 4), (16, 8, 32, 4), (16, 2, 16, 1), (32, 4, 32, 4)]
+# (rows, warps, steps in flight) of GEMM1, then of GEMM2
+MMA_CONFIGS = [(16, 4, 1, 32, 2, 1), (16, 8, 1, 16, 4, 2), (16, 8, 2, 32, 4, 3), (16, 2, 3, 16, 1, 2),
+               (32, 4, 1, 32, 4, 2)]
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
-@pytest.mark.parametrize("rows1,warps1,rows2,warps2", MMA_CONFIGS)
+@pytest.mark.parametrize("rows1,warps1,stages1,rows2,warps2,stages2", MMA_CONFIGS)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-static{int(c[1])}-bias{int(c[2])}")
-def test_rows_gemv_gpu_mma_configs(rows1, warps1, rows2, warps2, case, monkeypatch):
+def test_rows_gemv_gpu_mma_configs(rows1, warps1, stages1, rows2, warps2, stages2, case, monkeypatch):
     """The tensor-core body over its configs (warps splitting the reduction, with and without a masked last step;
-    blocks of 16 or 32 rows), static / dynamic / per-token scales, bias + swigluoai, one and three tokens (one:
-    GEMM2 launched as GEMM1's programmatic dependent), against the reference within 5e-3."""
+    blocks of 16 or 32 rows; 1-3 steps of loads in flight, more than some warps have steps), static / dynamic /
+    per-token scales, bias + swigluoai, one and three tokens (one: GEMM2 launched as GEMM1's programmatic dependent,
+    its first steps' weights loaded before it waits), against the reference within 5e-3."""
     scheme, static, bias = case
     monkeypatch.setattr(gv, "MODE", "always")
-    monkeypatch.setattr(gv, "OVERRIDE", {False: gv.GemvConfig(rows1, 1, warps1, MMA=True),
-                                         True: gv.GemvConfig(rows2, 1, warps2, PART_SPLIT=True, MMA=True)})
+    monkeypatch.setattr(gv, "OVERRIDE", {False: gv.GemvConfig(rows1, 1, warps1, STAGES=stages1, MMA=True),
+                                         True: gv.GemvConfig(rows2, 1, warps2, PART_SPLIT=True, STAGES=stages2,
+                                                             MMA=True)})
     layer = build(scheme, torch.bfloat16, static=static, bias=bias)
     launches, gemv = [], gv.gemv
     monkeypatch.setattr(fp8_gemm, "gemv", lambda *a, **k: launches.append(k.get("pdl", False)) or gemv(*a, **k))

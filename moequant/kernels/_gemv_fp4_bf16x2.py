@@ -19,6 +19,7 @@ math   acc[p, 4q + r] = sum_u scale[q, r, g(u)] * sum_{k in u} e2m1[4q + r, k] *
 
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_wait
 
 from moequant.kernels._fp4_gemm_kernel import block_scale_value, e2m1_pair_ptx
 
@@ -158,22 +159,40 @@ def _pairs(a_base, j3, ok, MASKED: tl.constexpr, U: tl.constexpr):
 
 
 @triton.jit
-def _step_loads(c, c1, wa, wb, sa, sb, a_base, ld_ok, pa_ok, NUM_G, stride_wk, stride_sg, DOWN: tl.constexpr,
-                EVEN: tl.constexpr, LIVE: tl.constexpr, U: tl.constexpr, NU: tl.constexpr, UG: tl.constexpr):
-    """Everything step c reads: U words of every tile element (gate / all parts: wa; up: wb), the four rows' block
-    scale words, and the activation pairs of the U byte columns. LIVE: masked off when c >= c1 (the prefetch of the
-    step after the last)."""
+def _step_cols(c, NU: tl.constexpr, U: tl.constexpr, UG: tl.constexpr):
+    """Step c's first byte column j3 and scale group g3 of every tile element ([1, NU, 1])."""
     u3 = (c * NU + tl.arange(0, NU))[None, :, None]
-    j3 = u3 * U  # the tile element's first byte column
-    g3 = u3 // UG  # its scale group
-    ok = ld_ok
-    x_ok = pa_ok
-    if LIVE:
-        ok = ok & (c < c1)
-        x_ok = x_ok & (c < c1)
+    return u3 * U, u3 // UG
+
+
+@triton.jit
+def _read(ok, c, c1, j3, g3, NUM_G, EVEN: tl.constexpr, LIVE: tl.constexpr):
+    """ok, and not when c >= c1 with LIVE (the prefetch of the step after the last), nor past NUM_G groups unless
+    EVEN."""
+    if LIVE:  # per element (j3 >= 0 is always true): H200, Qwen3-30B nvfp4a16 M=1 with GEMM2 chained, 18.4-18.8 ->
+        ok = ok & (c < c1) & (j3 >= 0)  # 17.6-18.1 us against the scalar test (ptxas: 168 registers in GEMM2, not 128)
     if not EVEN:
         ok = ok & (g3 < NUM_G)
-        x_ok = x_ok & (g3 < NUM_G)
+    return ok
+
+
+@triton.jit
+def _step_pairs(c, c1, a_base, pa_ok, NUM_G, EVEN: tl.constexpr, LIVE: tl.constexpr, U: tl.constexpr,
+                NU: tl.constexpr, UG: tl.constexpr):
+    """Step c's activation pairs of the U byte columns of every tile element (_pairs)."""
+    j3, g3 = _step_cols(c, NU, U, UG)
+    return _pairs(a_base, j3, _read(pa_ok, c, c1, j3, g3, NUM_G, EVEN, LIVE), LIVE or not EVEN, U)
+
+
+@triton.jit
+def _step_loads(c, c1, wa, wb, sa, sb, a_base, ld_ok, pa_ok, NUM_G, stride_wk, stride_sg, DOWN: tl.constexpr,
+                EVEN: tl.constexpr, LIVE: tl.constexpr, U: tl.constexpr, NU: tl.constexpr, UG: tl.constexpr,
+                ACT: tl.constexpr = True):
+    """Everything step c reads: U words of every tile element (gate / all parts: wa; up: wb), the four rows' block
+    scale words, and the activation pairs of the U byte columns (without ACT not read: dummies). LIVE: masked off
+    when c >= c1 (the prefetch of the step after the last)."""
+    j3, g3 = _step_cols(c, NU, U, UG)
+    ok = _read(ld_ok, c, c1, j3, g3, NUM_G, EVEN, LIVE)
     a0, a1, a2, a3, a4, a5, a6, a7 = _words(wa, j3, ok, stride_wk, U)
     swa = tl.load(sa + g3 * stride_sg, mask=ok, other=0)
     b0, b1, b2, b3, b4, b5, b6, b7 = a0, a1, a2, a3, a4, a5, a6, a7
@@ -181,7 +200,10 @@ def _step_loads(c, c1, wa, wb, sa, sb, a_base, ld_ok, pa_ok, NUM_G, stride_wk, s
     if not DOWN:
         b0, b1, b2, b3, b4, b5, b6, b7 = _words(wb, j3, ok, stride_wk, U)
         swb = tl.load(sb + g3 * stride_sg, mask=ok, other=0)
-    p0, p1, p2, p3, p4, p5, p6, p7 = _pairs(a_base, j3, x_ok, LIVE or not EVEN, U)
+    p0, p1, p2, p3, p4, p5, p6, p7 = a0, a0, a0, a0, a0, a0, a0, a0
+    if ACT:
+        p0, p1, p2, p3, p4, p5, p6, p7 = _pairs(a_base, j3, _read(pa_ok, c, c1, j3, g3, NUM_G, EVEN, LIVE),
+                                                LIVE or not EVEN, U)
     return (a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, b2, b3, b4, b5, b6, b7, swa, swb,
             p0, p1, p2, p3, p4, p5, p6, p7)
 
@@ -216,11 +238,13 @@ def _scaled_add(r0, r1, r2, r3, s0, s1, s2, s3, sw, SCALE_KIND: tl.constexpr):
 def fp4_bf16x2_sums(w_ptr, s_ptr, a_ptr, a_rows, e, p_ok, c0, c1, N, NUM_G, stride_we, stride_wn, stride_wk,
                     stride_se, stride_sn, stride_sg, DOWN: tl.constexpr, EVEN: tl.constexpr,
                     PREFETCH: tl.constexpr, SCALE_KIND: tl.constexpr, G: tl.constexpr, U: tl.constexpr,
-                    PA: tl.constexpr, BLOCK_N: tl.constexpr, NG: tl.constexpr):
+                    PA: tl.constexpr, BLOCK_N: tl.constexpr, NG: tl.constexpr, PDL_WAIT: tl.constexpr = False):
     """Steps c0 .. c1 of this program's BLOCK_N rows: ([PA, BLOCK_N] sums of the gate / every part, [1, BLOCK_N]
     sums of the up rows (GEMM1; else zeros)), block scales applied, times 2^-62 (FP4_PACKED_FACTOR undoes it).
     a_rows, e, p_ok: GEMM2 [PA] activation row offsets, experts and live parts; GEMM1 scalars (p_ok unused).
-    PREFETCH: step c + 1's loads are issued before step c's products (register double buffering)."""
+    PREFETCH: step c + 1's loads are issued before step c's products (register double buffering). PDL_WAIT (with
+    PREFETCH): launched as a programmatic dependent of the GEMM1 that writes a; the first step's weights and scales
+    are issued, then the program waits for GEMM1 before loading activations."""
     tl.static_assert(U == 2 or U == 4 or U == 8, "UNIT: 2, 4 or 8 byte columns per tile element")
     tl.static_assert(2 * U <= G, "a tile element lies in one scale group")
     UG: tl.constexpr = G // (2 * U)
@@ -251,7 +275,13 @@ def fp4_bf16x2_sums(w_ptr, s_ptr, a_ptr, a_rows, e, p_ok, c0, c1, N, NUM_G, stri
     up3 = tl.zeros((1, NU, BQ), dtype=tl.float32)
     if PREFETCH:
         nxt = _step_loads(c0, c1, wa, wb, sa, sb, a_base, ld_ok, pa_ok, NUM_G, stride_wk, stride_sg, DOWN, EVEN,
-                          True, U, NU, UG)
+                          True, U, NU, UG, not PDL_WAIT)
+        if PDL_WAIT:  # GEMM2 launched while GEMM1 runs: its first weights are in flight, now wait for GEMM1's output
+            gdc_wait()
+            a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, b2, b3, b4, b5, b6, b7, swa, swb, _, _, _, _, _, _, _, _ = nxt
+            p0, p1, p2, p3, p4, p5, p6, p7 = _step_pairs(c0, c1, a_base, pa_ok, NUM_G, EVEN, True, U, NU, UG)
+            nxt = (a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, b2, b3, b4, b5, b6, b7, swa, swb,
+                   p0, p1, p2, p3, p4, p5, p6, p7)
     for c in range(c0, c1):
         if PREFETCH:
             cur = nxt

@@ -18,8 +18,9 @@ math     out[n] = s * sum_k w_code[n, k] * q(a)[k]: the codes converted to f16 (
          exact, sums in the mma's fp32 accumulator (chained over the warp's chunks), the warps' sums added at the
          end. q(a) = e4m3(clamp(a / s, -448, 448)) as the twin (_gemv_fp8_rows._quant_pair), s by fp8_act_scale
 Each lane quantizes its 16 columns once per chunk for all its row tiles (GEMM1: gate a, b and up a, b). Each step's
-loads are issued before the previous step's products (register double buffering) and kept raw until used; with EVEN
-(C a multiple of 64 W) they take no masks (the prefetch after the last step reads that step's chunk again).
+loads are issued DEPTH (1-3) steps before its products (registers) and kept raw until used; with EVEN (C a multiple
+of 64 W) they take no masks (the prefetches after the last step read that step's chunk again). The warps' sums of
+all tiles meet in one cross-warp reduction at the end (_row_sums).
 On sm_90 ptxas runs an e4m3 mma as f16 HMMA.16816.F32 after F2FP conversions; this body converts itself and issues
 the f16 mma, so the activation's conversion is shared by the tiles.
 """
@@ -106,6 +107,15 @@ def _step_loads(s, live, w_a, a_row, chunk0, cstep, col, row_ok, n_chunks, strid
 
 
 @triton.jit
+def _with_act(loads, s, a_row, chunk0, cstep, col, n_chunks, EVEN: tl.constexpr, A_BYTES: tl.constexpr):
+    """_step_loads' values of step s (loaded without ACT) with the step's activation values."""
+    _, t0, t1, t2, t3, t4, t5, t6, t7 = loads
+    chunk = chunk0 + s * cstep
+    raw = _act_raw(a_row, (chunk * CHUNK_WORDS + col) * 4, (chunk < n_chunks) & (col >= 0), A_BYTES, not EVEN)
+    return raw, t0, t1, t2, t3, t4, t5, t6, t7
+
+
+@triton.jit
 def _load_words(p, ok, EVEN: tl.constexpr):
     """The int32 words at p: unmasked when EVEN, else zeros where ok is false."""
     if EVEN:
@@ -132,11 +142,13 @@ def _step_mma(cur, accs, r, ns, NP: tl.constexpr, A_BYTES: tl.constexpr, IS_BF16
 def fp8_mma_sums(w_ptr, a_ptr, as_ptr, a_row_idx, slot, e, ok, n0, N, C, a_amax_n, a_rows, stride_am, stride_we,
                  stride_wn, stride_ak, A_SCALE: tl.constexpr, A_SRC: tl.constexpr, EPS: tl.constexpr,
                  DOWN: tl.constexpr, EVEN: tl.constexpr, W: tl.constexpr, BLOCK_N: tl.constexpr,
-                 PDL_WAIT: tl.constexpr):
+                 PDL_WAIT: tl.constexpr, DEPTH: tl.constexpr = 1):
     """(first, second, s): [BLOCK_N] fp32 dot products of expert e's rows with the quantized activation row
     a_row_idx, divided by its scale s: GEMM1 the gate rows n0 .. n0 + BLOCK_N - 1 and the up rows N + n0 ..; GEMM2
     rows n0 .. (second = first); BLOCK_N 16 or 32. ok: the expert is valid (else expert 0's rows are read, EVEN, or
-    nothing, and the epilogue drops the rows). EVEN: C a multiple of 64 W columns."""
+    nothing, and the epilogue drops the rows). EVEN: C a multiple of 64 W columns. DEPTH (1-3): steps of loads in
+    flight; with PDL_WAIT the first DEPTH steps' weights are issued before the wait (a GEMM2 of at most DEPTH steps
+    per warp then has all its weights in flight before GEMM1 ends)."""
     NP: tl.constexpr = (BLOCK_N // 16) * (1 if DOWN else 2)  # pairs of 8-row tiles sharing the activation codes
     o1 = 16
     o2 = N
@@ -157,51 +169,90 @@ def fp8_mma_sums(w_ptr, a_ptr, as_ptr, a_row_idx, slot, e, ok, n0, N, C, a_amax_
     a_row = a_ptr + a_row_idx.to(tl.int64) * stride_am
     A_BYTES: tl.constexpr = a_ptr.dtype.element_ty.primitive_bitwidth // 8
     IS_BF16: tl.constexpr = a_ptr.dtype.element_ty == tl.bfloat16
+    # DEPTH steps of loads in flight: steps 0 .. DEPTH - 1 now (with PDL_WAIT their weights only, before the wait)
     nxt = _step_loads(0, per_w > 0, w_a, a_row, chunk0, cstep, col, row_ok, n_chunks, stride_wn, o1, o2, o3, NP,
                       EVEN, A_BYTES, not PDL_WAIT)
+    nx1 = nxt
+    nx2 = nxt
+    if DEPTH >= 2:
+        nx1 = _step_loads(tl.minimum(1, per_w - 1), per_w > 1, w_a, a_row, chunk0, cstep, col, row_ok, n_chunks,
+                          stride_wn, o1, o2, o3, NP, EVEN, A_BYTES, not PDL_WAIT)
+    if DEPTH >= 3:
+        nx2 = _step_loads(tl.minimum(2, per_w - 1), per_w > 2, w_a, a_row, chunk0, cstep, col, row_ok, n_chunks,
+                          stride_wn, o1, o2, o3, NP, EVEN, A_BYTES, not PDL_WAIT)
     if PDL_WAIT:  # GEMM2 launched while GEMM1 runs: its first weights are in flight, now wait for GEMM1's output
         gdc_wait()
-        _, t0, t1, t2, t3, t4, t5, t6, t7 = nxt
-        a_ok = (chunk0 < n_chunks) & (col >= 0)
-        nxt = (_act_raw(a_row, (chunk0 * CHUNK_WORDS + col) * 4, a_ok, A_BYTES, not EVEN), t0, t1, t2, t3, t4, t5,
-               t6, t7)
+        nxt = _with_act(nxt, 0, a_row, chunk0, cstep, col, n_chunks, EVEN, A_BYTES)
+        if DEPTH >= 2:
+            nx1 = _with_act(nx1, 1, a_row, chunk0, cstep, col, n_chunks, EVEN, A_BYTES)
+        if DEPTH >= 3:
+            nx2 = _with_act(nx2, 2, a_row, chunk0, cstep, col, n_chunks, EVEN, A_BYTES)
     s = fp8_act_scale(a_ptr, as_ptr, a_row_idx, slot, a_amax_n, a_rows, C, stride_am, stride_ak, A_SCALE, A_SRC,
                       EPS, 1024)
     r = tl.math.div_rn(1.0, s)
     ns = -s
     z = tl.zeros((8 * W, 16), dtype=tl.float32)
     accs = (z, z, z, z)
-    for st in range(0, per_w):  # step st + 1's loads are issued before step st's products
+    for st in range(0, per_w):  # step st + DEPTH's loads are issued before step st's products
         cur = nxt
-        nxt = _step_loads(tl.minimum(st + 1, per_w - 1), st + 1 < per_w, w_a, a_row, chunk0, cstep, col, row_ok,
-                          n_chunks, stride_wn, o1, o2, o3, NP, EVEN, A_BYTES)
+        new = _step_loads(tl.minimum(st + DEPTH, per_w - 1), st + DEPTH < per_w, w_a, a_row, chunk0, cstep, col,
+                          row_ok, n_chunks, stride_wn, o1, o2, o3, NP, EVEN, A_BYTES)
+        if DEPTH == 1:
+            nxt = new
+        elif DEPTH == 2:
+            nxt = nx1
+            nx1 = new
+        else:
+            nxt = nx1
+            nx1 = nx2
+            nx2 = new
         accs = _step_mma(cur, accs, r, ns, NP, A_BYTES, IS_BF16)
-    acc0, acc1, acc2, acc3 = accs
-    if BLOCK_N == 32:
-        first = _rows32(acc0, acc1, col, W)
-        second = first
-        if not DOWN:
-            second = _rows32(acc2, acc3, col, W)
-    else:
-        first = _rows16(acc0, col, W)
-        second = first
-        if not DOWN:
-            second = _rows16(acc1, col, W)
+    first, second = _row_sums(accs, col, W, NP, DOWN)
     return first, second, s
 
 
 @triton.jit
-def _rows16(acc, col, W: tl.constexpr):
-    """[16] row sums from the mma accumulators [8W, 16]: lane q = 0's d0 (column 0: tile a's row i % 8) and d2
-    (column 2: tile b's), added over the W warps."""
-    ra = tl.sum(tl.where(col == 0, acc, 0.0), axis=1)  # [8W]: one nonzero term each (exact)
-    rb = tl.sum(tl.where(col == 2, acc, 0.0), axis=1)
-    ra = tl.sum(tl.reshape(ra, (W, 8)), axis=0)  # [8]
-    rb = tl.sum(tl.reshape(rb, (W, 8)), axis=0)
-    return tl.reshape(tl.permute(tl.join(ra, rb), (1, 0)), (16,))
+def _lane_rows(acc, col):
+    """[8W, 2] per tile row i: lane q = 0's d0 (column 0: tile a's row i % 8) and d2 (column 2: tile b's) of the
+    mma accumulators [8W, 16] (one nonzero term each: exact)."""
+    return tl.join(tl.sum(tl.where(col == 0, acc, 0.0), axis=1), tl.sum(tl.where(col == 2, acc, 0.0), axis=1))
 
 
 @triton.jit
-def _rows32(acc_lo, acc_hi, col, W: tl.constexpr):
-    """[32]: the row sums of two pairs (rows 0 .. 15, 16 .. 31)."""
-    return tl.reshape(tl.permute(tl.join(_rows16(acc_lo, col, W), _rows16(acc_hi, col, W)), (1, 0)), (32,))
+def _pair_rows(x):
+    """[8 (g), 2 (tile)] warp-summed rows of one pair -> its [16] rows in order (tile a's 0..7, then b's)."""
+    return tl.reshape(tl.permute(x, (1, 0)), (16,))
+
+
+@triton.jit
+def _row_sums(accs, col, W: tl.constexpr, NP: tl.constexpr, DOWN: tl.constexpr):
+    """(first, second) [BLOCK_N] row sums of the NP pairs' accumulators (GEMM1: gate pairs, then up pairs; GEMM2:
+    second = first), the W warps' shares added by one cross-warp reduction for all pairs (one per pair and tile
+    cost three barriers each at the end of every program)."""
+    acc0, acc1, acc2, acc3 = accs
+    v = _lane_rows(acc0, col)  # [8W, 2]
+    if NP == 1:
+        first = _pair_rows(tl.sum(tl.reshape(v, (W, 8, 2)), axis=0))
+        second = first
+    elif NP == 2:
+        v = tl.join(v, _lane_rows(acc1, col))  # [8W, 2, 2 (pair)]
+        r0, r1 = tl.split(tl.sum(tl.reshape(v, (W, 8, 2, 2)), axis=0))
+        first = _pair_rows(r0)
+        second = _pair_rows(r1)
+        if DOWN:  # rows 0..15, 16..31
+            first = _join_rows(first, second)
+            second = first
+    else:  # GEMM1, 32 rows per half: pairs 0-1 gate, 2-3 up
+        v = tl.join(tl.join(v, _lane_rows(acc1, col)), tl.join(_lane_rows(acc2, col), _lane_rows(acc3, col)))
+        lo, hi = tl.split(tl.sum(tl.reshape(v, (W, 8, 2, 2, 2)), axis=0))  # [8, 2, 2] each
+        r0, r1 = tl.split(lo)
+        r2, r3 = tl.split(hi)
+        first = _join_rows(_pair_rows(r0), _pair_rows(r1))
+        second = _join_rows(_pair_rows(r2), _pair_rows(r3))
+    return first, second
+
+
+@triton.jit
+def _join_rows(lo, hi):
+    """[16] + [16] -> [32] in order."""
+    return tl.reshape(tl.permute(tl.join(lo, hi), (1, 0)), (32,))

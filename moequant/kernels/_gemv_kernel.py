@@ -112,27 +112,57 @@ def _split_store(out, c_ptrs, part_ptrs, n_ok, count_ptr, SHARES: tl.constexpr):
 
 
 @triton.jit
-def gemv_epilogue(acc, pid, e, parts, slot, p_ok, row_ok, n_ok, offs_n, rows, N, es_ptr, topk_w_ptr, bias_ptr,
-                  c_ptr, amax_ptr, perm_ptr, split_ptr, count_ptr, stride_ese, stride_esj, stride_bias_e,
-                  stride_bias_n, stride_cm, stride_cn, stride_pe, split, DOWN: tl.constexpr,
-                  W_SCALE: tl.constexpr, MUL_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
-                  OUT_AMAX: tl.constexpr, OUT_PERM: tl.constexpr, SHARES: tl.constexpr):
-    """Both GEMV kernels' epilogue from acc [P, BN] (the parts' sums, group scales applied): the per-expert or
-    per-row weight scale, then GEMM2: out[t, n] = sum_k w_k * (acc_k + b2) (the bias from the programs holding the
-    reduction's first share, split = 0; with SHARES > 1 programs per output block see _split_store), or GEMM1:
-    c[slot, perm(n)] = act(gate + b, up + b) (routing weight first when applied on the input; OUT_AMAX 1 folds
-    max |out| into amax_ptr[0], 2 stores this program's max at amax_ptr[pid * programs along N + block])."""
+def epilogue_operands(e, parts, slot, pid, p_ok, row_ok, offs_n, rows, es_ptr, topk_w_ptr, bias_ptr, stride_ese,
+                      stride_esj, stride_bias_e, stride_bias_n, split, DOWN: tl.constexpr, W_SCALE: tl.constexpr,
+                      MUL_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, route_w=None):
+    """(weight scale, bias, routing weight) for gemv_epilogue, each a dummy 1.0 / 0.0 where its constexpr is off
+    (the epilogue then does not use it): the per-expert ([P, 1]) or per-row ([P, BN]) weight scale, the bias [P, BN]
+    (GEMM2: only the programs holding the reduction's first share, split = 0, add it) and the routing weight
+    ([P, 1]; GEMM1 applies it on the input; route_w: already computed from the logits by a GEMM2 that routes, whose
+    GEMM1 may still be writing them). Loaded before the reduction, so their latency is not paid after it."""
+    ws = tl.full((parts.shape[0], 1), 1.0, tl.float32)
     if W_SCALE == 1:  # per expert and part (fp8 per-tensor, nvfp4's second-level scale)
-        acc *= tl.load(es_ptr + e * stride_ese + parts * stride_esj, mask=p_ok, other=0.0)[:, None]
+        ws = tl.load(es_ptr + e * stride_ese + parts * stride_esj, mask=p_ok, other=0.0)[:, None]
     elif W_SCALE == 2:  # per output row (fp8 per-channel, int per-channel)
-        acc *= tl.load(es_ptr + e[:, None] * stride_ese + rows * stride_esj, mask=row_ok, other=0.0)
-    if DOWN:
-        if HAS_BIAS:  # added once per expert: by its first share of the reduction
+        ws = tl.load(es_ptr + e[:, None] * stride_ese + rows * stride_esj, mask=row_ok, other=0.0)
+    bias = tl.zeros((parts.shape[0], 1), tl.float32)
+    if HAS_BIAS:
+        if DOWN:  # added once per expert: by its first share of the reduction
             b_ok = row_ok & ((split + parts * 0) == 0)[:, None]
-            acc += tl.load(bias_ptr + e[:, None] * stride_bias_e + offs_n[None, :] * stride_bias_n,
-                           mask=b_ok, other=0.0).to(tl.float32)
+            bias = tl.load(bias_ptr + e[:, None] * stride_bias_e + offs_n[None, :] * stride_bias_n, mask=b_ok,
+                           other=0.0).to(tl.float32)
+        else:
+            bias = tl.load(bias_ptr + e[:, None] * stride_bias_e + rows * stride_bias_n, mask=row_ok,
+                           other=0.0).to(tl.float32)
+    tw = tl.full((parts.shape[0], 1), 1.0, tl.float32)
+    if MUL_WEIGHT:
+        if route_w is not None:
+            tw = route_w[:, None]
+        elif DOWN:
+            tw = tl.load(topk_w_ptr + slot, mask=p_ok, other=0.0)[:, None]
+        else:
+            tw = tw * tl.load(topk_w_ptr + pid)
+    return ws, bias, tw
+
+
+@triton.jit
+def gemv_epilogue(acc, ops, pid, e, parts, p_ok, row_ok, n_ok, offs_n, N, c_ptr, amax_ptr, perm_ptr, split_ptr,
+                  count_ptr, stride_cm, stride_cn, stride_pe, DOWN: tl.constexpr, W_SCALE: tl.constexpr,
+                  MUL_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
+                  OUT_AMAX: tl.constexpr, OUT_PERM: tl.constexpr, SHARES: tl.constexpr):
+    """Both GEMV kernels' epilogue from acc [P, BN] (the parts' sums, group scales applied) and ops (weight scale,
+    bias, routing weight: epilogue_operands): GEMM2: out[t, n] = sum_k w_k * (s_k acc_k + b2) (with SHARES > 1
+    programs per output block see _split_store), or GEMM1: c[slot, perm(n)] = act(gate + b, up + b) of s acc
+    (times the routing weight first when applied on the input; OUT_AMAX 1 folds max |out| into amax_ptr[0], 2 stores
+    this program's max at amax_ptr[pid * programs along N + block])."""
+    ws, bias, tw = ops
+    if W_SCALE != 0:
+        acc *= ws
+    if DOWN:
+        if HAS_BIAS:
+            acc += bias
         if MUL_WEIGHT:
-            acc *= tl.load(topk_w_ptr + slot, mask=p_ok, other=0.0)[:, None]
+            acc *= tw
         out = tl.sum(tl.where(row_ok, acc, 0.0), axis=0)
         c_ptrs = c_ptr + pid.to(tl.int64) * stride_cm + offs_n * stride_cn
         if SHARES > 1:
@@ -142,10 +172,9 @@ def gemv_epilogue(acc, pid, e, parts, slot, p_ok, row_ok, n_ok, offs_n, rows, N,
             tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=n_ok)
     else:
         if MUL_WEIGHT:
-            acc *= tl.load(topk_w_ptr + pid)
+            acc *= tw
         if HAS_BIAS:
-            acc += tl.load(bias_ptr + e[:, None] * stride_bias_e + rows * stride_bias_n,
-                           mask=row_ok, other=0.0).to(tl.float32)
+            acc += bias
         gate = tl.sum(tl.where(parts[:, None] == 0, acc, 0.0), axis=0)
         up = tl.sum(tl.where(parts[:, None] == 1, acc, 0.0), axis=0)
         out = gated_act(gate, up, ACTIVATION)
@@ -236,7 +265,9 @@ def gemv_moe_kernel(
         acc *= tl.load(as_ptr)
     elif A_SCALE == 2:
         acc *= tl.load(as_ptr + a_row * stride_asm, mask=p_ok, other=0.0)[:, None]
-    gemv_epilogue(acc, pid, e, parts, slot, p_ok, row_ok, n_ok, offs_n, rows, N, es_ptr, topk_w_ptr, bias_ptr,
-                  c_ptr, amax_ptr, perm_ptr, split_ptr, count_ptr, stride_ese, stride_esj, stride_bias_e,
-                  stride_bias_n, stride_cm, stride_cn, stride_pe, 0, DOWN, W_SCALE, MUL_WEIGHT, HAS_BIAS,
-                  ACTIVATION, OUT_AMAX, OUT_PERM, 1)
+    ops = epilogue_operands(e, parts, slot, pid, p_ok, row_ok, offs_n, rows, es_ptr, topk_w_ptr, bias_ptr,
+                            stride_ese, stride_esj, stride_bias_e, stride_bias_n, 0, DOWN, W_SCALE, MUL_WEIGHT,
+                            HAS_BIAS)
+    gemv_epilogue(acc, ops, pid, e, parts, p_ok, row_ok, n_ok, offs_n, N, c_ptr, amax_ptr, perm_ptr, split_ptr,
+                  count_ptr, stride_cm, stride_cn, stride_pe, DOWN, W_SCALE, MUL_WEIGHT, HAS_BIAS, ACTIVATION,
+                  OUT_AMAX, OUT_PERM, 1)

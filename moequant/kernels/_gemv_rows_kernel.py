@@ -38,8 +38,8 @@ fp8 (FMT 2): _gemv_fp8_rows.fp8_rows_sums, its own tile [BN, 8 NG, 2, 2] of int3
   partials at as_ptr that GEMM1 stored with OUT_AMAX 2, 2 from the input's a_rows rows) say; F16X2 on a GPU (the
   interpreter takes fp32 products and EMULATE_CAST). GEMM2 takes one expert per program (PART_SPLIT, P = 1).
   MMA = W > 0 (GPU): _gemv_fp8_mma.fp8_mma_sums instead, products on the tensor cores, BN 16 or 32 rows, the
-  reduction split over the W = num_warps warps; with PDL GEMM2 waits (after routing again) once its first weight
-  loads are in flight.
+  reduction split over the W = num_warps warps, STAGES (1-3) steps of loads in flight; with PDL GEMM2 waits (after
+  routing again) once its first STAGES steps' weight loads are in flight.
 EVEN (C a multiple of a step, N of BN) drops the column and row masks from the loop. STAGES > 1 software-pipelines
 the steps: the weight words and scales of the next STAGES - 1 steps are copied to shared memory asynchronously
 (cp.async) while the current step computes, keeping more bytes in flight than the registers would hold. PREFETCH
@@ -63,9 +63,12 @@ GEMM2 (DOWN): grid (T, cdiv(N, BN), SPLIT_K, or SPLIT_K * TOP_K with PART_SPLIT:
   of each per program, n_split / n_count in all), so the split costs no extra launch. PART_SPLIT keeps the
   activation tile [1, NG, GW, 1] (a [TOP_K, NG, GW, 1] one of as many elements as threads gets its own layout).
   Parts whose expert id is negative (another rank's) or beyond TOP_K read nothing. PDL (with ROUTE, after a GEMM1
-  that routes and TRIGGERs): launched while GEMM1 runs, each program routes its token again (GEMM1's ids may not be
-  written yet), then waits for GEMM1 (griddepcontrol.wait) before reading its input, the routing weights and the
-  split buffers.
+  that routes and TRIGGERs): launched while GEMM1 runs, each program routes its token again (GEMM1's ids and
+  weights may not be written yet: it computes its routing weights from the logits too), then waits for GEMM1
+  (griddepcontrol.wait) before reading its input and the split buffers; the fp8 mma body and the A16 fp4 bf16x2
+  body with PREFETCH issue their first steps' weight loads before that wait.
+The epilogue's operands (weight scales, biases, routing weights: _gemv_kernel.epilogue_operands) are loaded before
+the reduction, so their latency is not paid after it.
 Act-order (SORTED, not with PACKED): column k of expert e reads a[sort_idx[e, k]].
 stride_asm is unused here (gemv.py passes one argument list to both kernels; as_ptr serves fp8 only); the epilogue is
 _gemv_kernel.gemv_epilogue.
@@ -79,7 +82,7 @@ from moequant.kernels._gemv_fp4_bf16x2 import (FP4_PACKED_FACTOR, act_pair, act_
                                                 interleave_rows)
 from moequant.kernels._gemv_fp8_mma import fp8_mma_sums
 from moequant.kernels._gemv_fp8_rows import fp8_rows_sums
-from moequant.kernels._gemv_kernel import FP4_FACTOR, gemv_epilogue
+from moequant.kernels._gemv_kernel import FP4_FACTOR, epilogue_operands, gemv_epilogue
 from moequant.kernels._topk_kernel import _topk_choice, _topk_weights
 
 
@@ -311,6 +314,7 @@ def gemv_rows_kernel(
     EPS: tl.constexpr = 1e-10, EMULATE_CAST: tl.constexpr = False, MMA: tl.constexpr = 0,
 ):
     pid = tl.program_id(0)
+    route_w = None  # GEMM2 that routes: its routing weights, computed from the logits
     if TRIGGER:  # GEMM1: GEMM2, launched as a programmatic dependent, may start now (it waits for our output)
         gdc_launch_dependents()
     if ZERO_SPLIT and not PDL:  # GEMM1 zeroes GEMM2's split-K buffer and counters (as a dependent: after its wait)
@@ -329,6 +333,9 @@ def gemv_rows_kernel(
             r_ids, r_x, x_row, ks = _topk_choice(logits_ptr, pid.to(tl.int64), E_ROUTE, stride_lt, K_PAD, E_PAD)
             k_of = (slot - pid * TOP_K)[:, None]
             e = tl.sum(tl.where(ks[None, :] == k_of, r_ids[None, :], 0), 1)
+            if MUL_WEIGHT:  # the routing weights too: GEMM1 may still be writing them
+                r_w = _topk_weights(r_x, x_row, ks, route_scale, TOP_K, SIGMOID, RENORMALIZE)
+                route_w = tl.sum(tl.where(ks[None, :] == k_of, r_w[None, :], 0.0), 1)
         else:
             e = tl.load(ids_ptr + slot, mask=p_ok, other=-1)
         p_ok = p_ok & (e >= 0)
@@ -382,8 +389,16 @@ def gemv_rows_kernel(
     per_split = tl.cdiv(n_chunks, SPLIT_K)
     c0 = split * per_split
     c1 = tl.minimum(c0 + per_split, n_chunks)
-    if PDL and DOWN and not MMA:  # launched while GEMM1 runs (routed again above): wait for GEMM1's output (the
-        gdc_wait()  # fp8 mma GEMV waits after issuing its first weight loads)
+    tl.static_assert(ROUTE or not (PDL and DOWN and MUL_WEIGHT), "a GEMM2 launched while GEMM1 runs routes itself")
+    # the epilogue's weight scales, biases and routing weights, before the reduction (they do not depend on it)
+    ops = epilogue_operands(e, parts, slot, pid, p_ok, row_ok, offs_n, rows, es_ptr, topk_w_ptr, bias_ptr,
+                            stride_ese, stride_esj, stride_bias_e, stride_bias_n, split, DOWN, W_SCALE, MUL_WEIGHT,
+                            HAS_BIAS, route_w)
+    # launched while GEMM1 runs (routed again above): wait for GEMM1's output (the fp8 mma GEMV and the A16 fp4
+    # bf16x2 body with PREFETCH wait after issuing their first weight loads)
+    WAIT_LATE: tl.constexpr = MMA or (FMT == 1 and PACKED and PREFETCH)
+    if PDL and DOWN and not WAIT_LATE:
+        gdc_wait()
     if FMT == 0:
         n4 = offs_n[None, None, None, :].to(tl.int64)
         if EVEN:
@@ -480,7 +495,7 @@ def gemv_rows_kernel(
             first, second, s_a = fp8_mma_sums(w_ptr, a_ptr, as_ptr, a_row, slot1, e1, ok1,
                                               tl.program_id(1) * BLOCK_N, N, C, a_amax_n, a_rows, stride_am,
                                               stride_we, stride_wn, stride_ak, A_SCALE, A_SRC, EPS, DOWN, EVEN, MMA,
-                                              BLOCK_N, PDL and DOWN)
+                                              BLOCK_N, PDL and DOWN, STAGES)
         else:
             first, second, s_a = fp8_rows_sums(w_ptr, a_ptr, as_ptr, a_row, slot1, e1, ok1, offs_n, N, C, c0, c1,
                                                a_amax_n, a_rows, stride_am, stride_we, stride_wn, stride_wk,
@@ -494,7 +509,8 @@ def gemv_rows_kernel(
         if DOWN:
             acc, up = fp4_bf16x2_sums(w_ptr, s_ptr, a_ptr, tl.where(p_ok, slot, 0).to(tl.int64) * stride_am, e, p_ok,
                                       c0, c1, N, NUM_G, stride_we, stride_wn, stride_wk, stride_se, stride_sn,
-                                      stride_sg, DOWN, EVEN, PREFETCH, SCALE_KIND, G, UNIT, PA, BLOCK_N, NG)
+                                      stride_sg, DOWN, EVEN, PREFETCH, SCALE_KIND, G, UNIT, PA, BLOCK_N, NG,
+                                      PDL and WAIT_LATE)
         else:
             acc, up = fp4_bf16x2_sums(w_ptr, s_ptr, a_ptr, (pid // A_ROW_DIV).to(tl.int64) * stride_am,
                                       e0.to(tl.int64), p_ok, c0, c1, N, NUM_G, stride_we, stride_wn, stride_wk,
@@ -539,7 +555,6 @@ def gemv_rows_kernel(
             acc = tl.where(parts[:, None] == 0, tl.sum(acc, axis=0)[None, :], tl.sum(up, axis=0)[None, :])
         acc *= FP4_FACTOR
 
-    gemv_epilogue(acc, pid, e, parts, slot, p_ok, row_ok, n_ok, offs_n, rows, N, es_ptr, topk_w_ptr, bias_ptr,
-                  c_ptr, amax_ptr, perm_ptr, split_ptr, count_ptr, stride_ese, stride_esj, stride_bias_e,
-                  stride_bias_n, stride_cm, stride_cn, stride_pe, split, DOWN, W_SCALE, MUL_WEIGHT, HAS_BIAS,
-                  ACTIVATION, OUT_AMAX, OUT_PERM, SHARES)
+    gemv_epilogue(acc, ops, pid, e, parts, p_ok, row_ok, n_ok, offs_n, N, c_ptr, amax_ptr, perm_ptr, split_ptr,
+                  count_ptr, stride_cm, stride_cn, stride_pe, DOWN, W_SCALE, MUL_WEIGHT, HAS_BIAS, ACTIVATION,
+                  OUT_AMAX, OUT_PERM, SHARES)

@@ -35,6 +35,9 @@ _W_CODE = {None: 0, "expert": 1, "row": 2}
 MODE = os.environ.get("MOEQUANT_GEMV", "auto")  # auto | always | never (see use_gemv)
 ROUTE_MODE = os.environ.get("MOEQUANT_GEMV_ROUTE", "auto")  # auto | always | never (see gemv_routes)
 PDL_MODE = os.environ.get("MOEQUANT_GEMV_PDL", "auto")  # auto | rows | never (see rows_launch_pdl, chain_pdl)
+# A16 fp4 without act-order: GEMM2 launched as the routing GEMM1's programmatic dependent where chain_pdl allows it
+# (fused_experts_gemv); MOEQUANT_GEMV_CHAIN_PLAIN=0 turns only this chain off (benchmarks)
+PLAIN_CHAIN = os.environ.get("MOEQUANT_GEMV_CHAIN_PLAIN", "1") == "1"
 PDL_MAX_TOKENS = 4  # rows_launch_pdl
 CHAIN_MAX_TOKENS = 1  # chain_pdl
 CHAIN_MAX_EXPERT_BYTES = 8 << 20  # chain_pdl: w13 bytes of one expert
@@ -105,7 +108,8 @@ class GemvConfig:
     num_warps: int = 4
     SPLIT_K: int = 1  # GEMM2 of the rows kernel: programs per output block, each over a share of the reduction
     PART_SPLIT: bool = False  # GEMM2 of the rows kernel: one program per top-k expert (x SPLIT_K), atomic sums
-    STAGES: int = 1  # rows kernel: steps in flight (> 1: the next steps' words stream into shared memory)
+    STAGES: int = 1  # rows kernel: steps in flight (> 1: the next steps' words stream into shared memory; MMA: 1-3
+    # steps of loads held in registers)
     PREFETCH: bool = False  # rows kernel, bf16x2 paths: the next step's loads issued before this step's products
     UNIT: int = 2  # A16 fp4 bf16x2 path: byte columns per tile element (2, 4 or 8; at most G / 2)
     MMA: bool = False  # fp8 rows GEMV on a GPU: the tensor-core body (_gemv_fp8_mma.py; BLOCK_N 16 or 32 dividing N,
@@ -154,7 +158,10 @@ def chain_pdl(x: torch.Tensor, w13: GemvWeights) -> bool:
     Qwen3-30B w4a16 g128 act-order (1.5 MB per expert) M=1 16.8-17.3 / 17.8-18.0, M=2 30.6-31.0 / 27.9, M=4 51.2 /
     45.7; Mixtral (58.7 MB) M=1 69.5 / 66.1; the plain pair (GEMM1 not a dependent) M=1 16.2 / 15.6, Mixtral 68.4 /
     63.7, nvfp4a16 also slower. The losses were not profiled (only two shapes: the bound is a guess between them).
-    MOEQUANT_GEMV_PDL=rows turns it off."""
+    The same bound gates the plain A16 fp4 chain (PLAIN_CHAIN): GEMM1 routes but is not a dependent, GEMM2 issues
+    its first step's weights and scales before it waits (PREFETCH forced on): Qwen3-30B nvfp4a16 M=1 19.2 -> 18.1 us
+    (each alone was slower: the chain with GEMM2 waiting first 20.8, the prefetch unchained 19.8); mxfp4 does not
+    route in GEMM1, so it is never chained. MOEQUANT_GEMV_PDL=rows turns both off."""
     expert_bytes = w13.data[0].numel() * w13.data.element_size()
     return (PDL_MODE == "auto" and x.shape[0] <= CHAIN_MAX_TOKENS and expert_bytes <= CHAIN_MAX_EXPERT_BYTES
             and rows_launch_pdl(x))
@@ -296,14 +303,16 @@ def fp8_rows_heuristic(N: int, num_g: int, grid_rows: int, down: bool, sms: int)
     """The fp8 rows GEMV's config without a tuned entry. On a GPU, with N a multiple of 16: the tensor-core body
     (MMA, _gemv_fp8_mma.py) with GEMM1 programs of 16 rows per half over 8 warps and GEMM2 programs of 32 rows (16
     when N is not a multiple of 32) over 4, one per top-k expert (H200, Qwen3-30B M=1 fp8-tensor: 19.0-19.3 us per
-    forward against 21.7-23.4 for the other splits measured; benchmarks/results/*-s13-*). Otherwise the CUDA-core
+    forward against 21.7-23.4 for the other splits measured; benchmarks/results/*-s13-*), GEMM2 with two steps of
+    loads in flight, both issued before it waits for GEMM1 when chained (fp8-tensor 18.5-19.0 -> 18.2-18.3 us,
+    fp8-channel 19.5 -> 18.4; three steps 22.5, at 158 registers; GEMM1 with two 19.0, three 22.8: *-s14-*). Otherwise the CUDA-core
     body: GEMM1 the widest BLOCK_N up to 64 (at least 4) that still gives 4 programs per multiprocessor; GEMM2 one
     program per top-k expert (PART_SPLIT, which the fp8 branch needs), BLOCK_N 16 and the reduction split in up to 8
     shares until there are about 6 programs per multiprocessor; NG 128-column groups per step so that a thread of 4
     warps holds FP8_WORDS_PER_THREAD words. On the CPU (interpreter) few wide programs."""
     if sms > 0 and N % 16 == 0:
         if down:
-            return GemvConfig(32 if N % 32 == 0 else 16, 1, 4, PART_SPLIT=True, MMA=True)
+            return GemvConfig(32 if N % 32 == 0 else 16, 1, 4, PART_SPLIT=True, MMA=True, STAGES=2)
         return GemvConfig(16, 1, 8, MMA=True)
     halves = 1 if down else 2
     if down:
@@ -536,6 +545,9 @@ def fused_experts_gemv(x, w13: GemvWeights, w2: GemvWeights, topk_weights, topk_
     pdl = route is not None and per_slot and slot_rows is not None and rows_launch_pdl(x)
     # act-order's GEMM1 (a dependent of routed_rows) starts a GEMM2 that routes again while it runs
     chain = pdl and uses_rows_kernel(w2) and chain_pdl(x, w13)
+    if PLAIN_CHAIN and route is not None and not per_slot and quantize is None and not apply_router_weight_on_input:
+        # A16 fp4: GEMM1 routes (not a dependent itself), GEMM2 issues its first weight loads before it waits
+        chain = w2.fmt == "fp4" and uses_packed(w2, x) and chain_pdl(x, w13)
     if route is not None and ((per_slot and slot_rows is None) or apply_router_weight_on_input):
         # GEMM1 needs the routing before it runs (to gather act-order's rows, or to weight its input)
         route.run()
@@ -547,6 +559,8 @@ def fused_experts_gemv(x, w13: GemvWeights, w2: GemvWeights, topk_weights, topk_
     inter = torch.empty(T * K, I, dtype=inter_dtype or x.dtype, device=x.device)
     # GEMM2's split buffers are zeroed by GEMM1 (A16 only: the split exists on the rows kernel)
     plan2 = plan_gemv(w2, T, topk_ids, down=True, top_k=K) if quantize is None else None
+    if chain and w2.fmt == "fp4" and not plan2.cfg.PREFETCH:  # its first weights in flight before it waits
+        plan2 = replace(plan2, cfg=replace(plan2.cfg, PREFETCH=True))
     bufs = split_buffers(plan2, T, x.device) if plan2 is not None else None
     gemv(a, w13, inter, topk_ids, down=False, top_k=K, activation=activation, a_scale=s, a_scale_kind=kind,
          bias=w13_bias, topk_weights=topk_weights if apply_router_weight_on_input else None, out_amax=out_amax,
