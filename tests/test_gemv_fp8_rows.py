@@ -272,11 +272,13 @@ def test_rows_gemv_gpu_mma_configs(rows1, warps1, stages1, rows2, warps2, stages
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
-def test_rows_gemv_gpu_mma_rejects_other_blocks(monkeypatch):
+@pytest.mark.parametrize("cfg", [gv.GemvConfig(8, 1, 4, MMA=True), gv.GemvConfig(16, 1, 4, STAGES=4, MMA=True)],
+                         ids=["8-rows", "4-stages"])
+def test_rows_gemv_gpu_mma_rejects_other_blocks(cfg, monkeypatch):
     monkeypatch.setattr(gv, "MODE", "always")
-    monkeypatch.setattr(gv, "OVERRIDE", {False: gv.GemvConfig(8, 1, 4, MMA=True)})
+    monkeypatch.setattr(gv, "OVERRIDE", {False: cfg})
     layer = build("fp8-tensor", torch.bfloat16)
-    with pytest.raises(ValueError, match="BLOCK_N 16 or 32"):
+    with pytest.raises(ValueError, match="BLOCK_N 16 or 32 dividing N, no split and 1-3 STAGES"):
         forward_pair(layer, 1, torch.bfloat16, seed=1)
 
 

@@ -149,6 +149,7 @@ def fp8_mma_sums(w_ptr, a_ptr, as_ptr, a_row_idx, slot, e, ok, n0, N, C, a_amax_
     nothing, and the epilogue drops the rows). EVEN: C a multiple of 64 W columns. DEPTH (1-3): steps of loads in
     flight; with PDL_WAIT the first DEPTH steps' weights are issued before the wait (a GEMM2 of at most DEPTH steps
     per warp then has all its weights in flight before GEMM1 ends)."""
+    tl.static_assert(DEPTH >= 1 and DEPTH <= 3, "1-3 steps of loads in flight")
     NP: tl.constexpr = (BLOCK_N // 16) * (1 if DOWN else 2)  # pairs of 8-row tiles sharing the activation codes
     o1 = 16
     o2 = N
@@ -227,8 +228,8 @@ def _pair_rows(x):
 @triton.jit
 def _row_sums(accs, col, W: tl.constexpr, NP: tl.constexpr, DOWN: tl.constexpr):
     """(first, second) [BLOCK_N] row sums of the NP pairs' accumulators (GEMM1: gate pairs, then up pairs; GEMM2:
-    second = first), the W warps' shares added by one cross-warp reduction for all pairs (one per pair and tile
-    cost three barriers each at the end of every program)."""
+    second = first), the W warps' shares added by one cross-warp reduction for all pairs (a reduction per pair and
+    tile cost three barriers each, at the end of every program)."""
     acc0, acc1, acc2, acc3 = accs
     v = _lane_rows(acc0, col)  # [8W, 2]
     if NP == 1:

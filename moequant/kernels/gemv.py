@@ -468,9 +468,10 @@ def gemv(a, w: GemvWeights, c, topk_ids, *, down: bool, top_k: int, activation: 
         data = w.data.view(torch.int32) if f16x2 else data
         fp8_kw = dict(A_SRC=_A_SRC[a_quant.src], a_amax_n=a_quant.amax_n, a_rows=a.shape[0], F16X2=f16x2,
                       EPS=ACT_EPS, EMULATE_CAST=not f16x2, MMA=cfg.num_warps if f16x2 and cfg.MMA else 0)
-        if fp8_kw["MMA"] and (cfg.BLOCK_N not in (16, 32) or N % cfg.BLOCK_N or plan.split != 1):
-            raise ValueError(f"gemv: the fp8 mma GEMV takes BLOCK_N 16 or 32 dividing N and no split, got "
-                             f"BLOCK_N {cfg.BLOCK_N}, N {N}, split {plan.split}")
+        if fp8_kw["MMA"] and (cfg.BLOCK_N not in (16, 32) or N % cfg.BLOCK_N or plan.split != 1
+                              or cfg.STAGES not in (1, 2, 3)):
+            raise ValueError(f"gemv: the fp8 mma GEMV takes BLOCK_N 16 or 32 dividing N, no split and 1-3 STAGES, "
+                             f"got BLOCK_N {cfg.BLOCK_N}, N {N}, split {plan.split}, STAGES {cfg.STAGES}")
     if down and plan.shares > 1 and split_bufs is None:
         split_bufs = tuple(b.zero_() for b in split_buffers(plan, c.shape[0], c.device))
     bufs = split_bufs if down and plan.shares > 1 else zero_bufs if not down else None
