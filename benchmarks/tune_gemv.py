@@ -5,7 +5,8 @@ candidate configs while the other keeps its current best; each candidate is time
 over bench_moe's REPLICAS input sets routed to different experts, so weights come from DRAM as in a model's decode
 step. The search is coordinate-wise from the cached or the heuristic config (the faster): STAGES (rows kernel),
 BLOCK_N, NG (groups per chunk), num_warps, SPLIT_K and PART_SPLIT (GEMM2 of the rows kernel), PREFETCH (int4,
-A16 fp4), UNIT (A16 fp4), TUNE_GEMV_PASSES times. Winners go into the tuning cache
+A16 fp4), UNIT (A16 fp4), MMA (fp8 rows: the tensor-core body, whose own axes are BLOCK_N 16 / 32, num_warps and
+STAGES 1-3), TUNE_GEMV_PASSES times. Winners go into the tuning cache
 (moequant/kernels/configs/<device>.json) under gemv.kernel_name (e.g. "gemv-up-int4-g128").
 Shape legend: M tokens, E experts, K top-k, H hidden, I intermediate.
 
@@ -42,7 +43,10 @@ EXPLICIT = json.loads(os.environ.get("TUNE_GEMV_AXES") or "{}")
 GRID = GRID or bool(EXPLICIT)
 AXES = {"STAGES": (1, 2, 3, 4), "BLOCK_N": (1, 2, 4, 8, 16, 32, 64, 128), "NG": (1, 2, 4, 8, 16, 32, 64, 128),
         "num_warps": (2, 4, 8), "SPLIT_K": (1, 2, 4, 8), "PART_SPLIT": (False, True), "PREFETCH": (False, True),
-        "UNIT": (2, 4, 8)}
+        "UNIT": (2, 4, 8), "MMA": (False, True)}
+# the fp8 rows GEMV's tensor-core body (GemvConfig.MMA): 16 or 32 rows, 1-16 warps splitting the reduction, 1-3 steps
+# of loads in flight; NG and the splits mean nothing to it
+MMA_AXES = {"BLOCK_N": (16, 32), "num_warps": (1, 2, 4, 8, 16), "STAGES": (1, 2, 3), "MMA": (False, True)}
 
 
 class Recorder:
@@ -80,9 +84,14 @@ def heuristic_configs(gv, rec: Recorder, run) -> dict:
         gv.OVERRIDE.update(saved_override)
 
 
-def applies(axis: str, name: str, down: bool) -> bool:
-    """Whether an axis means anything for the GEMV kernel `name` (gemv.kernel_name)."""
+def applies(axis: str, name: str, down: bool, cfg=None) -> bool:
+    """Whether an axis means anything for the GEMV kernel `name` (gemv.kernel_name) at config cfg (the fp8 rows
+    GEMV's tensor-core body, cfg.MMA, reads other axes than its CUDA-core body)."""
     rows = "int" in name or "rows" in name
+    if axis == "MMA":
+        return "fp8" in name and rows
+    if "fp8" in name and rows and cfg is not None and cfg.MMA:
+        return axis in MMA_AXES
     if "fp8" in name and axis in ("STAGES", "PREFETCH", "UNIT", "PART_SPLIT"):
         return False  # the fp8 rows GEMV: plain steps, GEMM2 always one expert per program
     if axis in ("SPLIT_K", "PART_SPLIT"):
@@ -106,7 +115,10 @@ def grid(cfg, name: str, down: bool) -> list:
 
     given = EXPLICIT.get("down" if down else "up")
     if given is not None:
-        axes = {a: v for a, v in given.items() if applies(a, name, down)}
+        axes = {a: v for a, v in given.items() if applies(a, name, down, cfg)}
+        return [dataclasses.replace(cfg, **dict(zip(axes, combo))) for combo in itertools.product(*axes.values())]
+    if cfg.MMA:  # the fp8 tensor-core body: both block sizes, the warps around the current, 1-3 steps in flight
+        axes = {"BLOCK_N": MMA_AXES["BLOCK_N"], "num_warps": near("num_warps"), "STAGES": MMA_AXES["STAGES"]}
         return [dataclasses.replace(cfg, **dict(zip(axes, combo))) for combo in itertools.product(*axes.values())]
 
     axes = {"BLOCK_N": near("BLOCK_N"), "NG": near("NG")}
@@ -127,12 +139,22 @@ def configure(overrides: dict) -> None:
 
 
 def _axis_values(cfg, axis: str) -> tuple[tuple, int]:
-    """An axis's values and the index of cfg's (0 when off the axis)."""
-    vals = AXES[axis]
+    """An axis's values (MMA_AXES' for a tensor-core config) and the index of cfg's (0 when off the axis)."""
+    vals = MMA_AXES[axis] if cfg.MMA and axis in MMA_AXES else AXES[axis]
     return vals, vals.index(getattr(cfg, axis)) if getattr(cfg, axis) in vals else 0
 
 
+def switch_body(cfg, mma: bool):
+    """cfg on the other fp8 rows body: the tensor-core one takes 16 or 32 rows (the nearest), no split, one step in
+    flight to start from; the CUDA-core one keeps the rest."""
+    if not mma:
+        return dataclasses.replace(cfg, MMA=False, STAGES=1)
+    return dataclasses.replace(cfg, MMA=True, BLOCK_N=32 if cfg.BLOCK_N >= 32 else 16, NG=1, SPLIT_K=1, STAGES=1)
+
+
 def neighbours(cfg, axis: str):
+    if axis == "MMA":
+        return [switch_body(cfg, not cfg.MMA)]
     vals, i = _axis_values(cfg, axis)
     return [dataclasses.replace(cfg, **{axis: vals[j]}) for j in (i - 2, i - 1, i + 1, i + 2) if 0 <= j < len(vals)]
 
@@ -180,7 +202,7 @@ def tune(shape_name: str, scheme: str, ms, seed: int = 0) -> dict:
             for _ in range(PASSES):
                 for down in (False, True):
                     for axis in AXES:
-                        if not applies(axis, rec.asked[down][0], down):
+                        if not applies(axis, rec.asked[down][0], down, cur[down]):
                             continue
                         cands = neighbours(cur[down], axis)
                         pre(M, [{down: c, not down: cur[not down]} for c in cands])

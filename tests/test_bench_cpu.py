@@ -105,8 +105,9 @@ def test_static_fp8_scheme_gets_calibrated_input_scales(tmp_path):
 
 
 def test_gemv_tuner_axes_and_grid():
-    """tune_gemv varies only the axes a GEMV kernel reads (splits: GEMM2 of the rows kernel; UNIT: A16 fp4 on it) and
-    its grid keeps each config's neighbourhood; the worker pool stays off unless TUNE_WORKERS asks for it."""
+    """tune_gemv varies only the axes a GEMV kernel reads (splits: GEMM2 of the rows kernel; UNIT: A16 fp4 on it;
+    the fp8 rows GEMV's tensor-core body its own) and its grid keeps each config's neighbourhood; the worker pool
+    stays off unless TUNE_WORKERS asks for it."""
     from benchmarks import tune_gemv as tg
     from moequant.kernels.gemv import GemvConfig
 
@@ -125,6 +126,18 @@ def test_gemv_tuner_axes_and_grid():
     down = tg.grid(GemvConfig(32, 2, 4, SPLIT_K=4, PART_SPLIT=True), "gemv-down-int4-g128", True)
     assert len(down) == 54 and {c.SPLIT_K for c in down} == {2, 4, 8} and all(c.PART_SPLIT for c in down)
     assert {c.UNIT for c in down} == {2} and {c.num_warps for c in down} == {4}
+    # the fp8 rows GEMV: its CUDA-core body's axes plus the switch to the tensor-core body, whose own axes differ
+    core, mma = GemvConfig(16, 4, 4), GemvConfig(16, 1, 8, MMA=True)
+    assert {a for a in tg.AXES if tg.applies(a, "gemv-up-fp8-tensor-rows", False, core)} == common | {"MMA"}
+    assert {a for a in tg.AXES if tg.applies(a, "gemv-down-fp8-row-rows", True, core)} == common | {"MMA", "SPLIT_K"}
+    assert ({a for a in tg.AXES if tg.applies(a, "gemv-down-fp8-row-rows", True, mma)}
+            == {"BLOCK_N", "num_warps", "STAGES", "MMA"})
+    assert tg.neighbours(GemvConfig(64, 4, 4, SPLIT_K=2), "MMA") == [GemvConfig(32, 1, 4, MMA=True)]
+    assert {c.STAGES for c in tg.neighbours(mma, "STAGES")} == {2, 3}
+    assert {c.BLOCK_N for c in tg.neighbours(mma, "BLOCK_N")} == {32}
+    assert {c.num_warps for c in tg.neighbours(mma, "num_warps")} == {2, 4, 16}
+    m_grid = tg.grid(mma, "gemv-up-fp8-tensor-rows", False)
+    assert len(m_grid) == 18 and all(c.MMA and c.BLOCK_N in (16, 32) and c.STAGES in (1, 2, 3) for c in m_grid)
     assert tg.Precompiler("tiny", "unquantized", tg.configure).pool is None  # TUNE_WORKERS unset: nothing spawned
 
 
