@@ -411,8 +411,9 @@ def _fused_gemv_rows(x, w13, w2, w13_scale, w2_scale, topk_weights, topk_ids, la
     per_slot = plan1.programs // (T * K)  # GEMM1 programs (amax partials) per slot
     amax = None if static2 else torch.empty(T * K * per_slot, dtype=torch.float32, device=x.device)
     inter = torch.empty(T * K, I, dtype=torch.float32, device=x.device)
-    # GEMM2 on the tensor-core body as GEMM1's programmatic dependent: it routes again, issues its first weight
-    # loads and waits for GEMM1 (H200, Qwen3-30B M=1 fp8-tensor 19.9 -> 19.0 us, fp8-channel 20.4 -> 19.8)
+    # GEMM2 on the tensor-core body as GEMM1's programmatic dependent: it routes again, issues the weight loads of
+    # its first STAGES steps and waits for GEMM1 (H200, Qwen3-30B M=1 fp8-tensor 19.9 -> 19.0 us, fp8-channel 20.4
+    # -> 19.8 with one step; two steps 18.2-18.3 and 18.4: gemv.fp8_rows_heuristic)
     chain = route is not None and plan2.cfg.MMA and gemv_mod.chain_pdl(x, g13)
     gemv(x, g13, inter, topk_ids, down=False, top_k=K, activation=activation, bias=w13_bias,
          topk_weights=topk_weights if on_input else None, out_amax=amax, plan=plan1, zero_bufs=bufs, route=route,
