@@ -114,7 +114,7 @@ def fp8_act_quant_kernel(
         m = col < C
         x = tl.load(x_row + col, mask=m, other=0.0).to(tl.float32)
         if MODE == 3:
-            tl.atomic_max(amax_ptr, tl.max(tl.abs(x), axis=0))
+            tl.atomic_max(amax_ptr, tl.max(tl.abs(x), axis=0), sem="relaxed")
         elif MODE == 5:
             s = _scale(tl.load(amax_ptr + row), EPS)
             if tl.program_id(1) == 0:

@@ -138,10 +138,12 @@ def fp8_moe_gemm_kernel(
     acc = moe_epilogue(acc, acc_up, slots, row_ok, offs_n, col_ok, col_ok, e, N, bias_ptr, topk_w_ptr,
                        stride_bias_e, stride_bias_n, GATED, ACTIVATION, MUL_WEIGHT, HAS_BIAS)
     ok = row_ok[:, None] & col_ok[None, :]
+    # relaxed: the amax is read by a later launch (stream order); acq_rel put a MEMBAR.GPU before each atomic (H200,
+    # Mixtral M=4096 fp8-channel ~3880 -> ~3850 us, Qwen3-30B M=64 186 -> 184)
     if OUT_AMAX == 1:  # per tensor
-        tl.atomic_max(amax_ptr, tl.max(tl.max(tl.where(ok, tl.abs(acc), 0.0), axis=1), axis=0))
+        tl.atomic_max(amax_ptr, tl.max(tl.max(tl.where(ok, tl.abs(acc), 0.0), axis=1), axis=0), sem="relaxed")
     elif OUT_AMAX == 2:  # per row (token slot)
-        tl.atomic_max(amax_ptr + slots, tl.max(tl.where(ok, tl.abs(acc), 0.0), axis=1), mask=row_ok)
+        tl.atomic_max(amax_ptr + slots, tl.max(tl.where(ok, tl.abs(acc), 0.0), axis=1), mask=row_ok, sem="relaxed")
     c_ptrs = c_ptr + slots.to(tl.int64)[:, None] * stride_cm + offs_n[None, :] * stride_cn
     if OUT_QUANT:  # C in e4m3 with the static scale c_scale_ptr[0], as the quantizer kernel would (bit for bit)
         tl.store(c_ptrs, _quant(acc, tl.load(c_scale_ptr), EMULATE_CAST).to(tl.uint8, bitcast=True), mask=ok)

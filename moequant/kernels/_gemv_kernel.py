@@ -179,7 +179,7 @@ def gemv_epilogue(acc, ops, pid, e, parts, p_ok, row_ok, n_ok, offs_n, N, c_ptr,
         up = tl.sum(tl.where(parts[:, None] == 1, acc, 0.0), axis=0)
         out = gated_act(gate, up, ACTIVATION)
         if OUT_AMAX == 1:
-            tl.atomic_max(amax_ptr, tl.max(tl.where(n_ok, tl.abs(out), 0.0), axis=0))
+            tl.atomic_max(amax_ptr, tl.max(tl.where(n_ok, tl.abs(out), 0.0), axis=0), sem="relaxed")
         elif OUT_AMAX == 2:  # one partial per program, no atomics (the fp8 rows GEMV's GEMM2 reduces them)
             tl.store(amax_ptr + pid * tl.num_programs(1) + tl.program_id(1),
                      tl.max(tl.where(n_ok, tl.abs(out), 0.0), axis=0))
