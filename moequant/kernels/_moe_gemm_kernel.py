@@ -58,7 +58,7 @@ def store_rows(acc, slots, row_ok, offs_n, col_ok, c_ptr, stride_cm, stride_cn, 
     """C[slot, n] = acc (cast to C's dtype), or with ATOMIC += acc (fp32 split-K partial sums)."""
     c_ptrs = c_ptr + slots.to(tl.int64)[:, None] * stride_cm + offs_n[None, :] * stride_cn
     if ATOMIC:
-        tl.atomic_add(c_ptrs, acc, mask=row_ok[:, None] & col_ok[None, :], sem="relaxed")
+        tl.atomic_add(c_ptrs, acc, mask=row_ok[:, None] & col_ok[None, :])
     else:
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
