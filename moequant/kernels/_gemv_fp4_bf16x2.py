@@ -202,8 +202,7 @@ def _step_loads(c, c1, wa, wb, sa, sb, a_base, ld_ok, pa_ok, NUM_G, stride_wk, s
         swb = tl.load(sb + g3 * stride_sg, mask=ok, other=0)
     p0, p1, p2, p3, p4, p5, p6, p7 = a0, a0, a0, a0, a0, a0, a0, a0
     if ACT:
-        p0, p1, p2, p3, p4, p5, p6, p7 = _pairs(a_base, j3, _read(pa_ok, c, c1, j3, g3, NUM_G, EVEN, LIVE),
-                                                LIVE or not EVEN, U)
+        p0, p1, p2, p3, p4, p5, p6, p7 = _step_pairs(c, c1, a_base, pa_ok, NUM_G, EVEN, LIVE, U, NU, UG)
     return (a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, b2, b3, b4, b5, b6, b7, swa, swb,
             p0, p1, p2, p3, p4, p5, p6, p7)
 
