@@ -28,7 +28,16 @@ def test_parse_variant(text, expected):
     assert ab_forward.parse_variant(text) == expected
 
 
-@pytest.mark.parametrize("text", ["", ":rev=HEAD", "a:rev=", "a:env=K", "a:foo=1", "a b"])
+def test_parse_variant_tree(tmp_path):
+    (tmp_path / "moequant").mkdir()
+    (tmp_path / "moequant" / "__init__.py").write_text("")
+    (tmp_path / "benchmarks").mkdir()
+    assert ab_forward.parse_variant(f"t:tree={tmp_path}") == ab_forward.Variant("t", tree=tmp_path.resolve())
+    with pytest.raises(Exception, match="holds no moequant"):
+        ab_forward.parse_variant(f"t:tree={tmp_path / 'benchmarks'}")
+
+
+@pytest.mark.parametrize("text", ["", ":rev=HEAD", "a:rev=", "a:tree=", "a:env=K", "a:foo=1", "a b"])
 def test_parse_variant_rejects(text):
     with pytest.raises(Exception, match="variant"):
         ab_forward.parse_variant(text)
@@ -63,3 +72,19 @@ def test_cpu_run_alternates_variants(tmp_path):
     assert "ab_forward-" in runs[0]["moequant"] and runs[1]["moequant"] == str(REPO)
     assert {s["variant"] for s in summary} == {"head", "env"}
     assert not out.with_name(out.name + ".tmp").exists()
+
+
+def test_cpu_run_from_tree(tmp_path):
+    """A tree variant imports the given folder's moequant, not this checkout's."""
+    import shutil
+
+    tree = tmp_path / "tree"
+    for name in ("moequant", "benchmarks"):
+        shutil.copytree(REPO / name, tree / name, ignore=shutil.ignore_patterns("__pycache__", "results"))
+    out = tmp_path / "ab.jsonl"
+    rc = ab_forward.main(["--device", "cpu", "--shape", "tiny", "--m", "2", "--schemes", "unquantized",
+                          "--variant", f"copy:tree={tree}", "--variant", "here", "--rounds", "1", "--repeats", "1",
+                          "--out", str(out)])
+    assert rc == 0
+    runs = [json.loads(x) for x in out.read_text().splitlines()][:-1]
+    assert runs[0]["moequant"] == str(tree) and runs[1]["moequant"] == str(REPO)
