@@ -498,7 +498,7 @@ def gemv_rows_kernel(
             first, second, s_a = fp8_mma_sums(w_ptr, a_ptr, as_ptr, a_row, slot1, e1, ok1,
                                               tl.program_id(1) * BLOCK_N, N, C, a_amax_n, a_rows, stride_am,
                                               stride_we, stride_wn, stride_ak, A_SCALE, A_SRC, EPS, DOWN, EVEN, MMA,
-                                              BLOCK_N, PDL and DOWN, STAGES)
+                                              BLOCK_N, PDL and DOWN, STAGES, A_SRC == 0)
         else:
             first, second, s_a = fp8_rows_sums(w_ptr, a_ptr, as_ptr, a_row, slot1, e1, ok1, offs_n, N, C, c0, c1,
                                                a_amax_n, a_rows, stride_am, stride_we, stride_wn, stride_wk,
