@@ -1,8 +1,9 @@
 """A/B timing of the FusedMoE forward between code versions or settings, each variant in its own processes.
 
 A variant is NAME, NAME:rev=GIT_REV (that commit's moequant/ and benchmarks/, unpacked into a temporary folder and put
-first on the worker's sys.path), NAME:tree=DIR (a folder already holding moequant/ and benchmarks/, e.g. a `git archive`
-unpacked where the repository's history is not at hand) or NAME:env=KEY=VALUE[;KEY=VALUE] (environment switches, e.g. MOEQUANT_FP8_TMA=off).
+first on the worker's sys.path), NAME:tree=DIR (a folder already holding moequant/ and benchmarks/, e.g. a
+`git archive` unpacked where the repository's history is not at hand) or NAME:env=KEY=VALUE[;KEY=VALUE] (environment
+switches, e.g. MOEQUANT_FP8_TMA=off).
 Rounds alternate the variants (A B A B ...), each round a fresh process per variant that builds the layers once and
 times every scheme `--repeats` times (bench_moe's graph replay over its 8 input sets). In a fresh process the first CUDA
 graph of the layer replays faster than every later one (H200: 0.45-0.6 us at Qwen3-30B M=1, see
@@ -51,14 +52,16 @@ def parse_variant(text: str) -> Variant:
     if kind == "tree" and value:
         tree = Path(value).resolve()
         if not (tree / "moequant" / "__init__.py").is_file() or not (tree / "benchmarks").is_dir():
-            raise argparse.ArgumentTypeError(f"--variant {text!r}: {tree} holds no moequant/__init__.py and benchmarks/")
+            raise argparse.ArgumentTypeError(f"--variant {text!r}: {tree} holds no moequant/__init__.py and "
+                                             "benchmarks/")
         return Variant(name, tree=tree)
     if kind == "env" and value:
         pairs = [p.partition("=") for p in value.split(";")]
         if any(not k or not sep for k, sep, _ in pairs):
             raise argparse.ArgumentTypeError(f"--variant {text!r}: env settings are KEY=VALUE, separated by ';'")
         return Variant(name, env={k: v for k, _, v in pairs})
-    raise argparse.ArgumentTypeError(f"--variant {text!r}: after the name, 'rev=REV', 'tree=DIR' or 'env=KEY=VALUE' expected")
+    raise argparse.ArgumentTypeError(f"--variant {text!r}: after the name, 'rev=REV', 'tree=DIR' or 'env=KEY=VALUE' "
+                                     "expected")
 
 
 def unpack_rev(rev: str, dest: Path) -> Path:

@@ -139,6 +139,17 @@ def _step_mma(cur, accs, r, ns, NP: tl.constexpr, A_BYTES: tl.constexpr, IS_BF16
 
 
 @triton.jit
+def _load_then_mma(s, per_w, buf, accs, ld, r, ns, NP: tl.constexpr, EVEN: tl.constexpr, A_BYTES: tl.constexpr,
+                   IS_BF16: tl.constexpr):
+    """(step s's loads in a new buffer, accs plus buf's products): _step_loads of s (past the last step: nothing
+    read, or with EVEN the last step again), then _step_mma of buf. ld: _step_loads' loop-invariant arguments."""
+    w_a, a_row, chunk0, cstep, col, row_ok, n_chunks, stride_wn, o1, o2, o3 = ld
+    new = _step_loads(tl.minimum(s, per_w - 1), s < per_w, w_a, a_row, chunk0, cstep, col, row_ok, n_chunks,
+                      stride_wn, o1, o2, o3, NP, EVEN, A_BYTES)
+    return new, _step_mma(buf, accs, r, ns, NP, A_BYTES, IS_BF16)
+
+
+@triton.jit
 def fp8_mma_sums(w_ptr, a_ptr, as_ptr, a_row_idx, slot, e, ok, n0, N, C, a_amax_n, a_rows, stride_am, stride_we,
                  stride_wn, stride_ak, A_SCALE: tl.constexpr, A_SRC: tl.constexpr, EPS: tl.constexpr,
                  DOWN: tl.constexpr, EVEN: tl.constexpr, W: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -151,7 +162,7 @@ def fp8_mma_sums(w_ptr, a_ptr, as_ptr, a_row_idx, slot, e, ok, n0, N, C, a_amax_
     per warp then has all its weights in flight before GEMM1 ends). UNROLL (DEPTH 1 or 2): DEPTH + 1 steps per loop
     iteration, each buffer refilled right after its products, so the ring needs no register copies (sm_90 SASS,
     Qwen3-30B: GEMM1 195 -> 170 instructions per step, GEMM2 219 -> 153). H200, Qwen3-30B M=1: static scales
-    18.13 -> 17.82 us per forward; dynamic ones 0.25-0.3 us slower with it (not understood), so the caller unrolls
+    18.07 -> 17.78 us per forward; dynamic ones 0.25-0.3 us slower with it (not understood), so the caller unrolls
     for static scales only."""
     tl.static_assert(DEPTH >= 1 and DEPTH <= 3, "1-3 steps of loads in flight")
     NP: tl.constexpr = (BLOCK_N // 16) * (1 if DOWN else 2)  # pairs of 8-row tiles sharing the activation codes
@@ -198,34 +209,23 @@ def fp8_mma_sums(w_ptr, a_ptr, as_ptr, a_row_idx, slot, e, ok, n0, N, C, a_amax_
     ns = -s
     z = tl.zeros((8 * W, 16), dtype=tl.float32)
     accs = (z, z, z, z)
+    ld = (w_a, a_row, chunk0, cstep, col, row_ok, n_chunks, stride_wn, o1, o2, o3)
     if DEPTH == 1 and UNROLL:  # two steps per iteration, each buffer refilled right after its products
         for st in range(0, per_w, 2):
-            second_buf = _step_loads(tl.minimum(st + 1, per_w - 1), st + 1 < per_w, w_a, a_row, chunk0, cstep, col,
-                                     row_ok, n_chunks, stride_wn, o1, o2, o3, NP, EVEN, A_BYTES)
-            accs = _step_mma(nxt, accs, r, ns, NP, A_BYTES, IS_BF16)
+            second_buf, accs = _load_then_mma(st + 1, per_w, nxt, accs, ld, r, ns, NP, EVEN, A_BYTES, IS_BF16)
             if st + 1 < per_w:
-                nxt = _step_loads(tl.minimum(st + 2, per_w - 1), st + 2 < per_w, w_a, a_row, chunk0, cstep, col,
-                                  row_ok, n_chunks, stride_wn, o1, o2, o3, NP, EVEN, A_BYTES)
-                accs = _step_mma(second_buf, accs, r, ns, NP, A_BYTES, IS_BF16)
+                nxt, accs = _load_then_mma(st + 2, per_w, second_buf, accs, ld, r, ns, NP, EVEN, A_BYTES, IS_BF16)
     elif DEPTH == 2 and UNROLL:  # three steps per iteration, each buffer refilled right after its products: no
         # register copies rotating the ring (the loop below spends 65 IMAD.MOV of 219 instructions per step on them)
         for st in range(0, per_w, 3):
-            third = _step_loads(tl.minimum(st + 2, per_w - 1), st + 2 < per_w, w_a, a_row, chunk0, cstep, col,
-                                row_ok, n_chunks, stride_wn, o1, o2, o3, NP, EVEN, A_BYTES)
-            accs = _step_mma(nxt, accs, r, ns, NP, A_BYTES, IS_BF16)
+            third, accs = _load_then_mma(st + 2, per_w, nxt, accs, ld, r, ns, NP, EVEN, A_BYTES, IS_BF16)
             if st + 1 < per_w:
-                nxt = _step_loads(tl.minimum(st + 3, per_w - 1), st + 3 < per_w, w_a, a_row, chunk0, cstep, col,
-                                  row_ok, n_chunks, stride_wn, o1, o2, o3, NP, EVEN, A_BYTES)
-                accs = _step_mma(nx1, accs, r, ns, NP, A_BYTES, IS_BF16)
+                nxt, accs = _load_then_mma(st + 3, per_w, nx1, accs, ld, r, ns, NP, EVEN, A_BYTES, IS_BF16)
                 if st + 2 < per_w:
-                    nx1 = _step_loads(tl.minimum(st + 4, per_w - 1), st + 4 < per_w, w_a, a_row, chunk0, cstep,
-                                      col, row_ok, n_chunks, stride_wn, o1, o2, o3, NP, EVEN, A_BYTES)
-                    accs = _step_mma(third, accs, r, ns, NP, A_BYTES, IS_BF16)
+                    nx1, accs = _load_then_mma(st + 4, per_w, third, accs, ld, r, ns, NP, EVEN, A_BYTES, IS_BF16)
     else:
         for st in range(0, per_w):  # step st + DEPTH's loads are issued before step st's products
-            cur = nxt
-            new = _step_loads(tl.minimum(st + DEPTH, per_w - 1), st + DEPTH < per_w, w_a, a_row, chunk0, cstep,
-                              col, row_ok, n_chunks, stride_wn, o1, o2, o3, NP, EVEN, A_BYTES)
+            new, accs = _load_then_mma(st + DEPTH, per_w, nxt, accs, ld, r, ns, NP, EVEN, A_BYTES, IS_BF16)
             if DEPTH == 1:
                 nxt = new
             elif DEPTH == 2:
@@ -235,7 +235,6 @@ def fp8_mma_sums(w_ptr, a_ptr, as_ptr, a_row_idx, slot, e, ok, n0, N, C, a_amax_
                 nxt = nx1
                 nx1 = nx2
                 nx2 = new
-            accs = _step_mma(cur, accs, r, ns, NP, A_BYTES, IS_BF16)
     first, second = _row_sums(accs, col, W, NP, DOWN)
     return first, second, s
 
