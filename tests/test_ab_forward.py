@@ -49,7 +49,8 @@ def test_needs_two_variants():
 
 
 def test_summary_drops_first_timing_per_process():
-    recs = [{"variant": "a", "scheme": "s", "us": [10.0, 12.0, 13.0]}, {"variant": "a", "scheme": "s", "us": [9.0, 11.0]},
+    recs = [{"variant": "a", "scheme": "s", "us": [10.0, 12.0, 13.0]},
+            {"variant": "a", "scheme": "s", "us": [9.0, 11.0]},
             {"variant": "b", "scheme": "s", "us": [7.0]}]
     out = {r["variant"]: r for r in ab_forward.summarize(recs)}
     assert out["a"]["settled_min_us"] == 11.0 and out["a"]["settled_median_us"] == 12.0

@@ -266,7 +266,8 @@ def test_gemv_gpu_pipelined_steps(case, always_gemv, monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
-@pytest.mark.parametrize("scheme, G, act_order", [("w4a16", 128, False), ("w4a16", 128, True), ("nvfp4a16", None, False)],
+@pytest.mark.parametrize("scheme, G, act_order",
+                         [("w4a16", 128, False), ("w4a16", 128, True), ("nvfp4a16", None, False)],
                          ids=["plain", "act-order", "nvfp4a16"])
 def test_gemv_gpu_graph_replay_with_split(scheme, G, act_order, always_gemv, monkeypatch):
     """GEMM1 (routing) -> GEMM2 captured in a CUDA graph with GEMM2 split in three (GEMM1 zeroes the split buffer
