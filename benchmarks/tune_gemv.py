@@ -96,8 +96,8 @@ def applies(axis: str, name: str, down: bool, cfg=None) -> bool:
         return False  # the fp8 rows GEMV: plain steps, GEMM2 always one expert per program
     if axis in ("SPLIT_K", "PART_SPLIT"):
         return down and rows  # only GEMM2 of the rows kernel (int, A16 fp4) splits
-    if axis == "STAGES":  # only the rows kernel pipelines its steps, and not on A16 fp4's bf16x2 path (PREFETCH)
-        return rows and "fp4" not in name
+    if axis == "STAGES":  # only the rows kernel pipelines its steps (A16 fp4's bf16x2 path: when not PREFETCH)
+        return rows
     if axis == "PREFETCH":
         return "int4" in name or "rows" in name  # its bf16x2 paths (int4, A16 fp4) double-buffer their loads
     if axis == "UNIT":
@@ -107,8 +107,9 @@ def applies(axis: str, name: str, down: bool, cfg=None) -> bool:
 
 def grid(cfg, name: str, down: bool) -> list:
     """Every combination of the current values and neighbours (one step each way) of BLOCK_N, NG and (GEMM2)
-    SPLIT_K, num_warps 4 / 8 (GEMM1), and PREFETCH and UNIT (4, 8) where they apply: 72 fp4 GEMM1 configs, 108 fp4
-    GEMM2 configs; or, with TUNE_GEMV_AXES, the full product of the values given there."""
+    SPLIT_K, num_warps 4 / 8 (GEMM1), and PREFETCH and UNIT (4, 8) where they apply, for A16 fp4 STAGES 1 / 3 without
+    PREFETCH: 108 fp4 GEMM1 configs, 162 fp4 GEMM2 configs; or, with TUNE_GEMV_AXES, the full product of the values
+    given there."""
     def near(axis):
         vals, i = _axis_values(cfg, axis)
         return vals[max(0, i - 1):i + 2]
@@ -127,7 +128,11 @@ def grid(cfg, name: str, down: bool) -> list:
     for axis, vals in (("PREFETCH", (False, True)), ("UNIT", (4, 8)), ("SPLIT_K", near("SPLIT_K"))):
         if applies(axis, name, down):
             axes[axis] = vals
-    return [dataclasses.replace(cfg, **dict(zip(axes, combo))) for combo in itertools.product(*axes.values())]
+    fp4_rows = "fp4" in name and "rows" in name
+    if fp4_rows:  # its loads either double-buffered in registers (PREFETCH) or pipelined through shared memory
+        axes["STAGES"] = (1, 3)
+    combos = [dict(zip(axes, combo)) for combo in itertools.product(*axes.values())]
+    return [dataclasses.replace(cfg, **c) for c in combos if not (fp4_rows and c["PREFETCH"] and c["STAGES"] > 1)]
 
 
 def configure(overrides: dict) -> None:

@@ -118,11 +118,12 @@ def test_gemv_tuner_axes_and_grid():
     assert axes("gemv-up-fp8-tensor", False) == axes("gemv-down-fp4-g16", True) == common
     assert axes("gemv-up-int8-g128", False) == common | {"STAGES"}
     assert axes("gemv-down-int4-g128", True) == common | {"STAGES", "SPLIT_K", "PART_SPLIT", "PREFETCH"}
-    assert axes("gemv-down-fp4-g16-rows", True) == common | {"SPLIT_K", "PART_SPLIT", "PREFETCH", "UNIT"}
+    assert axes("gemv-down-fp4-g16-rows", True) == common | {"STAGES", "SPLIT_K", "PART_SPLIT", "PREFETCH", "UNIT"}
     up = tg.grid(GemvConfig(32, 32, 4, PREFETCH=True, UNIT=8), "gemv-up-fp4-g16-rows", False)
-    assert len(up) == 72 and len(set(up)) == 72
+    assert len(up) == 108 and len(set(up)) == 108
     assert {c.BLOCK_N for c in up} == {16, 32, 64} and {c.NG for c in up} == {16, 32, 64}
     assert {c.UNIT for c in up} == {4, 8} and {c.PREFETCH for c in up} == {False, True}
+    assert {(c.PREFETCH, c.STAGES) for c in up} == {(True, 1), (False, 1), (False, 3)}  # one pipeline at a time
     down = tg.grid(GemvConfig(32, 2, 4, SPLIT_K=4, PART_SPLIT=True), "gemv-down-int4-g128", True)
     assert len(down) == 54 and {c.SPLIT_K for c in down} == {2, 4, 8} and all(c.PART_SPLIT for c in down)
     assert {c.UNIT for c in down} == {2} and {c.num_warps for c in down} == {4}

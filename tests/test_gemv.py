@@ -330,17 +330,18 @@ def test_gemv_gpu_packed_bf16_products(case, magnitude, prefetch, always_gemv, m
 @pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("scheme", ["nvfp4a16", "mxfp4"])
 @pytest.mark.parametrize("unit", [2, 4, 8])
-@pytest.mark.parametrize("prefetch", [False, True])
-def test_gemv_gpu_fp4_tile_units(scheme, unit, prefetch, always_gemv, monkeypatch):
+@pytest.mark.parametrize("prefetch,stages", [(False, 1), (True, 1), (False, 3)])
+def test_gemv_gpu_fp4_tile_units(scheme, unit, prefetch, stages, always_gemv, monkeypatch):
     """A16 fp4's bf16x2 tile elements of 2, 4 and 8 byte columns (their chains added in fp32, one block scale per
     row and element): a partial last row block in GEMM1 (256 of 384 rows), a partial last step in GEMM2 (16 groups
     per step of 24 nvfp4 / 12 mxfp4 groups), GEMM2 with every top-k expert in one program and with one expert per
-    program in uneven splits; against the reference and the fp32-product kernel, for T = 1 and 3."""
+    program in uneven splits; loads one step ahead in registers (PREFETCH) or three stages through shared memory;
+    against the reference and the fp32-product kernel, for T = 1 and 3."""
     layer = build(scheme, None, False, scheme == "mxfp4", torch.bfloat16, "cuda")
-    configs = [{False: gv.GemvConfig(256, 2, 4, PREFETCH=prefetch, UNIT=unit),
-                True: gv.GemvConfig(32, 16, 4, PREFETCH=prefetch, UNIT=unit)},
-               {False: gv.GemvConfig(16, 1, 4, PREFETCH=prefetch, UNIT=unit),
-                True: gv.GemvConfig(16, 1, 4, SPLIT_K=2, PART_SPLIT=True, PREFETCH=prefetch, UNIT=unit)}]
+    pipe = dict(PREFETCH=prefetch, STAGES=stages, UNIT=unit)  # registers one step ahead, or cp.async stages
+    configs = [{False: gv.GemvConfig(256, 2, 4, **pipe), True: gv.GemvConfig(32, 16, 4, **pipe)},
+               {False: gv.GemvConfig(16, 1, 4, **pipe),
+                True: gv.GemvConfig(16, 1, 4, SPLIT_K=2, PART_SPLIT=True, **pipe)}]
     for T in (1, 3):
         x = torch.randn(T, H, generator=torch.Generator().manual_seed(T)).to("cuda", torch.bfloat16)
         logits = torch.randn(T, E, generator=torch.Generator().manual_seed(T + 1)).to("cuda")

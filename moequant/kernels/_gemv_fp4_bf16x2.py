@@ -237,7 +237,8 @@ def _scaled_add(r0, r1, r2, r3, s0, s1, s2, s3, sw, SCALE_KIND: tl.constexpr):
 def fp4_bf16x2_sums(w_ptr, s_ptr, a_ptr, a_rows, e, p_ok, c0, c1, N, NUM_G, stride_we, stride_wn, stride_wk,
                     stride_se, stride_sn, stride_sg, DOWN: tl.constexpr, EVEN: tl.constexpr,
                     PREFETCH: tl.constexpr, SCALE_KIND: tl.constexpr, G: tl.constexpr, U: tl.constexpr,
-                    PA: tl.constexpr, BLOCK_N: tl.constexpr, NG: tl.constexpr, PDL_WAIT: tl.constexpr = False):
+                    PA: tl.constexpr, BLOCK_N: tl.constexpr, NG: tl.constexpr, PDL_WAIT: tl.constexpr = False,
+                    STAGES: tl.constexpr = 1):
     """Steps c0 .. c1 of this program's BLOCK_N rows: ([PA, BLOCK_N] sums of the gate / every part, [1, BLOCK_N]
     sums of the up rows (GEMM1; else zeros)), block scales applied, times 2^-62 (FP4_PACKED_FACTOR undoes it).
     a_rows, e, p_ok: GEMM2 [PA] activation row offsets, experts and live parts; GEMM1 scalars (p_ok unused).
@@ -281,7 +282,8 @@ def fp4_bf16x2_sums(w_ptr, s_ptr, a_ptr, a_rows, e, p_ok, c0, c1, N, NUM_G, stri
             p0, p1, p2, p3, p4, p5, p6, p7 = _step_pairs(c0, c1, a_base, pa_ok, NUM_G, EVEN, True, U, NU, UG)
             nxt = (a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, b2, b3, b4, b5, b6, b7, swa, swb,
                    p0, p1, p2, p3, p4, p5, p6, p7)
-    for c in range(c0, c1):
+    for c in tl.range(c0, c1, num_stages=1 if PREFETCH else STAGES):  # STAGES > 1 (without PREFETCH): Triton
+        # streams the next STAGES - 1 steps' words, scales and activation pairs into shared memory (cp.async)
         if PREFETCH:
             cur = nxt
             nxt = _step_loads(c + 1, c1, wa, wb, sa, sb, a_base, ld_ok, pa_ok, NUM_G, stride_wk, stride_sg, DOWN,

@@ -29,8 +29,8 @@ fp4: bytes and block scales (rows-contiguous) read as int32 words [E, N/4, C/2] 
   holds byte column j (two e2m1 codes, low nibble = column 2j) of rows 4q..4q+3; _e2m1_pair decodes one nibble of
   two rows per instruction; w = e2m1 * block_scale (e4m3 or E8M0) * s2[e, part].
   PACKED (bf16 activations in order, GPU): _gemv_fp4_bf16x2.fp4_bf16x2_sums, its own tile [P or 1, NU, BQ] of UNIT
-  byte columns per element: bf16x2 chains of four products, one block scale per row and element (STAGES unused:
-  PREFETCH keeps the next step in flight).
+  byte columns per element: bf16x2 chains of four products, one block scale per row and element (PREFETCH keeps
+  the next step in flight in registers; else STAGES > 1 has Triton stream the next steps through shared memory).
   out[part, n] = sum_g scale[part, n, g] * sum_{k in g} wq[part, n, k] * a[part, k]   (a: x's dtype or fp32)
 fp8 (FMT 2): _gemv_fp8_rows.fp8_rows_sums, its own tile [BN, 8 NG, 2, 2] of int32 words (K-contiguous rows);
   the activation arrives in high precision (x, or GEMM1's fp32 output) and is quantized to e4m3 in the program
@@ -513,12 +513,12 @@ def gemv_rows_kernel(
             acc, up = fp4_bf16x2_sums(w_ptr, s_ptr, a_ptr, tl.where(p_ok, slot, 0).to(tl.int64) * stride_am, e, p_ok,
                                       c0, c1, N, NUM_G, stride_we, stride_wn, stride_wk, stride_se, stride_sn,
                                       stride_sg, DOWN, EVEN, PREFETCH, SCALE_KIND, G, UNIT, PA, BLOCK_N, NG,
-                                      PDL and WAIT_LATE)
+                                      PDL and WAIT_LATE, STAGES)
         else:
             acc, up = fp4_bf16x2_sums(w_ptr, s_ptr, a_ptr, (pid // A_ROW_DIV).to(tl.int64) * stride_am,
                                       e0.to(tl.int64), p_ok, c0, c1, N, NUM_G, stride_we, stride_wn, stride_wk,
                                       stride_se, stride_sn, stride_sg, DOWN, EVEN, PREFETCH, SCALE_KIND, G, UNIT, PA,
-                                      BLOCK_N, NG)
+                                      BLOCK_N, NG, False, STAGES)
             acc = tl.where(parts[:, None] == 0, acc, up)  # [P = 2, BN]
         acc *= FP4_PACKED_FACTOR
     else:  # fp4 in fp32: int32 words of four rows' bytes [E, N/4, C/2] (rows 4q..4q+3 of byte column j in word
