@@ -3,7 +3,8 @@
 For each shape, scheme and token count M, one GEMV (up: gate/up + activation, down: W2 + top-k sum) at a time gets
 candidate configs while the other keeps its current best; each candidate is timed as FusedMoE forwards (CUDA graph)
 over bench_moe's REPLICAS input sets routed to different experts, so weights come from DRAM as in a model's decode
-step. The search is coordinate-wise from the cached or the heuristic config (the faster): STAGES (rows kernel),
+step. The search is coordinate-wise from the cached or the heuristic config (the faster over TUNE_CONFIRM
+alternating timings each; every round's winner is confirmed the same way: tune_moe.search): STAGES (rows kernel),
 BLOCK_N, NG (groups per chunk), num_warps, SPLIT_K and PART_SPLIT (GEMM2 of the rows kernel), PREFETCH (int4,
 A16 fp4), UNIT (A16 fp4), MMA (fp8 rows: the tensor-core body, whose own axes are BLOCK_N 16 / 32, num_warps and
 STAGES 1-3), TUNE_GEMV_PASSES times. Winners go into the tuning cache
@@ -28,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.bench_moe import REPLICAS, SHAPES, make_inputs, random_layer  # noqa: E402
 from benchmarks.precompile import Precompiler  # noqa: E402
-from benchmarks.tune_moe import layer_tuner_main, search, time_config  # noqa: E402
+from benchmarks.tune_moe import CONFIRM, confirmed, layer_tuner_main, search, time_config  # noqa: E402
 
 PASSES = int(os.environ.get("TUNE_GEMV_PASSES", 1))
 # TUNE_WORKERS=N (or TUNE_GEMV_WORKERS): compile each round's candidates in N worker processes first
@@ -193,12 +194,10 @@ def tune(shape_name: str, scheme: str, ms, seed: int = 0) -> dict:
             gv.OVERRIDE.update(cur)
             base = best_t = time_config(run) / REPLICAS
             heuristic = heuristic_configs(gv, rec, run)  # ... or the heuristic's, whichever is faster, is the start
-            if heuristic != cur:
-                gv.OVERRIDE.update(heuristic)
-                t = time_config(run) / REPLICAS
-                if t < best_t:
-                    best_t, cur = t, heuristic
-                gv.OVERRIDE.update(cur)
+            if heuristic != cur:  # (both timed CONFIRM times, alternating: one timing each picked the wrong one)
+                win, t_h, t_c = confirmed(gv.OVERRIDE.update, run, cur, heuristic, REPLICAS, max(CONFIRM, 1),
+                                          "start (cache / heuristic)")
+                base, best_t, cur = t_c, min(t_h, t_c), heuristic if win else cur
             if GRID:
                 for down in (False, True):
                     cands = grid(cur[down], rec.asked[down][0], down)

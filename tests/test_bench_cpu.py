@@ -233,3 +233,34 @@ def test_stream_layout_kernels_read_the_same_words():
         kernel[(sl.S, n // 2 // bn)](buf, out, cw, n, BN=bn, GW=gw)
         got.append(out)
     assert torch.equal(got[0], got[1]) and got[0].ne(0).all()
+
+
+def test_tuner_search_confirms_a_single_timing_win(monkeypatch):
+    """search's fastest candidate replaces the incumbent only if it wins again over CONFIRM alternating timings
+    (medians); a noisy single win is dropped, a real one kept; CONFIRM=0 or an incumbent that failed to run lets the
+    single timings decide."""
+    from benchmarks import tune_moe as tm
+
+    def runner(override, times):
+        queues = {k: list(v) for k, v in times.items()}
+        return lambda: queues[override["g"]].pop(0)
+
+    monkeypatch.setattr(tm, "time_config", lambda run: run())
+    noisy = {"A": [10.0, 10.0, 10.2, 9.9], "B": [9.0, 10.5, 10.4, 10.6], "C": [11.0]}
+    ov = {}
+    assert tm.search(ov, "g", runner(ov, noisy), ["B", "C"], "A") == (10.0, "A") and ov["g"] == "A"
+    real = {"A": [10.0, 10.0, 10.2, 9.9], "B": [9.0, 9.1, 9.2, 9.0], "C": [11.0]}
+    ov = {}
+    assert tm.search(ov, "g", runner(ov, real), ["B", "C"], "A") == (9.1, "B") and ov["g"] == "B"
+    monkeypatch.setattr(tm, "CONFIRM", 0)
+    ov = {}
+    assert tm.search(ov, "g", runner(ov, noisy), ["B", "C"], "A") == (9.0, "B")
+    monkeypatch.setattr(tm, "CONFIRM", 3)
+    failed = {"A": [float("inf")], "B": [9.0], "C": [11.0]}
+    ov = {}
+    assert tm.search(ov, "g", runner(ov, failed), ["B", "C"], "A") == (9.0, "B")
+    # confirmed alone: both sides through apply, the winner left installed, medians returned
+    ov = {}
+    win, t_ch, t_inc = tm.confirmed(lambda c: ov.__setitem__("g", c), runner(ov, {"A": [5, 6, 7], "B": [6, 6, 6]}),
+                                    "A", "B", n=3)
+    assert (win, t_ch, t_inc, ov["g"]) == (False, 6, 6, "A")
