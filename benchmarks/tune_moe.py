@@ -59,8 +59,9 @@ def time_config(run) -> float:
 def confirmed(apply, run, incumbent, challenger, runs: int = 1, n: int | None = None, label=""):
     """(challenger wins, its time, the incumbent's time): both installed by apply(config) and timed n (default
     CONFIRM) times, alternating (incumbent first), each side's median; the winner is left installed. A single
-    timing swings by more than the gains a tuner looks for: on the H200 (2026-11-30) tune_gemv timed the cached Mixtral nvfp4a16 GEMV configs once at 75.5 us, which
-    ab_forward's processes settle at 73.0, and started from the heuristic's configs instead."""
+    timing swings by more than the gains a tuner looks for: on the H200 (2026-11-30) tune_gemv timed the cached
+    Mixtral nvfp4a16 GEMV configs once at 75.5 us, which ab_forward's processes settle at 73.0, and started from
+    the heuristic's configs instead."""
     times = {False: [], True: []}
     for _ in range(CONFIRM if n is None else n):
         for side, cfg in ((False, incumbent), (True, challenger)):
