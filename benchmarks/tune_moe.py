@@ -155,7 +155,7 @@ def write_cache(configs: dict, folder: str | None = None) -> Path:
     data.update(device=device, torch=torch.__version__, triton=triton.__version__,
                 date=datetime.date.today().isoformat(), version=CACHE_VERSION)
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
     tmp.replace(path)
     return path
 
