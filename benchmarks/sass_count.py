@@ -35,11 +35,12 @@ DEFAULTS = dict(DOWN=False, TOP_K=2, P=2, ACTIVATION=0, FMT=0, BITS=4, G=128, GR
                 SCALE_KIND=0, W_SCALE=0, A_SCALE=0, SORTED=False, MUL_WEIGHT=False, HAS_BIAS=False, OUT_AMAX=False,
                 OUT_PERM=False, EVEN=True, SPLIT_K=1, PART_SPLIT=False, STAGES=1, ZERO_SPLIT=False, ZB=16,
                 PACKED=False, PREFETCH=False, A_ROW_DIV=2, UNIT=2, BLOCK_N=32, NG=2,
-                ROUTE=False, K_PAD=2, E_PAD=16, SIGMOID=False, RENORMALIZE=False, X_QUAD=False, PDL=False, TRIGGER=False)
+                ROUTE=False, K_PAD=2, E_PAD=16, SIGMOID=False, RENORMALIZE=False, X_QUAD=False, PDL=False, TRIGGER=False,
+                XB=0)
 # gemv_rows_kernel's own constexprs
 ROWS_ONLY = ("EVEN", "SPLIT_K", "PART_SPLIT", "STAGES", "ZERO_SPLIT", "ZB", "PACKED", "PREFETCH",
              "A_ROW_DIV", "UNIT", "ROUTE", "K_PAD", "E_PAD", "SIGMOID", "RENORMALIZE", "X_QUAD", "PDL", "TRIGGER",
-             "A_SRC", "F16X2", "EPS", "EMULATE_CAST", "MMA")
+             "A_SRC", "F16X2", "EPS", "EMULATE_CAST", "MMA", "XB")
 POINTERS = {"a_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*bf16", "z_ptr": "*i8", "sidx_ptr": "*i32",
             "ids_ptr": "*i32", "c_ptr": "*fp32", "count_ptr": "*i32", "perm_ptr": "*i32", "bias_ptr": "*bf16"}
 # Triton specializes integer arguments equal to 1: rows kernel (weights, scales and zero points rows-contiguous)

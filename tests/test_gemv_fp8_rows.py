@@ -26,15 +26,15 @@ needs_triton = pytest.mark.skipif(not ON_GPU and not INTERP, reason="the Triton 
                                                                     "interpreter")
 
 
-def build(scheme, dtype, *, static=False, bias=False, ep=False, top_k=K, on_input=False, scale=1.0):
+def build(scheme, dtype, *, static=False, bias=False, ep=False, top_k=K, on_input=False, scale=1.0, hidden=H):
     gen = torch.Generator().manual_seed(7)
     qc = QuantConfig(scheme, activation_scheme="static" if static else "dynamic")
     kw = dict(ep_size=2, ep_rank=1) if ep else {}
-    layer = FusedMoE(E, top_k, H, I, params_dtype=dtype, quant_config=qc, has_bias=bias,
+    layer = FusedMoE(E, top_k, hidden, I, params_dtype=dtype, quant_config=qc, has_bias=bias,
                      activation="swigluoai" if bias else "silu", apply_router_weight_on_input=on_input, **kw)
     El = layer.local_num_experts
-    w13 = torch.randn(El, 2 * I, H, generator=gen) / H**0.5
-    w2 = torch.randn(El, H, I, generator=gen) / I**0.5
+    w13 = torch.randn(El, 2 * I, hidden, generator=gen) / hidden**0.5
+    w2 = torch.randn(El, hidden, I, generator=gen) / I**0.5
     b13 = torch.randn(El, 2 * I, generator=gen) * 0.1 if bias else None
     b2 = torch.randn(El, H, generator=gen) * 0.1 if bias else None
     if static:
@@ -50,7 +50,7 @@ def build(scheme, dtype, *, static=False, bias=False, ep=False, top_k=K, on_inpu
 def forward_pair(layer, T, dtype, seed, scale=1.0):
     """(Triton forward through the layer, reference forward) on the same routing."""
     gen = torch.Generator().manual_seed(seed)
-    x = (torch.randn(T, H, generator=gen) * scale).to(dtype).to(DEV)
+    x = (torch.randn(T, layer.hidden_size, generator=gen) * scale).to(dtype).to(DEV)
     logits = torch.randn(T, E, generator=gen).to(DEV)
     layer.backend = "triton"
     out = layer(x, logits)
@@ -117,6 +117,44 @@ def test_rows_gemv_expert_parallel_and_weight_on_input(scheme, monkeypatch):
     top1 = build(scheme, dtype, top_k=1, on_input=True)
     out, ref = forward_pair(top1, 2, dtype, seed=4)
     assert rel_err(out, ref) <= tol
+
+
+class _LaunchSpy:
+    """Stands in for gemv_rows_kernel: records each launch's keyword arguments, then launches."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kw):
+            self.launches.append(kw)
+            return self.kernel[grid](*args, **kw)
+        return launch
+
+
+@needs_triton
+@pytest.mark.parametrize("scheme", ["fp8-tensor", "fp8-channel"])
+def test_rows_gemv_early_input_row_changes_nothing(scheme, monkeypatch):
+    """GEMM1 loading the input row its dynamic scale reduces before it routes (XB, a masked power of two over
+    H = 208) gives the output of the late loads (bit for bit on the CPU), for one token and for three (per tensor:
+    the early row, then the others); a static scale never takes it."""
+    monkeypatch.setattr(gv, "MODE", "always")
+    dtype = torch.bfloat16 if ON_GPU else torch.float32
+    layer = build(scheme, dtype, hidden=208)
+    spy = _LaunchSpy(gv.gemv_rows_kernel)
+    monkeypatch.setattr(gv, "gemv_rows_kernel", spy)
+    for T in (1, 3):
+        out, ref = forward_pair(layer, T, dtype, seed=T)
+        assert [kw.get("XB", 0) for kw in spy.launches[-2:]] == [256, 0]
+        monkeypatch.setattr(gv, "X_EARLY", False)
+        late, _ = forward_pair(layer, T, dtype, seed=T)
+        monkeypatch.setattr(gv, "X_EARLY", True)
+        assert [kw.get("XB", 0) for kw in spy.launches[-2:]] == [0, 0]
+        assert rel_err(out, ref) <= (5e-3 if ON_GPU else 1e-5), T
+        assert torch.equal(out, late) if not ON_GPU else rel_err(out, late) <= 4e-3, T
+    static = build("fp8-tensor", dtype, static=True, hidden=208)
+    forward_pair(static, 1, dtype, seed=1)
+    assert [kw.get("XB", 0) for kw in spy.launches[-2:]] == [0, 0]
 
 
 @needs_triton

@@ -153,13 +153,14 @@ def _load_then_mma(s, per_w, buf, accs, ld, r, ns, NP: tl.constexpr, EVEN: tl.co
 def fp8_mma_sums(w_ptr, a_ptr, as_ptr, a_row_idx, slot, e, ok, n0, N, C, a_amax_n, a_rows, stride_am, stride_we,
                  stride_wn, stride_ak, A_SCALE: tl.constexpr, A_SRC: tl.constexpr, EPS: tl.constexpr,
                  DOWN: tl.constexpr, EVEN: tl.constexpr, W: tl.constexpr, BLOCK_N: tl.constexpr,
-                 PDL_WAIT: tl.constexpr, DEPTH: tl.constexpr = 1, UNROLL: tl.constexpr = False):
+                 PDL_WAIT: tl.constexpr, DEPTH: tl.constexpr = 1, UNROLL: tl.constexpr = False, early=None,
+                 XB: tl.constexpr = 0):
     """(first, second, s): [BLOCK_N] fp32 dot products of expert e's rows with the quantized activation row
     a_row_idx, divided by its scale s: GEMM1 the gate rows n0 .. n0 + BLOCK_N - 1 and the up rows N + n0 ..; GEMM2
     rows n0 .. (second = first); BLOCK_N 16 or 32. ok: the expert is valid (else expert 0's rows are read, EVEN, or
     nothing, and the epilogue drops the rows). EVEN: C a multiple of 64 W columns. DEPTH (1-3): steps of loads in
     flight; with PDL_WAIT the first DEPTH steps' weights are issued before the wait (a GEMM2 of at most DEPTH steps
-    per warp then has all its weights in flight before GEMM1 ends). UNROLL (DEPTH 1 or 2): DEPTH + 1 steps per loop
+    per warp then has all its weights in flight before GEMM1 ends). early, XB: fp8_act_scale's early row. UNROLL (DEPTH 1 or 2): DEPTH + 1 steps per loop
     iteration, each buffer refilled right after its products, so the ring needs no register copies (sm_90 SASS,
     Qwen3-30B: GEMM1 195 -> 170 instructions per step, GEMM2 219 -> 153). H200, Qwen3-30B M=1: static scales
     18.07 -> 17.78 us per forward; dynamic ones 0.25-0.3 us slower with it, so the caller unrolls for static scales
@@ -206,7 +207,7 @@ def fp8_mma_sums(w_ptr, a_ptr, as_ptr, a_row_idx, slot, e, ok, n0, N, C, a_amax_
         if DEPTH >= 3:
             nx2 = _with_act(nx2, 2, a_row, chunk0, cstep, col, n_chunks, EVEN, A_BYTES)
     s = fp8_act_scale(a_ptr, as_ptr, a_row_idx, slot, a_amax_n, a_rows, C, stride_am, stride_ak, A_SCALE, A_SRC,
-                      EPS, 1024)
+                      EPS, 1024, early, XB)
     r = tl.math.div_rn(1.0, s)
     ns = -s
     z = tl.zeros((8 * W, 16), dtype=tl.float32)

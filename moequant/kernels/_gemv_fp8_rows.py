@@ -192,13 +192,45 @@ def _tile_dot(u, lo, hi):
 
 
 @triton.jit
+def act_row_early(a_ptr, a_row, C, stride_am, stride_ak, A_SCALE: tl.constexpr, XB: tl.constexpr):
+    """The raw values [XB >= C] of the first input row fp8_act_scale reduces with A_SRC 2 (the program's row per
+    row, row 0 per tensor), loaded in one go and not yet used: a GEMM1 issues them before it routes, so their
+    latency overlaps the routing's (fp8_act_scale(early=..) then reduces them)."""
+    r = a_row
+    if A_SCALE != 2:
+        r = a_row * 0
+    offs = tl.arange(0, XB)
+    return tl.load(a_ptr + r.to(tl.int64) * stride_am + offs * stride_ak, mask=offs < C, other=0.0)
+
+
+@triton.jit
+def _rows_abs_max(m, a_ptr, r0, r1, C, stride_am, stride_ak, BLOCK: tl.constexpr):
+    """m [BLOCK] folded with max |a| over rows [r0, r1) of the input, BLOCK columns at a time."""
+    offs = tl.arange(0, BLOCK)
+    for r in range(r0, r1):
+        row = a_ptr + (stride_am * 0 + r).to(tl.int64) * stride_am  # (r is a Python int in the interpreter)
+        for i in range(0, C, BLOCK):
+            v = tl.load(row + (i + offs) * stride_ak, mask=i + offs < C, other=0.0).to(tl.float32)
+            m = tl.maximum(m, tl.abs(v))
+    return m
+
+
+@triton.jit
 def fp8_act_scale(a_ptr, as_ptr, a_row, slot, a_amax_n, a_rows, C, stride_am, stride_ak, A_SCALE: tl.constexpr,
-                  A_SRC: tl.constexpr, EPS: tl.constexpr, BLOCK: tl.constexpr):
-    """The activation scale s (fp32 scalar) of this program's row a_row (see the module docstring's scale)."""
+                  A_SRC: tl.constexpr, EPS: tl.constexpr, BLOCK: tl.constexpr, early=None, XB: tl.constexpr = 0):
+    """The activation scale s (fp32 scalar) of this program's row a_row (see the module docstring's scale). XB > 0
+    (A_SRC 2): early holds act_row_early's values of the first row, so only the rows after it are read here."""
     if A_SRC == 0:
         return tl.load(as_ptr)
     offs = tl.arange(0, BLOCK)
     m = tl.zeros((BLOCK,), dtype=tl.float32)
+    if XB > 0:  # the first row came early (act_row_early); per tensor the other rows are read here
+        mx = tl.max(tl.abs(early.to(tl.float32)), axis=0)
+        if A_SCALE != 2:
+            if a_rows > 1:  # (one reduction more only when there are other rows)
+                mx = tl.maximum(mx, tl.max(_rows_abs_max(m, a_ptr, a_row * 0 + 1, a_rows, C, stride_am, stride_ak,
+                                                         BLOCK), axis=0))
+        return _scale(mx, EPS)
     if A_SRC == 1:
         base = as_ptr
         if A_SCALE == 2:
@@ -211,11 +243,7 @@ def fp8_act_scale(a_ptr, as_ptr, a_row, slot, a_amax_n, a_rows, C, stride_am, st
         if A_SCALE == 2:
             r0 = a_row
             r1 = a_row + 1
-        for r in range(r0, r1):
-            row = a_ptr + (stride_am * 0 + r).to(tl.int64) * stride_am  # (r is a Python int in the interpreter)
-            for i in range(0, C, BLOCK):
-                v = tl.load(row + (i + offs) * stride_ak, mask=i + offs < C, other=0.0).to(tl.float32)
-                m = tl.maximum(m, tl.abs(v))
+        m = _rows_abs_max(m, a_ptr, r0, r1, C, stride_am, stride_ak, BLOCK)
     return _scale(tl.max(m, axis=0), EPS)
 
 
@@ -241,10 +269,12 @@ def _step_loads(c, c1, w_a4, w_b4, a_row, word, ok4, C, stride_wk, DOWN: tl.cons
 def fp8_rows_sums(w_ptr, a_ptr, as_ptr, a_row_idx, slot, e, ok, offs_n, N, C, c0, c1, a_amax_n, a_rows, stride_am,
                   stride_we, stride_wn, stride_wk, stride_ak, A_SCALE: tl.constexpr, A_SRC: tl.constexpr,
                   EPS: tl.constexpr, DOWN: tl.constexpr, EVEN: tl.constexpr, F16X2: tl.constexpr,
-                  EMULATE_CAST: tl.constexpr, BLOCK_N: tl.constexpr, NG: tl.constexpr):
+                  EMULATE_CAST: tl.constexpr, BLOCK_N: tl.constexpr, NG: tl.constexpr, early=None,
+                  XB: tl.constexpr = 0):
     """(first, second, s): [BN] fp32 dot products of rows offs_n over steps [c0, c1) of NG * 128 columns, divided by
-    the activation scale s (fp8_act_scale, for row a_row_idx and slot), and s: GEMM1's gate rows offs_n and up rows
-    N + offs_n of expert e, or GEMM2's rows (second = first). ok: the expert is routed here (else nothing is read).
+    the activation scale s (fp8_act_scale, for row a_row_idx and slot; early, XB: its early row), and s: GEMM1's
+    gate rows offs_n and up rows N + offs_n of expert e, or GEMM2's rows (second = first). ok: the expert is routed
+    here (else nothing is read).
     F16X2: each step's loads are issued before the previous step's products (register double buffering), the first
     step's before the scale is known, so the scale's reduction overlaps the first weights' latency."""
     r_ok = (offs_n[:, None] < N) & (ok + offs_n[:, None] * 0 > 0)  # [BN, 1]
@@ -264,7 +294,7 @@ def fp8_rows_sums(w_ptr, a_ptr, as_ptr, a_row_idx, slot, e, ok, offs_n, N, C, c0
         ok4 = r_ok[:, :, None, None]
         nxt = _step_loads(c0, c1, w_a4, w_b4, a_row, word, ok4, C, stride_wk, DOWN, EVEN, KQ, A_BYTES, IS_BF16)
         s = fp8_act_scale(a_ptr, as_ptr, a_row_idx, slot, a_amax_n, a_rows, C, stride_am, stride_ak, A_SCALE, A_SRC,
-                          EPS, 1024)
+                          EPS, 1024, early, XB)
         r = tl.math.div_rn(1.0, s)
         ns = -s
         acc_a = tl.zeros((BLOCK_N, KQ), dtype=tl.float32)
@@ -293,7 +323,7 @@ def fp8_rows_sums(w_ptr, a_ptr, as_ptr, a_row_idx, slot, e, ok, offs_n, N, C, c0
             second = tl.sum(tl.sum(tl.sum(acc_b, axis=3), axis=2), axis=1)
     else:  # fp32 products of the bytes' values (interpreter)
         s = fp8_act_scale(a_ptr, as_ptr, a_row_idx, slot, a_amax_n, a_rows, C, stride_am, stride_ak, A_SCALE, A_SRC,
-                          EPS, 1024)
+                          EPS, 1024, early, XB)
         KB: tl.constexpr = NG * 128
         kk = tl.arange(0, KB)[None, :]
         acc_a = tl.zeros((BLOCK_N, KB), dtype=tl.float32)

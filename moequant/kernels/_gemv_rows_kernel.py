@@ -39,7 +39,8 @@ fp8 (FMT 2): _gemv_fp8_rows.fp8_rows_sums, its own tile [BN, 8 NG, 2, 2] of int3
   interpreter takes fp32 products and EMULATE_CAST). GEMM2 takes one expert per program (PART_SPLIT, P = 1).
   MMA = W > 0 (GPU): _gemv_fp8_mma.fp8_mma_sums instead, products on the tensor cores, BN 16 or 32 rows, the
   reduction split over the W = num_warps warps, STAGES (1-3) steps of loads in flight; with PDL GEMM2 waits (after
-  routing again) once its first STAGES steps' weight loads are in flight.
+  routing again) once its first STAGES steps' weight loads are in flight. XB > 0 (GEMM1, A_SRC 2, not PDL): the input
+  row its scale reduces (XB >= C columns) is loaded first, before the routing (_gemv_fp8_rows.act_row_early).
 EVEN (C a multiple of a step, N of BN) drops the column and row masks from the loop. STAGES > 1 software-pipelines
 the steps: the weight words and scales of the next STAGES - 1 steps are copied to shared memory asynchronously
 (cp.async) while the current step computes, keeping more bytes in flight than the registers would hold. PREFETCH
@@ -81,7 +82,7 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 from moequant.kernels._gemv_fp4_bf16x2 import (FP4_PACKED_FACTOR, act_pair, act_quad, block_scale, fp4_bf16x2_sums,
                                                 interleave_rows)
 from moequant.kernels._gemv_fp8_mma import fp8_mma_sums
-from moequant.kernels._gemv_fp8_rows import fp8_rows_sums
+from moequant.kernels._gemv_fp8_rows import act_row_early, fp8_rows_sums
 from moequant.kernels._gemv_kernel import FP4_FACTOR, epilogue_operands, gemv_epilogue
 from moequant.kernels._topk_kernel import _topk_choice, _topk_weights
 
@@ -311,9 +312,13 @@ def gemv_rows_kernel(
     K_PAD: tl.constexpr = 2, E_PAD: tl.constexpr = 16, SIGMOID: tl.constexpr = False,
     RENORMALIZE: tl.constexpr = False, X_QUAD: tl.constexpr = False, PDL: tl.constexpr = False,
     TRIGGER: tl.constexpr = False, A_SRC: tl.constexpr = 0, a_amax_n=0, a_rows=0, F16X2: tl.constexpr = False,
-    EPS: tl.constexpr = 1e-10, EMULATE_CAST: tl.constexpr = False, MMA: tl.constexpr = 0,
+    EPS: tl.constexpr = 1e-10, EMULATE_CAST: tl.constexpr = False, MMA: tl.constexpr = 0, XB: tl.constexpr = 0,
 ):
     pid = tl.program_id(0)
+    x_early = None
+    if XB > 0:  # fp8 GEMM1 scaling its input by the input's own max: that row's loads go out before the routing's
+        tl.static_assert(FMT == 2 and not DOWN and A_SRC == 2 and not PDL, "XB: an fp8 GEMM1 whose input is ready")
+        x_early = act_row_early(a_ptr, pid // A_ROW_DIV, C, stride_am, stride_ak, A_SCALE, XB)
     route_w = None  # GEMM2 that routes: its routing weights, computed from the logits
     if TRIGGER:  # GEMM1: GEMM2, launched as a programmatic dependent, may start now (it waits for our output)
         gdc_launch_dependents()
@@ -498,12 +503,12 @@ def gemv_rows_kernel(
             first, second, s_a = fp8_mma_sums(w_ptr, a_ptr, as_ptr, a_row, slot1, e1, ok1,
                                               tl.program_id(1) * BLOCK_N, N, C, a_amax_n, a_rows, stride_am,
                                               stride_we, stride_wn, stride_ak, A_SCALE, A_SRC, EPS, DOWN, EVEN, MMA,
-                                              BLOCK_N, PDL and DOWN, STAGES, A_SRC == 0)
+                                              BLOCK_N, PDL and DOWN, STAGES, A_SRC == 0, x_early, XB)
         else:
             first, second, s_a = fp8_rows_sums(w_ptr, a_ptr, as_ptr, a_row, slot1, e1, ok1, offs_n, N, C, c0, c1,
                                                a_amax_n, a_rows, stride_am, stride_we, stride_wn, stride_wk,
                                                stride_ak, A_SCALE, A_SRC, EPS, DOWN, EVEN, F16X2, EMULATE_CAST,
-                                               BLOCK_N, NG)
+                                               BLOCK_N, NG, x_early, XB)
         if DOWN:
             acc = first[None, :] * s_a
         else:

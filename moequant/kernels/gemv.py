@@ -38,6 +38,11 @@ PDL_MODE = os.environ.get("MOEQUANT_GEMV_PDL", "auto")  # auto | rows | never (s
 # A16 fp4 without act-order: GEMM2 launched as the routing GEMM1's programmatic dependent where chain_pdl allows it
 # (fused_experts_gemv); MOEQUANT_GEMV_CHAIN_PLAIN=0 turns only this chain off (benchmarks)
 PLAIN_CHAIN = os.environ.get("MOEQUANT_GEMV_CHAIN_PLAIN", "1") == "1"
+# fp8 GEMM1 scaling its input by the input's own max: that row loaded before the routing, up to X_EARLY_MAX
+# columns (gemv_rows_kernel's XB). H200, Qwen3-30B M=1, us per forward late / early: fp8-tensor 18.28 / 18.18,
+# fp8-channel 18.38 / 18.24 (3 rounds x 3). MOEQUANT_GEMV_X_EARLY=0 turns it off (benchmarks)
+X_EARLY = os.environ.get("MOEQUANT_GEMV_X_EARLY", "1") == "1"
+X_EARLY_MAX = 8192
 PDL_MAX_TOKENS = 4  # rows_launch_pdl
 CHAIN_MAX_TOKENS = 1  # chain_pdl
 CHAIN_MAX_EXPERT_BYTES = 8 << 20  # chain_pdl: w13 bytes of one expert
@@ -468,6 +473,8 @@ def gemv(a, w: GemvWeights, c, topk_ids, *, down: bool, top_k: int, activation: 
         data = w.data.view(torch.int32) if f16x2 else data
         fp8_kw = dict(A_SRC=_A_SRC[a_quant.src], a_amax_n=a_quant.amax_n, a_rows=a.shape[0], F16X2=f16x2,
                       EPS=ACT_EPS, EMULATE_CAST=not f16x2, MMA=cfg.num_warps if f16x2 and cfg.MMA else 0)
+        if X_EARLY and not down and not pdl and a_quant.src == "input" and C <= X_EARLY_MAX:
+            fp8_kw["XB"] = triton.next_power_of_2(C)
         if fp8_kw["MMA"] and (cfg.BLOCK_N not in (16, 32) or N % cfg.BLOCK_N or plan.split != 1
                               or cfg.STAGES not in (1, 2, 3)):
             raise ValueError(f"gemv: the fp8 mma GEMV takes BLOCK_N 16 or 32 dividing N, no split and 1-3 STAGES, "
