@@ -386,6 +386,21 @@ def test_rows_heuristic_follows_the_tuned_configs(case, want):
     assert cpu.SPLIT_K == 1 and not cpu.PART_SPLIT and not cpu.PREFETCH and cpu.UNIT == 2
 
 
+@pytest.mark.parametrize("case,want", [
+    # (N, groups of 128 columns, grid rows, down) -> (BLOCK_N, num_warps, STAGES), all on the tensor-core body
+    ((768, 16, 8, False), (16, 8, 1)),  # Qwen3-30B GEMM1 (= the H200's tuned)
+    ((2048, 6, 1, True), (32, 4, 2)),  # Qwen3-30B GEMM2 (= tuned)
+    ((256, 56, 8, False), (16, 16, 1)),  # DeepSeek-V3 shard GEMM1: K 7168, 112 chunks (= tuned)
+    ((7168, 2, 1, True), (32, 2, 1)),  # DeepSeek-V3 shard GEMM2: K 256, 4 chunks (= tuned)
+])
+def test_fp8_rows_heuristic_follows_the_tuned_configs(case, want):
+    """Without a tuned entry a GPU's fp8 rows GEMV gets what the H200's sweeps chose: more warps for a long GEMM1
+    reduction, fewer and one step in flight for a short GEMM2 one; the CPU keeps the CUDA-core body."""
+    cfg = gv.fp8_rows_heuristic(*case, sms=132)
+    assert cfg.MMA and (cfg.BLOCK_N, cfg.num_warps, cfg.STAGES) == want and cfg.PART_SPLIT == case[3]
+    assert not gv.fp8_rows_heuristic(*case, sms=0).MMA
+
+
 def test_use_gemv_follows_slots_per_expert(monkeypatch):
     monkeypatch.setattr(gv, "MODE", "auto")
     assert gv.use_gemv(1, 2, 8) and gv.use_gemv(4, 2, 8) and not gv.use_gemv(8, 2, 8)  # Mixtral: T*K <= E
