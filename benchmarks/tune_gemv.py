@@ -39,7 +39,8 @@ PASSES = int(os.environ.get("TUNE_GEMV_PASSES", 1))
 GRID = os.environ.get("TUNE_GEMV_GRID") == "1"
 # TUNE_GEMV_AXES='{"up": {"BLOCK_N": [4, 8, 16], "NG": [4, 8, 16]}, "down": {...}}': the grid is instead the full
 # product of the values given for each GEMV (axes not given keep the current value; axes that do not apply are
-# dropped), so a search is not confined to one step around the start. Implies TUNE_GEMV_GRID=1.
+# dropped; a GEMV not named keeps its config: no grid for it), so a search is not confined to one step around the
+# start. Implies TUNE_GEMV_GRID=1.
 EXPLICIT = json.loads(os.environ.get("TUNE_GEMV_AXES") or "{}")
 GRID = GRID or bool(EXPLICIT)
 AXES = {"STAGES": (1, 2, 3, 4), "BLOCK_N": (1, 2, 4, 8, 16, 32, 64, 128), "NG": (1, 2, 4, 8, 16, 32, 64, 128),
@@ -110,12 +111,14 @@ def grid(cfg, name: str, down: bool) -> list:
     """Every combination of the current values and neighbours (one step each way) of BLOCK_N, NG and (GEMM2)
     SPLIT_K, num_warps 4 / 8 (GEMM1), and PREFETCH and UNIT (4, 8) where they apply, for A16 fp4 STAGES 1 / 3 without
     PREFETCH: 108 fp4 GEMM1 configs, 162 fp4 GEMM2 configs; or, with TUNE_GEMV_AXES, the full product of the values
-    given there."""
+    given there (only the current config for a GEMV it does not name)."""
     def near(axis):
         vals, i = _axis_values(cfg, axis)
         return vals[max(0, i - 1):i + 2]
 
     given = EXPLICIT.get("down" if down else "up")
+    if EXPLICIT and given is None:  # the other GEMV's sweep was asked for, not this one's (a fp4 GEMM2 default grid
+        return [cfg]  # alone is 162 configs: a device call that named only GEMM1 ran past its limit)
     if given is not None:
         axes = {a: v for a, v in given.items() if applies(a, name, down, cfg)}
         return [dataclasses.replace(cfg, **dict(zip(axes, combo))) for combo in itertools.product(*axes.values())]

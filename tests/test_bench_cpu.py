@@ -142,6 +142,22 @@ def test_gemv_tuner_axes_and_grid():
     assert tg.Precompiler("tiny", "unquantized", tg.configure).pool is None  # TUNE_WORKERS unset: nothing spawned
 
 
+def test_gemv_tuner_explicit_axes_sweep_only_the_named_gemv(monkeypatch):
+    """TUNE_GEMV_AXES naming one GEMV: that GEMV's grid is the product of the values given (axes that do not apply
+    dropped), the other GEMV keeps its config instead of falling back to the default grid."""
+    from benchmarks import tune_gemv as tg
+    from moequant.kernels.gemv import GemvConfig
+
+    monkeypatch.setattr(tg, "EXPLICIT", {"up": {"BLOCK_N": [32, 64], "num_warps": [4, 8], "SPLIT_K": [2]}})
+    cfg = GemvConfig(32, 16, 4, PREFETCH=True, UNIT=8)
+    up = tg.grid(cfg, "gemv-up-fp4-g16-rows", False)
+    assert {(c.BLOCK_N, c.num_warps) for c in up} == {(32, 4), (32, 8), (64, 4), (64, 8)} and len(up) == 4
+    assert all(c.SPLIT_K == 1 and c.NG == 16 for c in up)  # SPLIT_K means nothing to GEMM1: dropped
+    assert tg.grid(cfg, "gemv-down-fp4-g16-rows", True) == [cfg]
+    monkeypatch.setattr(tg, "EXPLICIT", {})
+    assert len(tg.grid(GemvConfig(32, 2, 4, SPLIT_K=4, PART_SPLIT=True), "gemv-down-int4-g128", True)) == 54
+
+
 def test_precompile_workers_install_each_jobs_configs(monkeypatch):
     """The tuners' configure(payload), which a precompile worker calls before its forward: tune_gemv's sets both
     GEMVs' overrides; tune_quant's installs a ConfigOverride once, then swaps its fixed configs per job."""
