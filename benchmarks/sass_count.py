@@ -35,8 +35,8 @@ DEFAULTS = dict(DOWN=False, TOP_K=2, P=2, ACTIVATION=0, FMT=0, BITS=4, G=128, GR
                 SCALE_KIND=0, W_SCALE=0, A_SCALE=0, SORTED=False, MUL_WEIGHT=False, HAS_BIAS=False, OUT_AMAX=False,
                 OUT_PERM=False, EVEN=True, SPLIT_K=1, PART_SPLIT=False, STAGES=1, ZERO_SPLIT=False, ZB=16,
                 PACKED=False, PREFETCH=False, A_ROW_DIV=2, UNIT=2, BLOCK_N=32, NG=2,
-                ROUTE=False, K_PAD=2, E_PAD=16, SIGMOID=False, RENORMALIZE=False, X_QUAD=False, PDL=False, TRIGGER=False,
-                XB=0)
+                ROUTE=False, K_PAD=2, E_PAD=16, SIGMOID=False, RENORMALIZE=False, X_QUAD=False, PDL=False,
+                TRIGGER=False, XB=0)
 # gemv_rows_kernel's own constexprs
 ROWS_ONLY = ("EVEN", "SPLIT_K", "PART_SPLIT", "STAGES", "ZERO_SPLIT", "ZB", "PACKED", "PREFETCH",
              "A_ROW_DIV", "UNIT", "ROUTE", "K_PAD", "E_PAD", "SIGMOID", "RENORMALIZE", "X_QUAD", "PDL", "TRIGGER",

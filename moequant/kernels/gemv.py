@@ -313,10 +313,11 @@ def fp8_rows_heuristic(N: int, num_g: int, grid_rows: int, down: bool, sms: int)
     fp8-channel 19.5 -> 18.4; three steps 22.5, at 158 registers; GEMM1 with two 19.0, three 22.8: *-s14-*).
     Long GEMM1 reductions (more than 64 chunks of 64 columns) split over 16 warps, short GEMM2 ones (at most 4
     chunks) over 2 with one step in flight, as tuned for the DeepSeek-V3 shard (K 7168 / 256; fp8-tensor M=1
-    36.1 -> 26.2 us: *-s18-*). Otherwise the CUDA-core body: GEMM1 the widest BLOCK_N up to 64 (at least 4) that still gives 4 programs per
-    multiprocessor; GEMM2 one program per top-k expert (PART_SPLIT, which the fp8 branch needs), BLOCK_N 16 and the
-    reduction split in up to 8 shares until there are about 6 programs per multiprocessor; NG 128-column groups per
-    step so that a thread of 4 warps holds FP8_WORDS_PER_THREAD words. On the CPU (interpreter) few wide programs."""
+    36.1 -> 26.2 us: *-s18-*). Otherwise the CUDA-core body: GEMM1 the widest BLOCK_N up to 64 (at least 4) that
+    still gives 4 programs per multiprocessor; GEMM2 one program per top-k expert (PART_SPLIT, which the fp8 branch
+    needs), BLOCK_N 16 and the reduction split in up to 8 shares until there are about 6 programs per
+    multiprocessor; NG 128-column groups per step so that a thread of 4 warps holds FP8_WORDS_PER_THREAD words. On
+    the CPU (interpreter) few wide programs."""
     if sms > 0 and N % 16 == 0:
         chunks = 2 * num_g  # 64-column chunks of the reduction (num_g groups of FP8_GROUP columns)
         if down:
