@@ -9,6 +9,7 @@ import moequant.methods.fp4  # noqa: F401  (registers the fp4 schemes)
 from conftest import ON_GPU, rel_err
 from moequant import FusedMoE
 import moequant.kernels.fp4_gemm as fp4_gemm
+from moequant.kernels import fp4_word_layout as wl
 from moequant.kernels._fp4_gemm_kernel import _dequant_tile, _dequant_tile_bf16, block_scale_value, e2m1_value
 from moequant.kernels.reference import fused_moe_ref
 from moequant.quantize import fp4_math as f4
@@ -109,13 +110,14 @@ def test_gpu_nvfp4a16_is_cuda_graph_safe():
 
 @triton.jit
 def _dequant_both_kernel(b_ptr, s_ptr, lo_ptr, hi_ptr, lo32_ptr, hi32_ptr, SCALE_KIND: tl.constexpr):
-    """One [64, 64] tile per program through both grouped-GEMM dequantizers (bf16x2 PTX and fp32)."""
+    """One [64, 64] tile per program through both grouped-GEMM dequantizers (bf16x2 PTX and fp32); rows of 64
+    bytes in the decode layout (16 words each)."""
     p = tl.program_id(0) * 4096 + tl.arange(0, 64)[:, None] * 64 + tl.arange(0, 64)[None, :]
     ok = p >= 0
     lo, hi = _dequant_tile_bf16(b_ptr + p, s_ptr + p, ok, ok, SCALE_KIND)
     tl.store(lo_ptr + p, lo)
     tl.store(hi_ptr + p, hi)
-    lo32, hi32 = _dequant_tile(b_ptr + p, s_ptr + p, ok, ok, SCALE_KIND)
+    lo32, hi32 = _dequant_tile(b_ptr + p, s_ptr + p, ok, ok, (tl.arange(0, 64) % 4)[None, :], SCALE_KIND)
     tl.store(lo32_ptr + p, lo32)
     tl.store(hi32_ptr + p, hi32)
 
@@ -134,11 +136,18 @@ def test_gpu_bf16x2_dequant_is_exact_for_every_byte_and_scale(scale_kind):
     s = torch.where(skip, torch.zeros_like(s), s)
     lo, hi = (torch.empty(65536, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     lo32, hi32 = (torch.empty(65536, device="cuda") for _ in range(2))
-    _dequant_both_kernel[(16,)](b, s, lo, hi, lo32, hi32, SCALE_KIND=scale_kind)
+    _dequant_both_kernel[(16,)](wl.decode_layout(b.view(-1, 64).t()).t().reshape(-1), s, lo, hi, lo32, hi32,
+                                SCALE_KIND=scale_kind)
     factor = 256.0 if scale_kind == 0 else 1.0
     torch.testing.assert_close(lo.float() * factor, lo32, rtol=0, atol=0)
     torch.testing.assert_close(hi.float() * factor, hi32, rtol=0, atol=0)
     assert (lo32 != 0).sum() > 30000  # the comparison covers nonzero values
+    # and the fp32 one against torch on the bytes before the decode layout: byte i's nibbles times scale i
+    scale = s.cpu().view(torch.float8_e4m3fn).float() if scale_kind == 0 else f4.e8m0_to_float(s.cpu())
+    scale = torch.where(s.cpu() == 0, 0.0, scale) if scale_kind == 1 else scale  # E8M0 0 reads as 0
+    table, bc = f4.e2m1_table(), b.cpu().long()
+    torch.testing.assert_close(lo32.cpu(), table[bc & 15] * scale, rtol=0, atol=0)
+    torch.testing.assert_close(hi32.cpu(), table[bc >> 4] * scale, rtol=0, atol=0)
 
 
 @pytest.mark.gpu

@@ -1,18 +1,19 @@
 """Triton body of the fp4 grouped expert GEMM (launcher: fp4_gemm.py). Weights stay packed in memory.
 
 # S token slots, P padded slots, E experts, N output columns, K reduction dim, G scale group (16 nvfp4, 32 mxfp4)
-B packed uint8 [E, N, K/2]: byte j of a row holds element 2j (low nibble) and 2j+1 (high nibble). The A tile [BM, BK]
-is read contiguously and split into its even and odd columns in registers, so each byte tile [BK/2, BN] is
-dequantized in registers into two tiles (low, high):
+B packed uint8 [E, N, K/2], N stride 1, in the decode layout (kernels.fp4_word_layout): columns 4q..4q+3 of byte
+row j form one int32 word whose bits are permuted; moved back, byte j of a column holds element 2j (low nibble) and
+2j+1 (high nibble). The A tile [BM, BK] is read contiguously and split into its even and odd columns in registers,
+so each byte tile [BK/2, BN] is dequantized in registers into two tiles (low, high):
   C[slot, n] = epilogue( s2[e] * a_scale * sum_j (A[slot, 2j] * lo[j, n] + A[slot, 2j+1] * hi[j, n]) ),
   lo/hi = e2m1(nibble) * block_scale[e, n, 2j // G] (exact in bf16/fp16: <= 6 significant bits); the scales are
   loaded through pointers of the bytes' shape (each byte's own, repeated over a group's G/2 bytes), so they share
   the bytes' register layout (a [BK/G, BN] scale tile broadcast over a reshape cost shared-memory conversions and
   barriers every K step). BLOCK_K must be a multiple of G (the launcher ensures it).
 Block scales: SCALE_KIND 0 = fp8 e4m3 bits (read as uint8, decoded here), 1 = E8M0 (2^(s-127)).
-BF16X2 (bf16 activations on a GPU): each thread's four bytes (columns n..n+3) and their four scales become lo and hi
-  in bf16 directly, two columns per bf16x2 (_dequant_tile_bf16: bit placement and bf16x2 multiplies, inline PTX;
-  sm_90 K step at BLOCK_M 16, gated: 795 SASS instructions for 128 elements per thread against 1632 through fp32
+BF16X2 (bf16 activations on a GPU): each thread's four bytes (columns n..n+3, one word: n a multiple of 4) and their
+  four scales become lo and hi in bf16 directly, two columns per bf16x2 (_dequant_tile_bf16: bit placement and
+  bf16x2 multiplies, inline PTX; sm_90 K step at BLOCK_M 16, gated: 795 SASS instructions for 128 elements per thread against 1632 through fp32
   with two stride-2 A loads); lo/hi then hold e2m1 * scale * 2^-8 (e4m3 scales) or e2m1 * scale (E8M0), and the
   epilogue multiplies by BF16X2_FACTOR_E4M3.
 s2: nvfp4's second-level scale per expert (HAS_S2); a_scale: nvfp4's activation scale (1 / input global scale, HAS_ASCALE).
@@ -23,6 +24,7 @@ import triton
 import triton.language as tl
 
 from moequant.kernels._moe_gemm_kernel import moe_epilogue, store_rows, tile_coords, tile_slots
+from moequant.kernels.fp4_word_layout import decode_word_ptx
 
 
 @triton.jit
@@ -32,6 +34,33 @@ def e2m1_value(nib):
     e2m1 value times 2^-14 in both cases. Callers fold 2^14 into the block scale."""
     bits = ((nib & 8) << 12) | ((nib & 7) << 9)
     return bits.to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def fp4_byte_word(u):
+    """int32 fp4 words in the decode layout (kernels.fp4_word_layout) -> the byte layout: row r in byte r, even
+    column in the low nibble. For the decoders that take a code at a time (fp32 paths, the interpreter); the bf16x2
+    decoders read the decode layout directly. Each term moves the bits that share one shift (the layout's inverse
+    permutation; tests/test_fp4_word_layout.py checks it against fp4_word_layout.to_byte_words)."""
+    return ((u >> 24) & 0x70) | ((u >> 16) & 0x700) | ((u >> 8) & 0x80008) | ((u >> 2) & 0x70007) \
+        | (u & -2147450880) | ((u << 2) & 0x800080) | ((u << 6) & 0x30003000) | ((u << 8) & 0x700000) \
+        | ((u << 10) & 0x8000800) | ((u << 14) & 0x40004000) | ((u << 16) & 0x7000000)
+
+
+@triton.jit
+def fp4_row_codes(u, r):
+    """The two e2m1 codes (columns 2j, 2j + 1) of row r (0..3, a tensor) of decode-layout words u, read where the
+    layout put their bits (fp4_word_layout._source_bit): column 2j in slot 2 * (r % 2), column 2j + 1 in slot
+    2 * (r % 2) + 1, half r // 2. For decoders that need one row of a word (gemv_moe_kernel, the grouped GEMM's fp32
+    path): about ten instructions per code against the whole word's fp4_byte_word."""
+    odd = (r % 2) == 1
+    h16 = (r // 2) * 16
+    m0 = tl.where(odd, 24 - h16, 2 + h16)  # column 2j: slot 2 (rotated 14) or slot 0 (rotated 4)
+    c0 = ((u >> m0) & 7) | (((u >> (tl.where(odd, 1, 11) + h16)) & 1) << 3)
+    lo1 = tl.where(odd, 6 + h16, 28 - h16)  # column 2j + 1: slot 3 (byte permute: b2 apart) or slot 1 (rotated 10)
+    hi1 = tl.where(odd, h16, 30 - h16)
+    c1 = ((u >> lo1) & 3) | (((u >> hi1) & 1) << 2) | (((u >> (tl.where(odd, 15, 5) + h16)) & 1) << 3)
+    return c0, c1
 
 
 @triton.jit
@@ -51,47 +80,35 @@ def block_scale_value(s, SCALE_KIND: tl.constexpr):
 
 
 @triton.jit
-def _dequant_tile(b_ptrs, s_ptrs, b_mask, s_mask, SCALE_KIND: tl.constexpr):
+def _dequant_tile(b_ptrs, s_ptrs, b_mask, s_mask, quad_row, SCALE_KIND: tl.constexpr):
     """Bytes [BK/2, BN] + their block scales [BK/2, BN] (each byte's own scale: the pointers repeat over a group's
-    G/2 bytes, so scales and bytes share one register layout) -> fp32 (lo, hi) [BK/2, BN]."""
-    b = tl.load(b_ptrs, mask=b_mask, other=0).to(tl.int32)
+    G/2 bytes, so scales and bytes share one register layout) -> fp32 (lo, hi) [BK/2, BN]. Each byte's two codes
+    are read from its column quad's decode-layout word (quad_row [1, BN]: the column's place in it)."""
+    wp = (b_ptrs - quad_row).to(tl.pointer_type(tl.int32), bitcast=True)
+    lo, hi = fp4_row_codes(tl.load(wp, mask=b_mask, other=0), quad_row)
     sc = block_scale_value(tl.load(s_ptrs, mask=s_mask, other=0), SCALE_KIND) * 16384.0  # 2^14: see e2m1_value
-    return e2m1_value(b & 15) * sc, e2m1_value(b >> 4) * sc
-
-
-def e2m1_pair_ptx(src: str, dst: str, k: int, tmp: tuple[str, str] = ("t", "s"),
-                  masks: tuple[str, str] = ("m1", "m2")) -> str:
-    """PTX putting nibbles k and k + 4 of src (bits 4k, 4k + 16) into the bf16 halves of dst as e2m1 * 2^-126:
-    magnitude bits to 6-8 (masks[0]: 0x01C001C0, a register or the immediate), sign bit to 15 (masks[1]:
-    0x80008000); tmp: two scratch registers. Code 1 (0.5) is a bf16 subnormal, which bf16x2 arithmetic keeps.
-    Shared by the GEMV's dot (_gemv_fp4_bf16x2) and the grouped GEMM's dequantizer."""
-    t, u = tmp
-
-    def shift(reg: str, n: int) -> str:
-        return f"shl.b32 {reg}, {src}, {n};" if n > 0 else f"shr.u32 {reg}, {src}, {-n};" if n < 0 else ""
-
-    mag, sign = shift(t, 6 - 4 * k), shift(u, 12 - 4 * k)
-    return "\n".join(filter(None, (mag, sign, f"and.b32 {t}, {t}, {masks[0]};",
-                                    f"and.b32 {u}, {u if sign else src}, {masks[1]};", f"or.b32 {dst}, {t}, {u};")))
+    return e2m1_value(lo) * sc, e2m1_value(hi) * sc
 
 
 def _dequant_bf16_ptx(scale_kind: int) -> str:
-    """_dequant_tile_bf16's PTX: $4 four bytes (columns 0..3), $5 their four scale bytes; $0, $1 the low nibbles
-    (columns 0, 1 and 2, 3) and $2, $3 the high nibbles, as bf16x2. Per column pair (PRMT: its two bytes to bytes 0
-    and 2): the scale pair as bf16x2 (e4m3: bits placed as scale * 2^-120, times 2^119 twice = scale * 2^118; E8M0:
-    the byte is the bf16 exponent), then each nibble pair times it (E8M0: after times 2^126)."""
-    lines = ["{", ".reg .b32 z, t, u, v, m, sp, c;", "mov.b32 z, 0;",
-             f"mov.b32 c, {'0x7B007B00' if scale_kind == 0 else '0x7E807E80'};"]  # bf16 2^119 | 2^126, twice
-    for pair, sel in ((0, "0x4140"), (1, "0x4342")):
+    """_dequant_tile_bf16's PTX: $4 one decode-layout word (columns 0..3 of a byte row: rows 4q..4q+3 of the weights),
+    $5 their four scale bytes; $0, $1 the low nibbles (columns 0, 1 and 2, 3) and $2, $3 the high nibbles, as
+    bf16x2. The word's four slots (fp4_word_layout.decode_word_ptx: columns r / r + 2 of one nibble) are regrouped
+    into column pairs by PRMT; per column pair the scale pair as bf16x2 (e4m3: bits placed as scale * 2^-120, times
+    2^119 twice = scale * 2^118; E8M0: the byte is the bf16 exponent), then each nibble pair times it (E8M0: after
+    times 2^126)."""
+    lines = ["{", ".reg .b32 z, t, u, v, m, sp, c, k0, k1, k2, k3;", "mov.b32 z, 0;",
+             f"mov.b32 c, {'0x7B007B00' if scale_kind == 0 else '0x7E807E80'};",  # bf16 2^119 | 2^126, twice
+             decode_word_ptx("$4", ("k0", "k1", "k2", "k3"), ("u", "v"))]
+    for pair, sel, halves in ((0, "0x4140", "0x5410"), (1, "0x4342", "0x7632")):
         lines.append(f"prmt.b32 t, $5, z, {sel};")
         if scale_kind == 0:  # e4m3 -> bf16 bits (magnitude to bits 4-10, sign to 15) = scale * 2^-120
             lines += ["shl.b32 u, t, 4;", "and.b32 u, u, 0x07F007F0;", "shl.b32 v, t, 8;", "and.b32 v, v, 0x80008000;",
                       "or.b32 sp, u, v;", "mul.rn.bf16x2 sp, sp, c;", "mul.rn.bf16x2 sp, sp, c;"]
         else:  # E8M0: the byte is the exponent field
             lines.append("shl.b32 sp, t, 7;")
-        lines.append(f"prmt.b32 t, $4, z, {sel};")
-        for lo, out in ((True, f"${pair}"), (False, f"${2 + pair}")):
-            lines.append(e2m1_pair_ptx("t", "m", 0 if lo else 1, ("u", "v"), ("0x01C001C0", "0x80008000")))
+        for nib, out in ((0, f"${pair}"), (1, f"${2 + pair}")):  # slots nib (columns 0, 2) and 2 + nib (1, 3)
+            lines.append(f"prmt.b32 m, k{nib}, k{2 + nib}, {halves};")
             if scale_kind == 1:
                 lines.append("mul.rn.bf16x2 m, m, c;")
             lines.append(f"mul.rn.bf16x2 {out}, m, sp;")
@@ -138,6 +155,7 @@ def fp4_moe_gemm_kernel(
                                                   BLOCK_M, BLOCK_N)
     HALF_K: tl.constexpr = BLOCK_K // 2
     offs_j = tl.arange(0, HALF_K)  # byte index within the K block
+    quad_row = (offs_n % 4)[None, :]  # the column's place in its decode-layout word (N a multiple of 4)
     K2 = K // 2
 
     a_rows = a_ptr + (slots // A_ROW_DIV).to(tl.int64)[:, None] * stride_am
@@ -161,14 +179,14 @@ def fp4_moe_gemm_kernel(
         if BF16X2:
             lo, hi = _dequant_tile_bf16(b_ptrs, s_ptrs, w_mask, w_mask, SCALE_KIND)
         else:
-            lo, hi = _dequant_tile(b_ptrs, s_ptrs, w_mask, w_mask, SCALE_KIND)
+            lo, hi = _dequant_tile(b_ptrs, s_ptrs, w_mask, w_mask, quad_row, SCALE_KIND)
         acc = tl.dot(a_even, lo.to(dtype), acc, input_precision=DOT_PRECISION)
         acc = tl.dot(a_odd, hi.to(dtype), acc, input_precision=DOT_PRECISION)
         if GATED:
             if BF16X2:
                 lo, hi = _dequant_tile_bf16(b_ptrs + b_up, s_ptrs + s_up, w_mask, w_mask, SCALE_KIND)
             else:
-                lo, hi = _dequant_tile(b_ptrs + b_up, s_ptrs + s_up, w_mask, w_mask, SCALE_KIND)
+                lo, hi = _dequant_tile(b_ptrs + b_up, s_ptrs + s_up, w_mask, w_mask, quad_row, SCALE_KIND)
             acc_up = tl.dot(a_even, lo.to(dtype), acc_up, input_precision=DOT_PRECISION)
             acc_up = tl.dot(a_odd, hi.to(dtype), acc_up, input_precision=DOT_PRECISION)
 

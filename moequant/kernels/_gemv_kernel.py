@@ -9,8 +9,9 @@ activation rows on the CUDA cores in fp32: no tensor cores, no padding of one to
 # BN rows per program, P parts per program: 2 (GEMM1's gate and up halves) or TOP_K padded (GEMM2's experts)
 Weights [E, N(*2), C/PW] packed units, element i of unit j = column j*PW + i:
   FMT_FP4: bytes of two e2m1 codes (low nibble first), PW = 2;  w = e2m1 * block_scale[e, n, g] (fp8 e4m3 or E8M0)
-           * s2[e, part]; stored rows-contiguous (methods.base.rows_contiguous), so a thread's vector load holds
-           several rows of one byte column and each activation value it loads serves all of them
+           * s2[e, part]; stored rows-contiguous (methods.base.rows_contiguous) in the decode layout
+           (kernels.fp4_word_layout: rows 4q..4q+3 of a byte column form one int32 word, bits permuted): each row
+           reads its quad's word and takes its two codes from it (fp4_row_codes)
   FMT_FP8: e4m3 bytes, PW = 1;  w = e4m3 * scale[e] | scale[e, n] | scale[e, n/128, g]; K-contiguous (the
            tensor-core GEMMs read K-major fp8 operands)
 Activations: rows of x's dtype or fp32; or fp8 (FMT_FP8) / pre-quantized nvfp4 with a scale per tensor, per row or
@@ -29,7 +30,7 @@ kernel's split-K buffers) are unused here: gemv.py passes the rows kernel's argu
 import triton
 import triton.language as tl
 
-from moequant.kernels._fp4_gemm_kernel import block_scale_value, e2m1_value
+from moequant.kernels._fp4_gemm_kernel import block_scale_value, e2m1_value, fp4_row_codes
 from moequant.kernels._moe_gemm_kernel import gated_act
 
 # Codes of the constexpr switches (gemv.py maps names to them): FMT 1 fp4, 2 fp8 (0, int, is the rows kernel's);
@@ -56,10 +57,11 @@ def _act(a_base, sidx_base, k, ok, stride_ak, SORTED: tl.constexpr):
 
 
 @triton.jit
-def _chunk(c, w_base, a_base, sidx_base, row_ok4, p_ok4, C, CW, stride_wk, stride_ak,
+def _chunk(c, w_base, a_base, sidx_base, row_ok4, p_ok4, C, CW, stride_wk, stride_ak, quad_row4,
            FMT: tl.constexpr, G: tl.constexpr, NG: tl.constexpr, SORTED: tl.constexpr):
     """Each packed unit's share [P, BN, NG, GW] of the dot products over chunk c (columns [c*NG*G, (c+1)*NG*G)),
-    before the group scales (_group_scale)."""
+    before the group scales (_group_scale). fp4: each row's two codes come from its quad's decode-layout word
+    (quad_row4: the row's place r in it; fp4_row_codes)."""
     tl.static_assert(FMT != 0, "int weights go through _gemv_rows_kernel")
     PW: tl.constexpr = 2 if FMT == 1 else 1
     GW: tl.constexpr = G // PW
@@ -67,13 +69,14 @@ def _chunk(c, w_base, a_base, sidx_base, row_ok4, p_ok4, C, CW, stride_wk, strid
     g4 = g[None, None, :, None]
     j4 = g4 * GW + tl.arange(0, GW)[None, None, None, :]  # word (or fp8 element) index [1, 1, NG, GW]
     w_ok = row_ok4 & (j4 < CW)
-    words = tl.load(w_base + j4 * stride_wk, mask=w_ok, other=0)
-    if FMT == 1:  # one byte = elements 2j (low nibble) and 2j + 1
-        b = words.to(tl.int32)
+    if FMT == 1:  # one byte = elements 2j (low nibble) and 2j + 1, byte r of its quad's word (rows stride 1)
+        wp = (w_base - quad_row4 + j4 * stride_wk).to(tl.pointer_type(tl.int32), bitcast=True)
+        lo, hi = fp4_row_codes(tl.load(wp, mask=w_ok, other=0), quad_row4.to(tl.int32))
         k = j4 * 2
-        t = e2m1_value(b) * _act(a_base, sidx_base, k, p_ok4 & (k < C), stride_ak, SORTED)
-        t += e2m1_value(b >> 4) * _act(a_base, sidx_base, k + 1, p_ok4 & (k + 1 < C), stride_ak, SORTED)
+        t = e2m1_value(lo) * _act(a_base, sidx_base, k, p_ok4 & (k < C), stride_ak, SORTED)
+        t += e2m1_value(hi) * _act(a_base, sidx_base, k + 1, p_ok4 & (k + 1 < C), stride_ak, SORTED)
     else:
+        words = tl.load(w_base + j4 * stride_wk, mask=w_ok, other=0)
         t = _f32(words) * _act(a_base, sidx_base, j4, p_ok4 & (j4 < C), stride_ak, SORTED)
     return t
 
@@ -246,14 +249,16 @@ def gemv_moe_kernel(
     if FMT == 1:  # fp4: sum each group across its units, then scale it (measured faster for fp4 on the H200)
         acc = tl.zeros((P, BLOCK_N), dtype=tl.float32)
         for c in range(0, tl.cdiv(NUM_G, NG)):
-            t = _chunk(c, w_base, a_base, sidx_base, row_ok4, p_ok4, C, CW, stride_wk, stride_ak, FMT, G, NG, SORTED)
+            t = _chunk(c, w_base, a_base, sidx_base, row_ok4, p_ok4, C, CW, stride_wk, stride_ak,
+                       rows4 % 4, FMT, G, NG, SORTED)
             s = _group_scale(c, s_base, as_base, row_ok4, NUM_G, stride_sg, stride_asg, NG, FMT, GROUP_SCALES,
                              SCALE_KIND, A_SCALE)
             acc += tl.sum(tl.sum(t, axis=3) * tl.sum(s, axis=3), axis=2)
     else:  # fp8: keep per-unit sums and reduce across threads once, after the last chunk
         acc4 = tl.zeros((P, BLOCK_N, NG, GW), dtype=tl.float32)
         for c in range(0, tl.cdiv(NUM_G, NG)):
-            t = _chunk(c, w_base, a_base, sidx_base, row_ok4, p_ok4, C, CW, stride_wk, stride_ak, FMT, G, NG, SORTED)
+            t = _chunk(c, w_base, a_base, sidx_base, row_ok4, p_ok4, C, CW, stride_wk, stride_ak,
+                       rows4 % 4, FMT, G, NG, SORTED)
             acc4 += t * _group_scale(c, s_base, as_base, row_ok4, NUM_G, stride_sg, stride_asg, NG, FMT,
                                      GROUP_SCALES, SCALE_KIND, A_SCALE)
         acc = tl.sum(tl.sum(acc4, axis=3), axis=2)  # [P, BN]

@@ -26,8 +26,9 @@ int: words [E, N(*2), C/PW], N stride 1 (methods.base.rows_contiguous); a step's
   element against 4.2, at a bf16 rounding per product. X_QUAD (rows 16-byte aligned): the four activation pairs
   of a word's columns come in one 16-byte load (act_quad) instead of four.
 fp4: bytes and block scales (rows-contiguous) read as int32 words [E, N/4, C/2] and [E, N/4, C/G]: word (q, j)
-  holds byte column j (two e2m1 codes, low nibble = column 2j) of rows 4q..4q+3; _e2m1_pair decodes one nibble of
-  two rows per instruction; w = e2m1 * block_scale (e4m3 or E8M0) * s2[e, part].
+  holds byte column j (two e2m1 codes per row) of rows 4q..4q+3 in the decode layout (kernels.fp4_word_layout);
+  the fp32 path moves them back to bytes (fp4_byte_word) and _e2m1_pair decodes one nibble of two rows per
+  instruction; w = e2m1 * block_scale (e4m3 or E8M0) * s2[e, part].
   PACKED (bf16 activations in order, GPU): _gemv_fp4_bf16x2.fp4_bf16x2_sums, its own tile [P or 1, NU, BQ] of UNIT
   byte columns per element: bf16x2 chains of four products, one block scale per row and element (PREFETCH keeps
   the next step in flight in registers; else STAGES > 1 has Triton stream the next steps through shared memory).
@@ -79,6 +80,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
+from moequant.kernels._fp4_gemm_kernel import fp4_byte_word
 from moequant.kernels._gemv_fp4_bf16x2 import (FP4_PACKED_FACTOR, act_pair, act_quad, block_scale, fp4_bf16x2_sums,
                                                 interleave_rows)
 from moequant.kernels._gemv_fp8_mma import fp8_mma_sums
@@ -265,9 +267,10 @@ def _e2m1_pair(w, EM_SHIFT: tl.constexpr, S_SHIFT: tl.constexpr):
 def _fp4_words(r0, r1, r2, r3, w_base, s_base, j4, g4, w_ok, g_ok, stride_wk, stride_sn, stride_sg, a_lo, a_hi,
                SCALE_KIND: tl.constexpr):
     """r0..r3 plus the scaled dot-product shares of one step's fp4 words [.., NG, GW, BQ] (four rows 4q..4q+3 of one
-    byte column each, row 4q + r in byte r): each row's share times its block scale. a_lo / a_hi: the activation of
-    each byte's low / high nibble (columns 2j, 2j + 1); s_base: int32 words of the same four rows' block scales."""
-    u = tl.load(w_base + j4 * stride_wk, mask=w_ok, other=0)
+    byte column each, in the decode layout: fp4_byte_word moves row 4q + r back to byte r): each row's share times
+    its block scale. a_lo / a_hi: the activation of each byte's low / high nibble (columns 2j, 2j + 1); s_base:
+    int32 words of the same four rows' block scales."""
+    u = fp4_byte_word(tl.load(w_base + j4 * stride_wk, mask=w_ok, other=0))
     l02, l22 = _e2m1_pair(u, 9, 12)  # low nibbles of bytes 0 and 2
     l1, l3 = _e2m1_pair(u, 1, 4)  # low nibbles of bytes 1 and 3
     h0, h2 = _e2m1_pair(u, 5, 8)

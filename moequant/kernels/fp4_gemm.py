@@ -85,7 +85,8 @@ def fused_experts_fp4(x, w13_packed, w13_scale, w2_packed, w2_scale, topk_weight
                       activation="silu", w13_bias=None, w2_bias=None, apply_router_weight_on_input=False,
                       has_remote_experts=False, route=None) -> torch.Tensor:
     """out[t] = sum_k w[t,k] * (W2[e] act(W13[e] x'[t] + b13[e]) + b2[e]), W = dequantized fp4, x' = x (A16) or
-    x fake-quantized to nvfp4 (act_fp4; likewise the activation before W2). route (topk.DeferredRouting, whose
+    x fake-quantized to nvfp4 (act_fp4; likewise the activation before W2). Packed weights in the decode layout
+    (kernels.fp4_word_layout), as methods.fp4 keeps them after process_weights_after_loading. route (topk.DeferredRouting, whose
     outputs topk_weights and topk_ids are): the decode GEMV routes in GEMM1; other paths run it first."""
     T, H = x.shape
     E, two_i, _ = w13_packed.shape
@@ -96,6 +97,11 @@ def fused_experts_fp4(x, w13_packed, w13_scale, w2_packed, w2_scale, topk_weight
         raise ValueError(f"fp4 MoE: x must be fp16, bf16 or fp32, got {x.dtype}")
     if w13_packed.dtype != torch.uint8 or w2_packed.dtype != torch.uint8:
         raise ValueError("fp4 MoE: packed weights must be uint8")
+    for name, p in (("w13_packed", w13_packed), ("w2_packed", w2_packed)):
+        if p.dim() != 3 or p.stride(1) != 1 or p.shape[1] % 4 or p.data_ptr() % 4:
+            raise ValueError(f"fp4 MoE: {name} must be rows-contiguous in the decode layout, four rows per 4-byte "
+                             f"aligned word (fp4_word_layout.decode_layout of methods.base.rows_contiguous bytes): "
+                             f"shape {tuple(p.shape)}, strides {p.stride()}")
     if T == 0:
         return torch.zeros(0, H, dtype=x.dtype, device=x.device)
     gemv_path = use_gemv(T, K, E, slots_per_expert=2)

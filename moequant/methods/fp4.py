@@ -11,6 +11,9 @@ E experts (local), H hidden, I intermediate per rank. Checkpoint layout (compres
   mxfp4:  w13_weight_scale uint8 E8M0 [E, 2I, H/32], w2_weight_scale uint8 [E, H, I/32] (x = fp4 * 2^(s-127)).
   Biases (has_bias): w13_bias [E, 2I], w2_bias [E, H] (the loaders de-interleave gpt-oss's gate/up columns).
 Kernel layout (after process_weights_after_loading): the same tensors, with
+  w13_weight_packed / w2_weight_packed and the block scales rows-contiguous (N stride 1), the packed bytes in the
+  decode layout (kernels.fp4_word_layout: the 32 bits of each word of four rows permuted so that a GPU decodes
+  them into bf16 in nine instructions; packed_bytes gives an expert's bytes back in the checkpoint's layout),
   w13_weight_scale_2 [E, 2] holding one shared value per expert in both columns (the half with the smaller checkpoint
   value has its block scales requantized to the larger); dead experts (zero / NaN / inf scales) zeroed with a warning;
   nvfp4: w13_input_scale / w2_input_scale collapsed to [1] = the max over experts (NaN = dynamic per-tensor).
@@ -24,6 +27,7 @@ from typing import ClassVar
 
 import torch
 
+from moequant.kernels.fp4_word_layout import byte_layout, decode_layout
 from moequant.methods.base import FusedMoEMethodBase, LoadSpec, rows_contiguous
 from moequant.quantize import fp4_math as f4
 from moequant.registry import register_method
@@ -99,9 +103,17 @@ class Fp4MethodBase(FusedMoEMethodBase):
         self.fix_dead_experts(layer)
         self.finish(layer)
         for p in ("w13", "w2"):  # bytes and block scales rows-contiguous: the GEMV reads four rows per 32-bit word
-            for name in (f"{p}_weight_packed", f"{p}_weight_scale"):
-                self.register(layer, name, rows_contiguous(getattr(layer, name).data), None)
+            name = f"{p}_weight_scale"
+            self.register(layer, name, rows_contiguous(getattr(layer, name).data), None)
+            name = f"{p}_weight_packed"  # in the kernels' decode layout (bits of each four-row word permuted)
+            self.register(layer, name, decode_layout(rows_contiguous(getattr(layer, name).data)), None)
         self.processed = True
+
+    def packed_bytes(self, layer, prefix: str, e: int) -> torch.Tensor:
+        """Expert e's fp4 bytes [N, K/2] in the checkpoint's layout (the reference's input), whether or not
+        process_weights_after_loading has moved them to the decode layout."""
+        packed = getattr(layer, f"{prefix}_weight_packed")[e]
+        return byte_layout(packed) if self.processed else packed
 
     def dead_mask(self, layer, prefix: str) -> torch.Tensor:
         """[E] bool: experts whose `prefix` scales cannot dequantize."""
@@ -203,9 +215,11 @@ class Nvfp4Base(Fp4MethodBase):
     def dequantize_expert(self, layer, e):
         I = layer.w13_weight_packed.shape[1] // 2
         s2 = layer.w13_weight_scale_2
-        w1 = f4.dequantize_nvfp4(layer.w13_weight_packed[e, :I], layer.w13_weight_scale[e, :I], s2[e, 0])
-        w3 = f4.dequantize_nvfp4(layer.w13_weight_packed[e, I:], layer.w13_weight_scale[e, I:], s2[e, 1])
-        w2 = f4.dequantize_nvfp4(layer.w2_weight_packed[e], layer.w2_weight_scale[e], layer.w2_weight_scale_2[e])
+        w13 = self.packed_bytes(layer, "w13", e)
+        w1 = f4.dequantize_nvfp4(w13[:I], layer.w13_weight_scale[e, :I], s2[e, 0])
+        w3 = f4.dequantize_nvfp4(w13[I:], layer.w13_weight_scale[e, I:], s2[e, 1])
+        w2 = f4.dequantize_nvfp4(self.packed_bytes(layer, "w2", e), layer.w2_weight_scale[e],
+                                 layer.w2_weight_scale_2[e])
         return torch.cat([w1, w3]), w2
 
     def quantize_dense(self, layer, w13, w2) -> None:
@@ -299,8 +313,8 @@ class Mxfp4FusedMoEMethod(Fp4MethodBase):
         return (getattr(layer, f"{prefix}_weight_scale").data == 255).flatten(1).any(1)  # 255 = E8M0 NaN
 
     def dequantize_expert(self, layer, e):
-        return (f4.dequantize_mxfp4(layer.w13_weight_packed[e], layer.w13_weight_scale[e]),
-                f4.dequantize_mxfp4(layer.w2_weight_packed[e], layer.w2_weight_scale[e]))
+        return (f4.dequantize_mxfp4(self.packed_bytes(layer, "w13", e), layer.w13_weight_scale[e]),
+                f4.dequantize_mxfp4(self.packed_bytes(layer, "w2", e), layer.w2_weight_scale[e]))
 
     def quantize_dense(self, layer, w13, w2) -> None:
         """RTN, one expert at a time (bounded fp32 temporaries)."""

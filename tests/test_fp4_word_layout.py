@@ -1,0 +1,143 @@
+"""The fp4 decode layout (kernels.fp4_word_layout): the bit permutation, its inverse in Triton, the PTX decoder's
+instruction sequence (run here by a small interpreter of its four opcodes), and the layer keeping its weights in it."""
+
+import re
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+import moequant.methods.fp4  # noqa: F401  (registers the fp4 schemes)
+from moequant import FusedMoE, QuantConfig
+from moequant.kernels import fp4_word_layout as wl
+from moequant.kernels._fp4_gemm_kernel import fp4_byte_word, fp4_row_codes
+from moequant.kernels.fp4_gemm import fused_experts_fp4
+from moequant.methods.base import rows_contiguous
+from moequant.quantize import fp4_math as f4
+
+
+def _random_words(n: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(-2**31, 2**31 - 1, (n,), generator=g, dtype=torch.int64).to(torch.int32)
+
+
+def _run_ptx(ptx: str, regs: dict[str, int]) -> dict[str, int]:
+    """Executes decode_word_ptx's text: shf.l.wrap.b32, and.b32, or.b32 and prmt.b32 (default mode) on 32-bit ints."""
+    def val(x):
+        return regs[x] if x in regs else int(x, 0)
+
+    for line in ptx.strip().splitlines():
+        op, args = line.rstrip(";").split(None, 1)
+        d, *src = [a.strip() for a in args.split(",")]
+        if op == "shf.l.wrap.b32":
+            a, n = val(src[0]), val(src[2]) % 32
+            assert src[0] == src[1], line  # a rotation
+            regs[d] = ((a << n) | (a >> (32 - n))) & 0xFFFFFFFF if n else a
+        elif op == "and.b32":
+            regs[d] = val(src[0]) & val(src[1])
+        elif op == "or.b32":
+            regs[d] = val(src[0]) | val(src[1])
+        elif op == "prmt.b32":
+            pool = val(src[0]) | (val(src[1]) << 32)
+            sel = val(src[2])
+            regs[d] = sum(((pool >> (8 * ((sel >> (4 * i)) & 7))) & 0xFF) << (8 * i) for i in range(4))
+        else:
+            raise AssertionError(f"unexpected instruction {line!r}")
+    return regs
+
+
+def test_layout_is_a_permutation_and_round_trips():
+    w = _random_words(4096)
+    d = wl.to_decode_words(w)
+    assert not torch.equal(d, w)
+    assert torch.equal(wl.to_byte_words(d), w)
+    ones = torch.tensor([1 << i for i in range(31)] + [-2**31], dtype=torch.int32)  # each bit moves to one bit
+    moved = wl.to_decode_words(ones).to(torch.int64) & 0xFFFFFFFF
+    assert sorted(int(m).bit_length() - 1 for m in moved) == list(range(32))
+
+
+def test_decode_ptx_gives_the_bf16_of_every_code_in_every_slot():
+    """Slot 2 * (r % 2) + h of a word -> bf16x2 (rows r, r + 2 of column 2j + h) equal to e2m1 * 2^-126, for every
+    code in every nibble and for random words. Ten PTX instructions (ptxas fuses the last AND and OR: nine)."""
+    ptx = wl.decode_word_ptx("w", ("d0", "d1", "d2", "d3"))
+    assert len(ptx.strip().splitlines()) == 10
+    words = torch.cat([torch.tensor([c * 0x11111111 for c in range(16)]), _random_words(512, 1).to(torch.int64)])
+    decoded = wl.to_decode_words(torch.where(words >= 2**31, words - 2**32, words).to(torch.int32))
+    table = f4.e2m1_table()
+    for word, dec in zip((words & 0xFFFFFFFF).tolist(), decoded.tolist()):
+        out = _run_ptx(ptx, {"w": dec & 0xFFFFFFFF})
+        for slot in range(4):
+            for half in range(2):
+                r, h = slot // 2 + 2 * half, slot % 2
+                code = (word >> (8 * r + 4 * h)) & 15
+                bits = (out[f"d{slot}"] >> (16 * half)) & 0xFFFF
+                bf16 = torch.tensor([bits], dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+                assert bf16.double().item() * 2.0 ** 126 == table[code].item(), (hex(word), slot, half, hex(bits))
+
+
+@triton.jit
+def _byte_word_kernel(src, dst, N: tl.constexpr):
+    o = tl.arange(0, N)
+    tl.store(dst + o, fp4_byte_word(tl.load(src + o)))
+
+
+def test_triton_byte_word_inverts_the_layout():
+    """fp4_byte_word (the fp32 decoders' way back, written out as shifts and masks) equals to_byte_words."""
+    w = _random_words(1024, 2)
+    d = wl.to_decode_words(w)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    out = torch.empty(1024, dtype=torch.int32, device=dev)
+    _byte_word_kernel[(1,)](d.to(dev), out, N=1024)
+    assert torch.equal(out.cpu(), w)
+
+
+@triton.jit
+def _row_codes_kernel(src, lo_ptr, hi_ptr, N: tl.constexpr):
+    o = tl.arange(0, N)
+    r = tl.arange(0, 4)
+    lo, hi = fp4_row_codes(tl.load(src + o)[:, None], r[None, :])
+    tl.store(lo_ptr + o[:, None] * 4 + r[None, :], lo)
+    tl.store(hi_ptr + o[:, None] * 4 + r[None, :], hi)
+
+
+def test_triton_row_codes_read_each_row_of_a_word():
+    """fp4_row_codes (one row's two codes straight from the decode layout) equals the byte layout's nibbles."""
+    w = _random_words(256, 3)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    lo, hi = (torch.empty(256, 4, dtype=torch.int32, device=dev) for _ in range(2))
+    _row_codes_kernel[(1,)](wl.to_decode_words(w).to(dev), lo, hi, N=256)
+    byte = (w.to(torch.int64)[:, None] >> (8 * torch.arange(4))) & 0xFF
+    assert torch.equal(lo.cpu().long(), byte & 15) and torch.equal(hi.cpu().long(), byte >> 4)
+
+
+@pytest.mark.parametrize("scheme", ["nvfp4a16", "mxfp4"])
+def test_processed_layer_holds_the_decode_layout(scheme):
+    """After process_weights_after_loading the packed weights are the checkpoint bytes, rows-contiguous, in the
+    decode layout; packed_bytes gives each expert's checkpoint bytes back."""
+    gen = torch.Generator().manual_seed(0)
+    E, H, I = 3, 64, 32
+    w13, w2 = torch.randn(E, 2 * I, H, generator=gen), torch.randn(E, H, I, generator=gen)
+    layer = FusedMoE(E, 2, H, I, params_dtype=torch.float32, quant_config=QuantConfig(scheme=scheme))
+    layer.quant_method.quantize_dense(layer, w13, w2)
+    before = {p: getattr(layer, f"{p}_weight_packed").data.clone() for p in ("w13", "w2")}
+    layer.process_weights_after_loading()
+    for p in ("w13", "w2"):
+        kept = getattr(layer, f"{p}_weight_packed").data
+        assert kept.stride(1) == 1
+        assert torch.equal(kept, wl.decode_layout(rows_contiguous(before[p])))
+        assert not torch.equal(kept, before[p])
+        for e in range(E):
+            assert torch.equal(layer.quant_method.packed_bytes(layer, p, e), before[p][e])
+
+
+def test_kernels_reject_bytes_not_in_the_decode_layout():
+    E, H, I = 2, 64, 32
+    packed13 = torch.zeros(E, 2 * I, H // 2, dtype=torch.uint8)  # K-contiguous: the checkpoint's strides
+    packed2 = rows_contiguous(torch.zeros(E, H, I // 2, dtype=torch.uint8))
+    s13, s2 = torch.ones(E, 2 * I, H // 16).to(torch.float8_e4m3fn), torch.ones(E, H, I // 16).to(torch.float8_e4m3fn)
+    ids = torch.zeros(1, 2, dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"w13_packed must be rows-contiguous in the decode layout.*strides"):
+        fused_experts_fp4(torch.zeros(1, H), packed13, s13, packed2, s2, torch.ones(1, 2), ids)
+    with pytest.raises(ValueError, match=r"rows-contiguous \(N stride 1, N a multiple of 4"):
+        wl.decode_layout(packed13)
