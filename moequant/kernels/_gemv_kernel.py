@@ -1,5 +1,5 @@
-"""Triton body of the decode (GEMV) kernel for fp8 weights and for fp4 weights with fp4 activations (nvfp4) or
-odd shapes (launcher and layouts: gemv.py; int and A16 fp4 weights go through _gemv_rows_kernel.py).
+"""Triton body of the decode (GEMV) kernel for fp8 weights and for fp4 weights of odd shapes (launcher and layouts:
+gemv.py; int and fp4 weights otherwise go through _gemv_rows_kernel.py).
 
 Each program streams BN weight rows of one or more experts once, unpacks them in registers and multiplies them with
 activation rows on the CUDA cores in fp32: no tensor cores, no padding of one token to 16 rows, no align step.

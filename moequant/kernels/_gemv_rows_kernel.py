@@ -1,6 +1,6 @@
-"""Triton body of the decode (GEMV) kernel for int weights and A16 fp4 weights stored rows-contiguous, and for fp8
-weights (K-contiguous) whose activations it quantizes itself (launcher: gemv.py; fp8 with pre-quantized
-activations and fp4 with fp4 activations go through _gemv_kernel.py).
+"""Triton body of the decode (GEMV) kernel for int weights and fp4 weights stored rows-contiguous (A16, or nvfp4's
+fp4-emulated activations with one scale per tensor), and for fp8 weights (K-contiguous) whose activations it
+quantizes itself (launcher: gemv.py; fp8 with pre-quantized activations goes through _gemv_kernel.py).
 
 Each program streams BN output rows of its slot's expert (GEMM1: the gate and the up rows; GEMM2: the rows of each of
 the token's TOP_K experts) over its share of the reduction, on the CUDA cores in fp32. The tile puts the rows last: a
@@ -390,7 +390,8 @@ def gemv_rows_kernel(
     else:
         e4 = e0.to(tl.int64)
         pa_ok = pa[:, None, None, None] < 1
-    tl.static_assert(A_SCALE == 0 or FMT == 2, "activations in x's dtype (A16), or quantized here (fp8)")
+    tl.static_assert(A_SCALE == 0 or FMT == 2 or FMT == 1 and A_SCALE == 1,
+                     "activations in x's dtype (A16), quantized here (fp8), or nvfp4's with one scale per tensor")
     tl.static_assert(PACKED or not PREFETCH, "PREFETCH double-buffers the PACKED (bf16x2) paths' loads")
     MASKED: tl.constexpr = not EVEN  # parts that read nothing point at row 0 of a and of sort_idx: loads stay in bounds
     a_base = a_ptr + a_off
@@ -565,6 +566,8 @@ def gemv_rows_kernel(
             up = interleave_rows(_sum_steps(up0), _sum_steps(up1), _sum_steps(up2), _sum_steps(up3))
             acc = tl.where(parts[:, None] == 0, tl.sum(acc, axis=0)[None, :], tl.sum(up, axis=0)[None, :])
         acc *= FP4_FACTOR
+    if FMT == 1 and A_SCALE == 1:  # nvfp4: activations given as fp4 values times block scales, times this scale
+        acc *= tl.load(as_ptr)
 
     gemv_epilogue(acc, ops, pid, e, parts, p_ok, row_ok, n_ok, offs_n, N, c_ptr, amax_ptr, perm_ptr, split_ptr,
                   count_ptr, stride_cm, stride_cn, stride_pe, DOWN, W_SCALE, MUL_WEIGHT, HAS_BIAS, ACTIVATION,

@@ -200,10 +200,11 @@ def fp8_rows(w: GemvWeights) -> bool:
 
 
 def uses_rows_kernel(w: GemvWeights, a_scale_kind=None, a_quant: Fp8ActIn | None = None) -> bool:
-    """Int weights, A16 fp4 weights stored rows-contiguous and fp8 weights with an input the kernel quantizes
-    (a_quant; fp8_rows layout) go through gemv_rows_kernel (fp4 bytes and block scales read as int32 words of four
-    rows: N a multiple of 4 per half, scales rows-contiguous too); the rest (fp8 with pre-quantized activations,
-    nvfp4 with fp4 activations) through gemv_moe_kernel."""
+    """Int weights, fp4 weights stored rows-contiguous (A16, or nvfp4's fp4 activations with a scale per tensor) and
+    fp8 weights with an input the kernel quantizes (a_quant; fp8_rows layout) go through gemv_rows_kernel (fp4 bytes
+    and block scales read as int32 words of four rows: N a multiple of 4 per half, scales rows-contiguous too); the
+    rest (fp8 with pre-quantized activations, fp4 of odd shapes) through gemv_moe_kernel. H200 M=1 nvfp4: Qwen3-30B
+    182.8 us and Mixtral 341.8 on gemv_moe_kernel before the decode layout (201.4 / 484.5 after it)."""
     if a_quant is not None:
         if not fp8_rows(w):
             raise ValueError(f"the fp8 rows GEMV needs per-tensor or per-channel fp8 weights, K-contiguous, rows of "
@@ -222,7 +223,7 @@ def uses_rows_kernel(w: GemvWeights, a_scale_kind=None, a_quant: Fp8ActIn | None
                          f"shape {tuple(w.data.shape)}, strides {w.data.stride()}")
     if w.data.dim() != 3 or w.data.stride(1) != 1:
         return False
-    return (w.fmt == "fp4" and a_scale_kind is None and w.data.shape[1] % 8 == 0 and w.data.data_ptr() % 16 == 0
+    return (w.fmt == "fp4" and a_scale_kind in (None, "tensor") and w.data.shape[1] % 8 == 0 and w.data.data_ptr() % 16 == 0
             and w.scale is not None and w.scale.stride(1) == 1 and w.scale.data_ptr() % 4 == 0)
 
 
@@ -522,7 +523,9 @@ def gemv(a, w: GemvWeights, c, topk_ids, *, down: bool, top_k: int, activation: 
         zero = not down and zero_bufs is not None  # ZB: elements of each buffer one GEMM1 program zeroes
         zb = triton.next_power_of_2(max(16, triton.cdiv(zero_bufs[0].numel(), plan.programs))) if zero else 16
         args.insert(20, 0x4B000000)  # two23, after n_count
-        packed = uses_packed(w, a)
+        # an fp32 output (nvfp4's GEMM1, whose output is requantized to fp4) keeps fp32 products: bf16x2 chains
+        # moved enough values across an e2m1 rounding boundary to put the H200's nvfp4 output 2.5e-2 off the reference
+        packed = uses_packed(w, a) and c.dtype != torch.float32
         # PACKED int4: each word's four activation pairs as one 16-byte load when every row starts 16-byte aligned
         # (H200, M=1: Qwen3-30B w4a16 15.7 -> 15.5 us, act-order 18.4 -> 18.3; Mixtral unchanged)
         x_quad = packed and w.fmt == "int" and a.stride(0) % 8 == 0 and a.data_ptr() % 16 == 0
