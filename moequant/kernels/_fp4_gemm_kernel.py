@@ -13,9 +13,9 @@ so each byte tile [BK/2, BN] is dequantized in registers into two tiles (low, hi
 Block scales: SCALE_KIND 0 = fp8 e4m3 bits (read as uint8, decoded here), 1 = E8M0 (2^(s-127)).
 BF16X2 (bf16 activations on a GPU): each thread's four bytes (columns n..n+3, one word: n a multiple of 4) and their
   four scales become lo and hi in bf16 directly, two columns per bf16x2 (_dequant_tile_bf16: bit placement and
-  bf16x2 multiplies, inline PTX; sm_90 K step at BLOCK_M 16, gated: 795 SASS instructions for 128 elements per thread against 1632 through fp32
-  with two stride-2 A loads); lo/hi then hold e2m1 * scale * 2^-8 (e4m3 scales) or e2m1 * scale (E8M0), and the
-  epilogue multiplies by BF16X2_FACTOR_E4M3.
+  bf16x2 multiplies, inline PTX; sm_90 K step at BLOCK_M 16, gated, with the byte layout's decoder: 795 SASS
+  instructions for 128 elements per thread against 1632 through fp32 with two stride-2 A loads); lo/hi then
+  hold e2m1 * scale * 2^-8 (e4m3 scales) or e2m1 * scale (E8M0), and the epilogue multiplies by BF16X2_FACTOR_E4M3.
 s2: nvfp4's second-level scale per expert (HAS_S2); a_scale: nvfp4's activation scale (1 / input global scale, HAS_ASCALE).
 GEMM1 (GATED): gate rows n and up rows N + n, epilogue act(gate, up). GEMM2: bias and routing weight.
 """
@@ -39,9 +39,9 @@ def e2m1_value(nib):
 @triton.jit
 def fp4_byte_word(u):
     """int32 fp4 words in the decode layout (kernels.fp4_word_layout) -> the byte layout: row r in byte r, even
-    column in the low nibble. For the decoders that take a code at a time (fp32 paths, the interpreter); the bf16x2
-    decoders read the decode layout directly. Each term moves the bits that share one shift (the layout's inverse
-    permutation; tests/test_fp4_word_layout.py checks it against fp4_word_layout.to_byte_words)."""
+    column in the low nibble. For the rows GEMV's fp32 path (fp16 activations, the interpreter), which decodes
+    whole words; the bf16x2 decoders read the decode layout directly. Each term moves the bits that share one
+    shift (the layout's inverse permutation; tests/test_fp4_word_layout.py checks it against to_byte_words)."""
     return ((u >> 24) & 0x70) | ((u >> 16) & 0x700) | ((u >> 8) & 0x80008) | ((u >> 2) & 0x70007) \
         | (u & -2147450880) | ((u << 2) & 0x800080) | ((u << 6) & 0x30003000) | ((u << 8) & 0x700000) \
         | ((u << 10) & 0x8000800) | ((u << 14) & 0x40004000) | ((u << 16) & 0x7000000)

@@ -86,8 +86,9 @@ def fused_experts_fp4(x, w13_packed, w13_scale, w2_packed, w2_scale, topk_weight
                       has_remote_experts=False, route=None) -> torch.Tensor:
     """out[t] = sum_k w[t,k] * (W2[e] act(W13[e] x'[t] + b13[e]) + b2[e]), W = dequantized fp4, x' = x (A16) or
     x fake-quantized to nvfp4 (act_fp4; likewise the activation before W2). Packed weights in the decode layout
-    (kernels.fp4_word_layout), as methods.fp4 keeps them after process_weights_after_loading. route (topk.DeferredRouting, whose
-    outputs topk_weights and topk_ids are): the decode GEMV routes in GEMM1; other paths run it first."""
+    (kernels.fp4_word_layout), as methods.fp4 keeps them after process_weights_after_loading. route
+    (topk.DeferredRouting, whose outputs topk_weights and topk_ids are): the decode GEMV routes in GEMM1; other
+    paths run it first."""
     T, H = x.shape
     E, two_i, _ = w13_packed.shape
     I = two_i // 2

@@ -223,8 +223,9 @@ def uses_rows_kernel(w: GemvWeights, a_scale_kind=None, a_quant: Fp8ActIn | None
                          f"shape {tuple(w.data.shape)}, strides {w.data.stride()}")
     if w.data.dim() != 3 or w.data.stride(1) != 1:
         return False
-    return (w.fmt == "fp4" and a_scale_kind in (None, "tensor") and w.data.shape[1] % 8 == 0 and w.data.data_ptr() % 16 == 0
-            and w.scale is not None and w.scale.stride(1) == 1 and w.scale.data_ptr() % 4 == 0)
+    return (w.fmt == "fp4" and a_scale_kind in (None, "tensor") and w.data.shape[1] % 8 == 0
+            and w.data.data_ptr() % 16 == 0 and w.scale is not None and w.scale.stride(1) == 1
+            and w.scale.data_ptr() % 4 == 0)
 
 
 def uses_packed(w: GemvWeights, a: torch.Tensor) -> bool:
