@@ -52,6 +52,11 @@ def test_layout_is_a_permutation_and_round_trips():
     d = wl.to_decode_words(w)
     assert not torch.equal(d, w)
     assert torch.equal(wl.to_byte_words(d), w)
+    packed = rows_contiguous(torch.randint(0, 256, (3, 8, 6), dtype=torch.uint8))
+    copy = wl.decode_layout(packed)
+    assert copy.stride() == packed.stride() and torch.equal(wl.byte_layout(copy), packed)
+    same = packed.clone().transpose(1, 2).contiguous().transpose(1, 2)
+    assert wl.decode_layout(same, inplace=True) is same and torch.equal(same, copy)
     ones = torch.tensor([1 << i for i in range(31)] + [-2**31], dtype=torch.int32)  # each bit moves to one bit
     moved = wl.to_decode_words(ones).to(torch.int64) & 0xFFFFFFFF
     assert sorted(int(m).bit_length() - 1 for m in moved) == list(range(32))

@@ -100,8 +100,8 @@ def _words_of(packed: torch.Tensor) -> torch.Tensor:
     return t.view(torch.int32)
 
 
-def _convert(packed: torch.Tensor, words_fn) -> torch.Tensor:
-    out = torch.empty_like(packed)  # same strides (empty_like keeps a dense tensor's layout)
+def _convert(packed: torch.Tensor, words_fn, inplace: bool = False) -> torch.Tensor:
+    out = packed if inplace else torch.empty_like(packed)  # same strides (empty_like keeps a dense tensor's layout)
     src, dst = _words_of(packed), _words_of(out)
     if src.dim() == 2:
         dst.copy_(words_fn(src))
@@ -110,10 +110,10 @@ def _convert(packed: torch.Tensor, words_fn) -> torch.Tensor:
     return out
 
 
-def decode_layout(packed: torch.Tensor) -> torch.Tensor:
-    """Rows-contiguous fp4 bytes [..., N, K/2] (byte layout) -> a new tensor of the same shape and strides in the
-    decode layout, what the kernels read."""
-    return _convert(packed, to_decode_words)
+def decode_layout(packed: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    """Rows-contiguous fp4 bytes [..., N, K/2] (byte layout) -> a tensor of the same shape and strides in the decode
+    layout, what the kernels read (a new one, or `packed` itself rewritten one expert at a time)."""
+    return _convert(packed, to_decode_words, inplace)
 
 
 def byte_layout(packed: torch.Tensor) -> torch.Tensor:

@@ -106,7 +106,7 @@ class Fp4MethodBase(FusedMoEMethodBase):
             name = f"{p}_weight_scale"
             self.register(layer, name, rows_contiguous(getattr(layer, name).data), None)
             name = f"{p}_weight_packed"  # in the kernels' decode layout (bits of each four-row word permuted)
-            self.register(layer, name, decode_layout(rows_contiguous(getattr(layer, name).data)), None)
+            self.register(layer, name, decode_layout(rows_contiguous(getattr(layer, name).data), inplace=True), None)
         self.processed = True
 
     def packed_bytes(self, layer, prefix: str, e: int) -> torch.Tensor:
