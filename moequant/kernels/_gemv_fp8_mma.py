@@ -164,8 +164,9 @@ def fp8_mma_sums(w_ptr, a_ptr, as_ptr, a_row_idx, slot, e, ok, n0, N, C, a_amax_
     (DEPTH 1 or 2): DEPTH + 1 steps per loop iteration, each buffer refilled right after its products, so the ring
     needs no register copies (sm_90 SASS, Qwen3-30B: GEMM1 195 -> 170 instructions per step, GEMM2 219 -> 153).
     H200, Qwen3-30B M=1: static scales 18.07 -> 17.78 us per forward; dynamic ones 0.25-0.3 us slower with it (0.1-
-    0.35 us again with x's row loaded early: *-s18-*), so the caller unrolls for static scales only. (In the SASS the compiler sinks the loads under `if st + k < per_w` to just before their products: GEMM2's
-    third step's words go out after two steps' products. Unguarded groups keep them early but take GEMM1 from 62
+    0.35 us again with x's row loaded early: *-s18-*), so the caller unrolls for static scales only. (In the SASS
+    the compiler sinks the loads under `if st + k < per_w` to just before their products: GEMM2's third step's
+    words go out after two steps' products. Unguarded groups keep them early but take GEMM1 from 62
     to 98 registers and dynamic GEMM2 from 120 to 166: branch wip/fp8-unroll-groups, not run.)"""
     tl.static_assert(DEPTH >= 1 and DEPTH <= 3, "1-3 steps of loads in flight")
     NP: tl.constexpr = (BLOCK_N // 16) * (1 if DOWN else 2)  # pairs of 8-row tiles sharing the activation codes

@@ -232,6 +232,7 @@ def gemv_moe_kernel(
     row_ok = p_ok[:, None] & n_ok[None, :]
     e4 = e[:, None, None, None]
     rows4 = rows[:, :, None, None].to(tl.int64)
+    quad_row4 = rows4 % 4  # fp4: each row's place in its four-row word
     row_ok4 = row_ok[:, :, None, None]
     p_ok4 = p_ok[:, None, None, None]
     w_base = w_ptr + e4 * stride_we + rows4 * stride_wn
@@ -250,7 +251,7 @@ def gemv_moe_kernel(
         acc = tl.zeros((P, BLOCK_N), dtype=tl.float32)
         for c in range(0, tl.cdiv(NUM_G, NG)):
             t = _chunk(c, w_base, a_base, sidx_base, row_ok4, p_ok4, C, CW, stride_wk, stride_ak,
-                       rows4 % 4, FMT, G, NG, SORTED)
+                       quad_row4, FMT, G, NG, SORTED)
             s = _group_scale(c, s_base, as_base, row_ok4, NUM_G, stride_sg, stride_asg, NG, FMT, GROUP_SCALES,
                              SCALE_KIND, A_SCALE)
             acc += tl.sum(tl.sum(t, axis=3) * tl.sum(s, axis=3), axis=2)
@@ -258,7 +259,7 @@ def gemv_moe_kernel(
         acc4 = tl.zeros((P, BLOCK_N, NG, GW), dtype=tl.float32)
         for c in range(0, tl.cdiv(NUM_G, NG)):
             t = _chunk(c, w_base, a_base, sidx_base, row_ok4, p_ok4, C, CW, stride_wk, stride_ak,
-                       rows4 % 4, FMT, G, NG, SORTED)
+                       quad_row4, FMT, G, NG, SORTED)
             acc4 += t * _group_scale(c, s_base, as_base, row_ok4, NUM_G, stride_sg, stride_asg, NG, FMT,
                                      GROUP_SCALES, SCALE_KIND, A_SCALE)
         acc = tl.sum(tl.sum(acc4, axis=3), axis=2)  # [P, BN]

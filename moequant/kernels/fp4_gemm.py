@@ -17,6 +17,7 @@ import triton
 
 from moequant.kernels._fp4_gemm_kernel import fp4_moe_gemm_kernel
 from moequant.kernels.align import moe_align
+from moequant.kernels.fp4_word_layout import check_word_rows
 from moequant.kernels.gemv import GemvWeights, fused_experts_gemv, use_gemv
 from moequant.kernels.moe_gemm import _ACT_CODE, _dot_precision, moe_sum
 from moequant.kernels.tuning import get_config
@@ -96,13 +97,8 @@ def fused_experts_fp4(x, w13_packed, w13_scale, w2_packed, w2_scale, topk_weight
     group = H // w13_scale.shape[2]
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"fp4 MoE: x must be fp16, bf16 or fp32, got {x.dtype}")
-    if w13_packed.dtype != torch.uint8 or w2_packed.dtype != torch.uint8:
-        raise ValueError("fp4 MoE: packed weights must be uint8")
-    for name, p in (("w13_packed", w13_packed), ("w2_packed", w2_packed)):
-        if p.dim() != 3 or p.stride(1) != 1 or p.shape[1] % 4 or p.data_ptr() % 4:
-            raise ValueError(f"fp4 MoE: {name} must be rows-contiguous in the decode layout, four rows per 4-byte "
-                             f"aligned word (fp4_word_layout.decode_layout of methods.base.rows_contiguous bytes): "
-                             f"shape {tuple(p.shape)}, strides {p.stride()}")
+    check_word_rows(w13_packed, "fp4 MoE: w13_packed")
+    check_word_rows(w2_packed, "fp4 MoE: w2_packed")
     if T == 0:
         return torch.zeros(0, H, dtype=x.dtype, device=x.device)
     gemv_path = use_gemv(T, K, E, slots_per_expert=2)

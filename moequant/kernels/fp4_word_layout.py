@@ -88,12 +88,20 @@ def to_byte_words(words: torch.Tensor) -> torch.Tensor:
     return _move_bits(words, inverse=True)
 
 
+def check_word_rows(packed: torch.Tensor, what: str, decoded: bool = True) -> None:
+    """ValueError naming `what` unless packed is uint8 [..., N, K/2] stored as words of four rows: N stride 1, N a
+    multiple of 4, 4-byte aligned (decoded: the kernels' input, already in the decode layout)."""
+    if (packed.dtype != torch.uint8 or packed.dim() < 2 or packed.stride(-2) != 1 or packed.shape[-2] % 4
+            or packed.data_ptr() % 4):
+        raise ValueError(f"{what} must be rows-contiguous{' in the decode layout' if decoded else ''} (N stride 1, "
+                         f"N a multiple of 4, 4-byte aligned uint8 [..., N, K/2]; methods.base.rows_contiguous"
+                         f"{', then decode_layout' if decoded else ''}): got {packed.dtype}, shape "
+                         f"{tuple(packed.shape)}, strides {packed.stride()}")
+
+
 def _words_of(packed: torch.Tensor) -> torch.Tensor:
     """uint8 [..., N, J] with the N dimension contiguous -> its int32 words [..., J, N/4] (a view)."""
-    if packed.dtype != torch.uint8 or packed.dim() < 2 or packed.stride(-2) != 1 or packed.shape[-2] % 4:
-        raise ValueError(f"fp4 packed weights must be uint8 [..., N, K/2] stored rows-contiguous (N stride 1, N a "
-                         f"multiple of 4; methods.base.rows_contiguous): got {packed.dtype}, shape "
-                         f"{tuple(packed.shape)}, strides {packed.stride()}")
+    check_word_rows(packed, "fp4 packed weights", decoded=False)
     t = packed.transpose(-1, -2)
     if not t.is_contiguous():
         raise ValueError(f"fp4 packed weights: expected strides of a rows-contiguous tensor, got {packed.stride()}")

@@ -24,6 +24,7 @@ import triton
 
 from moequant.kernels._gemv_kernel import gemv_moe_kernel
 from moequant.kernels._gemv_rows_kernel import gemv_rows_kernel
+from moequant.kernels.fp4_word_layout import check_word_rows
 from moequant.kernels.gather import gather_slot_columns
 from moequant.kernels.moe_gemm import _ACT_CODE
 from moequant.kernels.tuning import cached_entry
@@ -217,11 +218,8 @@ def uses_rows_kernel(w: GemvWeights, a_scale_kind=None, a_quant: Fp8ActIn | None
             raise ValueError(f"int GEMV weights must be stored rows-contiguous (methods.base.rows_contiguous): "
                              f"shape {tuple(w.data.shape)}, strides {w.data.stride()}")
         return True
-    if w.fmt == "fp4" and (w.data.dim() != 3 or w.data.stride(1) != 1 or w.data.shape[1] % 4
-                           or w.data.data_ptr() % 4):
-        raise ValueError(f"fp4 GEMV weights must be stored rows-contiguous in the decode layout, four rows per "
-                         f"4-byte aligned word (methods.fp4's process_weights_after_loading; kernels.fp4_word_layout): "
-                         f"shape {tuple(w.data.shape)}, strides {w.data.stride()}")
+    if w.fmt == "fp4":
+        check_word_rows(w.data, "fp4 GEMV weights")
     if w.data.dim() != 3 or w.data.stride(1) != 1:
         return False
     return (w.fmt == "fp4" and a_scale_kind in (None, "tensor") and w.data.shape[1] % 8 == 0
