@@ -20,6 +20,7 @@ from moequant.kernels.align import moe_align
 from moequant.kernels.fp4_word_layout import check_word_rows
 from moequant.kernels.gemv import GemvWeights, fused_experts_gemv, use_gemv
 from moequant.kernels.moe_gemm import _ACT_CODE, _dot_precision, moe_sum
+from moequant.kernels.nvfp4_act import fake_quant_act
 from moequant.kernels.tuning import get_config
 from moequant.quantize import fp4_math as f4
 
@@ -37,9 +38,12 @@ def uses_bf16x2(a: torch.Tensor) -> bool:
 def quantize_act_nvfp4(a: torch.Tensor, input_scale: torch.Tensor,
                        out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """NVFP4 activation emulation: (a_q = e2m1 code * fp8 block scale in out_dtype (default a's), s = input scale [1]
-    fp32) with a ~= a_q * s, the codes and block scales from fp4_math.nvfp4_act_codes (the reference's own, so ties
-    round alike); a NaN input scale means dynamic: s = amax(a) / (6 * 448). a_q is exact in bf16/fp16 (a 2-bit e2m1
-    significand times a 4-bit e4m3 one). No host sync."""
+    fp32) with a ~= a_q * s, the codes and block scales those of fp4_math.nvfp4_act_codes (the reference's own, so
+    ties round alike); a NaN input scale means dynamic: s = amax(a) / (6 * 448). a_q is exact in bf16/fp16 (a 2-bit
+    e2m1 significand times a 4-bit e4m3 one). On a GPU or in the interpreter one Triton launch (nvfp4_act; H200,
+    nvfp4 M=1 forward: see the results README), else torch. No host sync."""
+    if a.is_cuda or os.environ.get("TRITON_INTERPRET") == "1":
+        return fake_quant_act(a.reshape(-1, a.shape[-1]), input_scale, out_dtype or a.dtype)
     s = input_scale.float().reshape(1)
     dyn = (a.float().abs().amax() / (f4.FP4_MAX * f4.FP8_MAX)).clamp(min=torch.finfo(torch.float32).tiny)
     s = torch.where(torch.isnan(s), dyn.reshape(1), s)
