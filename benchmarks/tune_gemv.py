@@ -58,9 +58,9 @@ class Recorder:
     def __init__(self, gv):
         self.gv, self.orig, self.asked, self.got = gv, gv.gemv_config, {}, {}
 
-    def __call__(self, parts, N, w, T, down, grid_rows=1, rows=False):
-        self.asked[down] = (self.gv.kernel_name(w, down, rows), w.data.shape[0], N, w.columns)
-        self.got[down] = self.orig(parts, N, w, T, down, grid_rows, rows)
+    def __call__(self, parts, N, w, T, down, grid_rows=1, rows=False, f32=False):
+        self.asked[down] = (self.gv.kernel_name(w, down, rows, f32), w.data.shape[0], N, w.columns)
+        self.got[down] = self.orig(parts, N, w, T, down, grid_rows, rows, f32)
         return self.got[down]
 
     def __enter__(self):

@@ -12,6 +12,7 @@ import moequant.methods.fp4  # noqa: F401  (registers the fp4 schemes)
 from moequant import FusedMoE, QuantConfig
 from moequant.kernels import fp4_word_layout as wl
 from moequant.kernels._fp4_gemm_kernel import fp4_byte_word, fp4_row_codes
+from moequant.kernels._gemv_fp4_bf16x2 import fp4_word_dot_f32
 from moequant.kernels.fp4_gemm import fused_experts_fp4
 from moequant.methods.base import rows_contiguous
 from moequant.quantize import fp4_math as f4
@@ -114,6 +115,42 @@ def test_triton_row_codes_read_each_row_of_a_word():
     _row_codes_kernel[(1,)](wl.to_decode_words(w).to(dev), lo, hi, N=256)
     byte = (w.to(torch.int64)[:, None] >> (8 * torch.arange(4))) & 0xFF
     assert torch.equal(lo.cpu().long(), byte & 15) and torch.equal(hi.cpu().long(), byte >> 4)
+
+
+@triton.jit
+def _word_dot_f32_kernel(src, a_lo_ptr, a_hi_ptr, out_ptr, N: tl.constexpr):
+    o = tl.arange(0, N)
+    d0, d1, d2, d3 = fp4_word_dot_f32(tl.load(src + o), tl.load(a_lo_ptr + o), tl.load(a_hi_ptr + o))
+    tl.store(out_ptr + o * 4, d0)
+    tl.store(out_ptr + o * 4 + 1, d1)
+    tl.store(out_ptr + o * 4 + 2, d2)
+    tl.store(out_ptr + o * 4 + 3, d3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="inline PTX: needs a CUDA GPU")
+def test_word_dot_f32_gives_each_rows_two_products():
+    """fp4_word_dot_f32 (the fp32 GEMV path's decode on a GPU): row r of a decode-layout word times the activations
+    of its two columns, scaled by 2^64 in and 2^-62 out, equals e2m1 * a in float64 up to fp32 rounding, for every
+    code (code 1 decodes to an fp32 subnormal: a flush to zero would lose it) and activations from 1e-15 to 1e15
+    (the 2^64 scaling bounds |a| below 2^64, as on the bf16x2 path)."""
+    n = 1024
+    w = torch.cat([torch.tensor([c * 0x11111111 for c in range(16)], dtype=torch.int64).to(torch.int32),
+                   _random_words(n - 16, 4)])
+    gen = torch.Generator().manual_seed(9)
+    mag = 10.0 ** (torch.randint(-15, 16, (2, n), generator=gen).double())
+    a = torch.randn(2, n, generator=gen, dtype=torch.float64) * mag
+    out = torch.empty(n, 4, dtype=torch.float32, device="cuda")
+    _word_dot_f32_kernel[(1,)](wl.to_decode_words(w).cuda(), (a[0] * 2.0 ** 64).float().cuda(),
+                               (a[1] * 2.0 ** 64).float().cuda(), out, N=n)
+    a32 = a.float().double()  # the activations as the kernel sees them
+    byte = (w.to(torch.int64)[:, None] >> (8 * torch.arange(4))) & 0xFF
+    table = f4.e2m1_table().double()
+    ref = table[byte & 15] * a32[0][:, None] + table[byte >> 4] * a32[1][:, None]
+    got = out.cpu().double() * 2.0 ** 62
+    scale = table[byte & 15].abs() * a32[0].abs()[:, None] + table[byte >> 4].abs() * a32[1].abs()[:, None]
+    assert ((got - ref).abs() <= 2 ** -22 * scale).all()
+    assert (got[16:] != 0).sum() > 0.9 * (ref[16:] != 0).sum()
 
 
 @pytest.mark.parametrize("scheme", ["nvfp4a16", "mxfp4"])

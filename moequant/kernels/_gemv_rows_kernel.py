@@ -82,7 +82,7 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from moequant.kernels._fp4_gemm_kernel import fp4_byte_word
 from moequant.kernels._gemv_fp4_bf16x2 import (FP4_PACKED_FACTOR, act_pair, act_quad, block_scale, fp4_bf16x2_sums,
-                                                interleave_rows)
+                                                fp4_word_dot_f32, interleave_rows)
 from moequant.kernels._gemv_fp8_mma import fp8_mma_sums
 from moequant.kernels._gemv_fp8_rows import act_row_early, fp8_rows_sums
 from moequant.kernels._gemv_kernel import FP4_FACTOR, epilogue_operands, gemv_epilogue
@@ -265,21 +265,30 @@ def _e2m1_pair(w, EM_SHIFT: tl.constexpr, S_SHIFT: tl.constexpr):
 
 @triton.jit
 def _fp4_words(r0, r1, r2, r3, w_base, s_base, j4, g4, w_ok, g_ok, stride_wk, stride_sn, stride_sg, a_lo, a_hi,
-               SCALE_KIND: tl.constexpr):
+               SCALE_KIND: tl.constexpr, F32_PTX: tl.constexpr):
     """r0..r3 plus the scaled dot-product shares of one step's fp4 words [.., NG, GW, BQ] (four rows 4q..4q+3 of one
     byte column each, in the decode layout: fp4_byte_word moves row 4q + r back to byte r): each row's share times
-    its block scale. a_lo / a_hi: the activation of each byte's low / high nibble (columns 2j, 2j + 1); s_base:
-    int32 words of the same four rows' block scales."""
-    u = fp4_byte_word(tl.load(w_base + j4 * stride_wk, mask=w_ok, other=0))
-    l02, l22 = _e2m1_pair(u, 9, 12)  # low nibbles of bytes 0 and 2
-    l1, l3 = _e2m1_pair(u, 1, 4)  # low nibbles of bytes 1 and 3
-    h0, h2 = _e2m1_pair(u, 5, 8)
-    h1, h3 = _e2m1_pair(u, -3, 0)
+    its block scale. a_lo / a_hi: the activation of each byte's low / high nibble (columns 2j, 2j + 1), times 2^64
+    with F32_PTX (GPU: the layout's own decode, _gemv_fp4_bf16x2.fp4_word_dot_f32; shares times 2^-62), else as they
+    are (shares times 2^-14); s_base: int32 words of the same four rows' block scales."""
+    w = tl.load(w_base + j4 * stride_wk, mask=w_ok, other=0)
     sw = tl.load(s_base + g4 * stride_sg, mask=g_ok, other=0)  # the four rows' block scales, one byte each
-    r0 += (l02 * a_lo + h0 * a_hi) * block_scale(sw, 0, SCALE_KIND)
-    r1 += (l1 * a_lo + h1 * a_hi) * block_scale(sw, 8, SCALE_KIND)
-    r2 += (l22 * a_lo + h2 * a_hi) * block_scale(sw, 16, SCALE_KIND)
-    r3 += (l3 * a_lo + h3 * a_hi) * block_scale(sw, 24, SCALE_KIND)
+    if F32_PTX:
+        d0, d1, d2, d3 = fp4_word_dot_f32(w, a_lo, a_hi)
+    else:
+        u = fp4_byte_word(w)
+        l02, l22 = _e2m1_pair(u, 9, 12)  # low nibbles of bytes 0 and 2
+        l1, l3 = _e2m1_pair(u, 1, 4)  # low nibbles of bytes 1 and 3
+        h0, h2 = _e2m1_pair(u, 5, 8)
+        h1, h3 = _e2m1_pair(u, -3, 0)
+        d0 = l02 * a_lo + h0 * a_hi
+        d1 = l1 * a_lo + h1 * a_hi
+        d2 = l22 * a_lo + h2 * a_hi
+        d3 = l3 * a_lo + h3 * a_hi
+    r0 += d0 * block_scale(sw, 0, SCALE_KIND)
+    r1 += d1 * block_scale(sw, 8, SCALE_KIND)
+    r2 += d2 * block_scale(sw, 16, SCALE_KIND)
+    r3 += d3 * block_scale(sw, 24, SCALE_KIND)
     return r0, r1, r2, r3
 
 
@@ -315,7 +324,7 @@ def gemv_rows_kernel(
     K_PAD: tl.constexpr = 2, E_PAD: tl.constexpr = 16, SIGMOID: tl.constexpr = False,
     RENORMALIZE: tl.constexpr = False, X_QUAD: tl.constexpr = False, PDL: tl.constexpr = False,
     TRIGGER: tl.constexpr = False, A_SRC: tl.constexpr = 0, a_amax_n=0, a_rows=0, F16X2: tl.constexpr = False,
-    EPS: tl.constexpr = 1e-10, EMULATE_CAST: tl.constexpr = False, MMA: tl.constexpr = 0, XB: tl.constexpr = 0,
+    EPS: tl.constexpr = 1e-10, EMULATE_CAST: tl.constexpr = False, MMA: tl.constexpr = 0, XB: tl.constexpr = 0, F32_PTX: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
     x_early = None
@@ -556,16 +565,19 @@ def gemv_rows_kernel(
             g4, j4, w_ok, g_ok, x_ok = _step_masks(c, c1, ld_ok, pa_ok, C // 2, NUM_G, DOWN, EVEN, False, NG, GW4)
             a_lo = _act_col(a_base, sidx_base, j4 * 2, x_ok, stride_ak, SORTED, MASKED)
             a_hi = _act_col(a_base, sidx_base, j4 * 2 + 1, x_ok, stride_ak, SORTED, MASKED)
+            if F32_PTX:  # exact: the products then sit well inside fp32's normal range
+                a_lo *= 18446744073709551616.0  # 2^64
+                a_hi *= 18446744073709551616.0
             acc0, acc1, acc2, acc3 = _fp4_words(acc0, acc1, acc2, acc3, wa_base, sa_base, j4, g4, w_ok, g_ok,
-                                                stride_wk, stride_sn, stride_sg, a_lo, a_hi, SCALE_KIND)
+                                                stride_wk, stride_sn, stride_sg, a_lo, a_hi, SCALE_KIND, F32_PTX)
             if not DOWN:
                 up0, up1, up2, up3 = _fp4_words(up0, up1, up2, up3, wb_base, sb_base, j4, g4, w_ok, g_ok,
-                                                stride_wk, stride_sn, stride_sg, a_lo, a_hi, SCALE_KIND)
+                                                stride_wk, stride_sn, stride_sg, a_lo, a_hi, SCALE_KIND, F32_PTX)
         acc = interleave_rows(_sum_steps(acc0), _sum_steps(acc1), _sum_steps(acc2), _sum_steps(acc3))
         if not DOWN:
             up = interleave_rows(_sum_steps(up0), _sum_steps(up1), _sum_steps(up2), _sum_steps(up3))
             acc = tl.where(parts[:, None] == 0, tl.sum(acc, axis=0)[None, :], tl.sum(up, axis=0)[None, :])
-        acc *= FP4_FACTOR
+        acc *= FP4_PACKED_FACTOR if F32_PTX else FP4_FACTOR
     if FMT == 1 and A_SCALE == 1:  # nvfp4: activations given as fp4 values times block scales, times this scale
         acc *= tl.load(as_ptr)
 

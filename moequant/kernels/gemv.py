@@ -50,6 +50,9 @@ CHAIN_MAX_EXPERT_BYTES = 8 << 20  # chain_pdl: w13 bytes of one expert
 ROUTE_MAX_TOKENS = 8  # gemv_routes: GEMM1 routes its tokens itself up to this many tokens
 # int4 / A16 fp4 weights with bf16 activations on a GPU: products in bf16x2 (gemv_rows_kernel's PACKED); 0: fp32
 PACKED = os.environ.get("MOEQUANT_GEMV_PACKED", "1") == "1"
+# fp4 on the rows kernel's fp32 path on a GPU (nvfp4's GEMM1: fp4 activations): the decode layout's own decode
+# (_gemv_fp4_bf16x2.fp4_word_dot_f32) instead of moving each word back to bytes; 0: the byte decode (benchmarks)
+F32_PTX = os.environ.get("MOEQUANT_GEMV_F32_PTX", "1") == "1"
 FP8_GROUP = 128  # fp8: block scales and per-group activation scales cover 128 columns; also the chunking unit
 STEP_UNITS = 1024  # rows kernel heuristic: int32 words per program and step
 ELEMS_PER_THREAD = 256  # fp4 on gemv_moe_kernel: weight elements per thread and chunk (4 warps)
@@ -238,25 +241,27 @@ def uses_packed(w: GemvWeights, a: torch.Tensor) -> bool:
             and os.environ.get("TRITON_INTERPRET") != "1")
 
 
-def kernel_name(w: GemvWeights, down: bool, rows: bool = False) -> str:
+def kernel_name(w: GemvWeights, down: bool, rows: bool = False, f32: bool = False) -> str:
     """The tuning cache's name of one GEMV, e.g. gemv-up-int4-g128, gemv-down-fp8-block, gemv-up-fp4-g16-rows
-    (rows: fp4 on gemv_rows_kernel, whose blocks mean other tiles than gemv_moe_kernel's)."""
+    (rows: fp4 on gemv_rows_kernel, whose blocks mean other tiles than gemv_moe_kernel's; f32: its fp32 path, e.g.
+    nvfp4's GEMM1 or fp16 activations: gemv-up-fp4-g16-rows-f32, whose tiles fit other sizes than the bf16x2 one's)."""
     if w.fmt == "fp8":
         kind = "block" if w.scale is not None else "row" if w.row_scale is not None else "tensor"
         fmt = f"fp8-{kind}"
     else:
         fmt = (f"int{w.bits}" if w.fmt == "int" else "fp4") + (f"-g{w.group}" if w.group is not None else "")
-    return f"gemv-{'down' if down else 'up'}-{fmt}" + ("-rows" if rows and w.fmt != "int" else "")
+    rows_tag = "-rows" + ("-f32" if f32 and w.fmt == "fp4" else "") if rows and w.fmt != "int" else ""
+    return f"gemv-{'down' if down else 'up'}-{fmt}" + rows_tag
 
 
 def gemv_config(parts: int, N: int, w: GemvWeights, T: int, down: bool, grid_rows: int = 1,
-                rows: bool = False) -> GemvConfig:
+                rows: bool = False, f32: bool = False) -> GemvConfig:
     """The tuned cache's entry for this GEMV near T tokens, else a heuristic: rows_heuristic for the rows kernel (int,
     A16 fp4); for gemv_moe_kernel (fp8, nvfp4 with fp4 activations) BLOCK_N 4 (fp8, K-contiguous) or 16 (fp4,
     rows-contiguous bytes) and NG groups to fill the register budget of elements per thread."""
     if down in OVERRIDE:
         return OVERRIDE[down]
-    entry = cached_entry(kernel_name(w, down, rows), T, w.data.shape[0], N, w.columns, w.data.device)
+    entry = cached_entry(kernel_name(w, down, rows, f32), T, w.data.shape[0], N, w.columns, w.data.device)
     if entry is not None:
         return GemvConfig(**entry)
     G = _group(w)
@@ -265,7 +270,7 @@ def gemv_config(parts: int, N: int, w: GemvWeights, T: int, down: bool, grid_row
         sms = torch.cuda.get_device_properties(w.data.device).multi_processor_count if w.data.is_cuda else 0
         if w.fmt == "fp8":
             return fp8_rows_heuristic(N, num_g, grid_rows, down, sms)
-        return rows_heuristic(w.fmt, w.per_unit, G, N, num_g, parts, grid_rows, down, sms)
+        return rows_heuristic(w.fmt, w.per_unit, G, N, num_g, parts, grid_rows, down, sms, packed=not f32)
     bn = min(triton.next_power_of_2(N), 4 if w.fmt == "fp8" else 16)
     budget = (FP8_ELEMS_PER_THREAD if w.fmt == "fp8" else ELEMS_PER_THREAD) * 128
     ng = max(1, min(triton.next_power_of_2(num_g), budget // (parts * bn * G)))
@@ -273,7 +278,7 @@ def gemv_config(parts: int, N: int, w: GemvWeights, T: int, down: bool, grid_row
 
 
 def rows_heuristic(fmt: str, per_unit: int, G: int, N: int, num_g: int, parts: int, grid_rows: int, down: bool,
-                   sms: int) -> GemvConfig:
+                   sms: int, packed: bool = True) -> GemvConfig:
     """The rows kernel's config without a tuned entry (sms: the GPU's multiprocessors, 0 on the CPU). Every step
     reads about STEP_UNITS words (8 per thread of 4 warps; fp4 on a GPU and fp4 GEMM1: 4x, 32 words, which the
     bf16x2 path keeps in flight with PREFETCH in tile elements of 8 byte columns, UNIT). GEMM1: the widest BLOCK_N
@@ -283,10 +288,14 @@ def rows_heuristic(fmt: str, per_unit: int, G: int, N: int, num_g: int, parts: i
     through shared memory every step), BLOCK_N 64 (fp4) or 32 (int), and the reduction split in SPLIT_K shares (a
     power of two up to 8) until there are about 3 (fp4) or 6 (int) programs per multiprocessor: the structure of
     every tuned H200 config (Mixtral and Qwen3-30B at M=1: 512 fp4 and 1024 int4 GEMM2 programs). On the CPU
-    (interpreter) few wide programs, no split: each program is interpreted on its own."""
-    fp4_gpu = fmt == "fp4" and sms > 0
+    (interpreter) few wide programs, no split: each program is interpreted on its own. fp4 on the GPU's fp32 path (not
+    packed: nvfp4's GEMM1, fp16 activations): a quarter of the bf16x2 step (offline sm_90, Qwen3-30B GEMM1 at 32
+    rows: NG 8, 80 registers; NG 16 takes 127 and moves the words through shared memory every step)."""
+    fp4_gpu = fmt == "fp4" and sms > 0 and packed
     unit = min(8, G // 2) if fp4_gpu else 2
     units = STEP_UNITS * (4 if fmt == "fp4" and (fp4_gpu or not down) else 1)
+    if fmt == "fp4" and sms > 0 and not packed:
+        units = STEP_UNITS
     bn_min = 4 if fmt == "int" else 16  # fp4: 16 rows = one 16-byte load of four words
 
     def step_groups(bn: int, row_parts: int) -> int:
@@ -392,7 +401,7 @@ class GemvPlan:
 
 
 def plan_gemv(w: GemvWeights, out_rows: int, topk_ids, *, down: bool, top_k: int, a_scale_kind=None,
-              cfg: GemvConfig | None = None, a_quant: Fp8ActIn | None = None) -> GemvPlan:
+              cfg: GemvConfig | None = None, a_quant: Fp8ActIn | None = None, f32: bool = False) -> GemvPlan:
     """The launch of one GEMV (cfg: given, else the tuned cache's or the heuristic's); fused_experts_gemv plans GEMM2
     before GEMM1 so that GEMM1 can zero GEMM2's split buffers. The fp8 rows GEMV's GEMM2 always takes one expert
     per program (PART_SPLIT)."""
@@ -400,7 +409,7 @@ def plan_gemv(w: GemvWeights, out_rows: int, topk_ids, *, down: bool, top_k: int
     P = triton.next_power_of_2(top_k) if down else 2
     grid_rows = out_rows if down else topk_ids.numel()
     rows_kernel = uses_rows_kernel(w, a_scale_kind, a_quant)
-    cfg = cfg or gemv_config(P, N, w, topk_ids.shape[0], down, grid_rows, rows_kernel)
+    cfg = cfg or gemv_config(P, N, w, topk_ids.shape[0], down, grid_rows, rows_kernel, f32 and rows_kernel)
     split = max(1, min(cfg.SPLIT_K, triton.cdiv(w.columns, cfg.NG * _group(w)))) if down and rows_kernel else 1
     if down and w.fmt == "fp8" and rows_kernel:
         return GemvPlan(N, 1, grid_rows, rows_kernel, cfg, split, top_k)
@@ -438,8 +447,11 @@ def gemv(a, w: GemvWeights, c, topk_ids, *, down: bool, top_k: int, activation: 
     C = w.columns
     if a_quant is not None:
         a_scale, a_scale_kind = a_quant.scale, a_quant.kind
+    # an fp32 output (nvfp4's GEMM1, whose output is requantized to fp4) keeps fp32 products: bf16x2 chains moved
+    # enough values across an e2m1 rounding boundary to put the H200's nvfp4 output 2.5e-2 off the reference
+    packed = uses_packed(w, a) and c.dtype != torch.float32
     plan = plan or plan_gemv(w, c.shape[0], topk_ids, down=down, top_k=top_k, a_scale_kind=a_scale_kind, cfg=cfg,
-                             a_quant=a_quant)
+                             a_quant=a_quant, f32=w.fmt == "fp4" and not packed)
     N, P, rows_kernel, cfg = plan.N, plan.P, plan.rows_kernel, plan.cfg
     routing = {}
     if route is not None:
@@ -523,9 +535,6 @@ def gemv(a, w: GemvWeights, c, topk_ids, *, down: bool, top_k: int, activation: 
         zero = not down and zero_bufs is not None  # ZB: elements of each buffer one GEMM1 program zeroes
         zb = triton.next_power_of_2(max(16, triton.cdiv(zero_bufs[0].numel(), plan.programs))) if zero else 16
         args.insert(20, 0x4B000000)  # two23, after n_count
-        # an fp32 output (nvfp4's GEMM1, whose output is requantized to fp4) keeps fp32 products: bf16x2 chains
-        # moved enough values across an e2m1 rounding boundary to put the H200's nvfp4 output 2.5e-2 off the reference
-        packed = uses_packed(w, a) and c.dtype != torch.float32
         # PACKED int4: each word's four activation pairs as one 16-byte load when every row starts 16-byte aligned
         # (H200, M=1: Qwen3-30B w4a16 15.7 -> 15.5 us, act-order 18.4 -> 18.3; Mixtral unchanged)
         x_quad = packed and w.fmt == "int" and a.stride(0) % 8 == 0 and a.data_ptr() % 16 == 0
@@ -536,7 +545,8 @@ def gemv(a, w: GemvWeights, c, topk_ids, *, down: bool, top_k: int, activation: 
                                                 A_ROW_DIV=1 if a_per_slot else top_k,
                                                 UNIT=fp4_unit(cfg, G) if packed and w.fmt == "fp4" else 2, **consts,
                                                 X_QUAD=x_quad, **routing, **_pdl_kwargs(pdl, trigger and not down),
-                                                **fp8_kw)
+                                                F32_PTX=F32_PTX and w.fmt == "fp4" and not packed and c.is_cuda
+                                                and os.environ.get("TRITON_INTERPRET") != "1", **fp8_kw)
     else:
         if a_per_slot:
             raise ValueError("gemv: one activation row per slot needs the rows kernel (int or A16 fp4 weights)")
@@ -580,7 +590,8 @@ def fused_experts_gemv(x, w13: GemvWeights, w2: GemvWeights, topk_weights, topk_
         w13 = replace(w13, sort_idx=None)
     inter = torch.empty(T * K, I, dtype=inter_dtype or x.dtype, device=x.device)
     # GEMM2's split buffers are zeroed by GEMM1 (A16 only: the split exists on the rows kernel)
-    plan2 = plan_gemv(w2, T, topk_ids, down=True, top_k=K) if quantize is None else None
+    plan2 = plan_gemv(w2, T, topk_ids, down=True, top_k=K, f32=w2.fmt == "fp4" and not uses_packed(w2, x)
+                      ) if quantize is None else None
     if chain and w2.fmt == "fp4" and not plan2.cfg.PREFETCH:  # its first weights in flight before it waits
         plan2 = replace(plan2, cfg=replace(plan2.cfg, PREFETCH=True))
     bufs = split_buffers(plan2, T, x.device) if plan2 is not None else None
