@@ -28,7 +28,8 @@ int: words [E, N(*2), C/PW], N stride 1 (methods.base.rows_contiguous); a step's
 fp4: bytes and block scales (rows-contiguous) read as int32 words [E, N/4, C/2] and [E, N/4, C/G]: word (q, j)
   holds byte column j (two e2m1 codes per row) of rows 4q..4q+3 in the decode layout (kernels.fp4_word_layout);
   the fp32 path moves them back to bytes (fp4_byte_word) and _e2m1_pair decodes one nibble of two rows per
-  instruction; w = e2m1 * block_scale (e4m3 or E8M0) * s2[e, part].
+  instruction, or on a GPU (F32_PTX) decodes them as the bf16x2 path does and reads each bf16 as fp32
+  (_gemv_fp4_bf16x2.fp4_word_dot_f32); w = e2m1 * block_scale (e4m3 or E8M0) * s2[e, part].
   PACKED (bf16 activations in order, GPU): _gemv_fp4_bf16x2.fp4_bf16x2_sums, its own tile [P or 1, NU, BQ] of UNIT
   byte columns per element: bf16x2 chains of four products, one block scale per row and element (PREFETCH keeps
   the next step in flight in registers; else STAGES > 1 has Triton stream the next steps through shared memory).
@@ -324,7 +325,8 @@ def gemv_rows_kernel(
     K_PAD: tl.constexpr = 2, E_PAD: tl.constexpr = 16, SIGMOID: tl.constexpr = False,
     RENORMALIZE: tl.constexpr = False, X_QUAD: tl.constexpr = False, PDL: tl.constexpr = False,
     TRIGGER: tl.constexpr = False, A_SRC: tl.constexpr = 0, a_amax_n=0, a_rows=0, F16X2: tl.constexpr = False,
-    EPS: tl.constexpr = 1e-10, EMULATE_CAST: tl.constexpr = False, MMA: tl.constexpr = 0, XB: tl.constexpr = 0, F32_PTX: tl.constexpr = False,
+    EPS: tl.constexpr = 1e-10, EMULATE_CAST: tl.constexpr = False, MMA: tl.constexpr = 0, XB: tl.constexpr = 0,
+    F32_PTX: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
     x_early = None

@@ -23,8 +23,8 @@ FP32_TINY = tl.constexpr(1.1754943508222875e-38)
 
 @triton.jit
 def _e2m1_magnitude(m):
-    """Nearest e2m1 magnitude of m >= 0 (ties to the even mantissa: 0.25 -> 0, 0.75 -> 1, 1.25 -> 1, 1.75 -> 2, 2.5 -> 2,
-    3.5 -> 4, 5 -> 4), saturating at 6 (fp4_math.round_to_e2m1's thresholds)."""
+    """Nearest e2m1 magnitude of m >= 0 (ties to the even mantissa: 0.25 -> 0, 0.75 -> 1, 1.25 -> 1, 1.75 -> 2,
+    2.5 -> 2, 3.5 -> 4, 5 -> 4), saturating at 6 (fp4_math.round_to_e2m1's thresholds)."""
     r = tl.where(m > 0.25, 0.5, 0.0)
     r = tl.where(m >= 0.75, 1.0, r)
     r = tl.where(m > 1.25, 1.5, r)

@@ -250,7 +250,7 @@ def kernel_name(w: GemvWeights, down: bool, rows: bool = False, f32: bool = Fals
         fmt = f"fp8-{kind}"
     else:
         fmt = (f"int{w.bits}" if w.fmt == "int" else "fp4") + (f"-g{w.group}" if w.group is not None else "")
-    rows_tag = "-rows" + ("-f32" if f32 and w.fmt == "fp4" else "") if rows and w.fmt != "int" else ""
+    rows_tag = ("-rows" + ("-f32" if f32 and w.fmt == "fp4" else "")) if rows and w.fmt != "int" else ""
     return f"gemv-{'down' if down else 'up'}-{fmt}" + rows_tag
 
 
