@@ -173,6 +173,37 @@ def test_processed_layer_holds_the_decode_layout(scheme):
             assert torch.equal(layer.quant_method.packed_bytes(layer, p, e), before[p][e])
 
 
+@pytest.mark.parametrize("scheme", ["nvfp4a16", "mxfp4"])
+def test_state_dict_of_a_processed_layer_reloads_into_a_fresh_one(scheme):
+    """A processed layer's state dict (packed bytes in the decode layout, marked by its fp4_decode_layout buffer)
+    loaded into a fresh layer and processed there is not permuted a second time: the same bytes, the same outputs
+    (reference and kernels), and packed_bytes gives the checkpoint's bytes back before and after processing. (nvfp4's
+    input scales are collapsed to one value by processing: its state dict does not load into a fresh layer, loudly.)"""
+    gen = torch.Generator().manual_seed(1)
+    E, H, I = 3, 64, 32
+    w13, w2 = torch.randn(E, 2 * I, H, generator=gen), torch.randn(E, H, I, generator=gen)
+    cfg = QuantConfig(scheme=scheme)
+    layer = FusedMoE(E, 2, H, I, params_dtype=torch.float32, quant_config=cfg)
+    layer.quant_method.quantize_dense(layer, w13, w2)
+    ckpt = {p: getattr(layer, f"{p}_weight_packed").data.clone() for p in ("w13", "w2")}
+    layer.process_weights_after_loading()
+    assert int(layer.fp4_decode_layout) == 1
+    fresh = FusedMoE(E, 2, H, I, params_dtype=torch.float32, quant_config=cfg)
+    assert int(fresh.fp4_decode_layout) == 0
+    fresh.load_state_dict(layer.state_dict())
+    for e in range(E):  # not processed yet, the bytes already in the decode layout
+        assert torch.equal(fresh.quant_method.packed_bytes(fresh, "w13", e), ckpt["w13"][e])
+    fresh.process_weights_after_loading()
+    for p in ("w13", "w2"):
+        assert torch.equal(getattr(fresh, f"{p}_weight_packed").data, getattr(layer, f"{p}_weight_packed").data)
+        for e in range(E):
+            assert torch.equal(fresh.quant_method.packed_bytes(fresh, p, e), ckpt[p][e])
+    x, logits = torch.randn(3, H, generator=gen), torch.randn(3, E, generator=gen)
+    for backend in ("reference", "triton"):
+        layer.backend = fresh.backend = backend
+        assert torch.equal(fresh(x, logits), layer(x, logits)), backend
+
+
 def test_kernels_reject_bytes_not_in_the_decode_layout():
     E, H, I = 2, 64, 32
     packed13 = torch.zeros(E, 2 * I, H // 2, dtype=torch.uint8)  # K-contiguous: the checkpoint's strides
@@ -183,3 +214,17 @@ def test_kernels_reject_bytes_not_in_the_decode_layout():
         fused_experts_fp4(torch.zeros(1, H), packed13, s13, packed2, s2, torch.ones(1, 2), ids)
     with pytest.raises(ValueError, match=r"rows-contiguous \(N stride 1, N a multiple of 4"):
         wl.decode_layout(packed13)
+
+
+def test_nvfp4_processed_state_dict_fails_loudly_in_a_fresh_layer():
+    """nvfp4's processing collapses the per-expert input scales to one: a fresh layer refuses that state dict by
+    shape instead of running on it."""
+    E, H, I = 3, 64, 32
+    gen = torch.Generator().manual_seed(2)
+    cfg = QuantConfig(scheme="nvfp4")
+    layer = FusedMoE(E, 2, H, I, params_dtype=torch.float32, quant_config=cfg)
+    w13, w2 = torch.randn(E, 2 * I, H, generator=gen), torch.randn(E, H, I, generator=gen)
+    layer.quant_method.quantize_dense(layer, w13, w2)
+    layer.process_weights_after_loading()
+    with pytest.raises(RuntimeError, match="size mismatch for w13_input_scale"):
+        FusedMoE(E, 2, H, I, params_dtype=torch.float32, quant_config=cfg).load_state_dict(layer.state_dict())

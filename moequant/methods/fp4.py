@@ -13,7 +13,8 @@ E experts (local), H hidden, I intermediate per rank. Checkpoint layout (compres
 Kernel layout (after process_weights_after_loading): the same tensors, with
   w13_weight_packed / w2_weight_packed and the block scales rows-contiguous (N stride 1), the packed bytes in the
   decode layout (kernels.fp4_word_layout: the 32 bits of each word of four rows permuted so that a GPU decodes
-  them into bf16 in nine instructions; packed_bytes gives an expert's bytes back in the checkpoint's layout),
+  them into bf16 in nine instructions; packed_bytes gives an expert's bytes back in the checkpoint's layout; the
+  layer's fp4_decode_layout buffer, saved with its state dict, says the bytes are permuted),
   w13_weight_scale_2 [E, 2] holding one shared value per expert in both columns (the half with the smaller checkpoint
   value has its block scales requantized to the larger); dead experts (zero / NaN / inf scales) zeroed with a warning;
   nvfp4: w13_input_scale / w2_input_scale collapsed to [1] = the max over experts (NaN = dynamic per-tensor).
@@ -89,6 +90,9 @@ class Fp4MethodBase(FusedMoEMethodBase):
                       LoadSpec("stacked"))
         self.create_extra(layer)
         self.create_bias(layer)
+        # 1 once the packed bytes are in the decode layout; saved with the state dict, so that a processed layer's
+        # state loaded into a fresh layer is not permuted a second time by its process_weights_after_loading
+        layer.register_buffer("fp4_decode_layout", torch.zeros((), dtype=torch.uint8))
         self.processed = False
 
     scale_dtype: ClassVar[torch.dtype] = f4.FP8_DTYPE
@@ -102,18 +106,30 @@ class Fp4MethodBase(FusedMoEMethodBase):
             return
         self.fix_dead_experts(layer)
         self.finish(layer)
+        permuted = self.in_decode_layout(layer)  # a processed layer's state dict, loaded here
         for p in ("w13", "w2"):  # bytes and block scales rows-contiguous: the GEMV reads four rows per 32-bit word
             name = f"{p}_weight_scale"
             self.register(layer, name, rows_contiguous(getattr(layer, name).data), None)
             name = f"{p}_weight_packed"  # in the kernels' decode layout (bits of each four-row word permuted)
-            self.register(layer, name, decode_layout(rows_contiguous(getattr(layer, name).data), inplace=True), None)
+            packed = rows_contiguous(getattr(layer, name).data)
+            self.register(layer, name, packed if permuted else decode_layout(packed, inplace=True), None)
+        layer.fp4_decode_layout.fill_(1)
         self.processed = True
+
+    def in_decode_layout(self, layer) -> bool:
+        """Whether the packed bytes are in the decode layout: after processing, or loaded from a processed layer's
+        state dict (its fp4_decode_layout buffer)."""
+        return self.processed or bool(layer.fp4_decode_layout)
 
     def packed_bytes(self, layer, prefix: str, e: int) -> torch.Tensor:
         """Expert e's fp4 bytes [N, K/2] in the checkpoint's layout (the reference's input), whether or not
         process_weights_after_loading has moved them to the decode layout."""
         packed = getattr(layer, f"{prefix}_weight_packed")[e]
-        return byte_layout(packed) if self.processed else packed
+        if not self.in_decode_layout(layer):
+            return packed
+        if packed.stride(0) != 1:  # a processed layer's state dict in a layer that has not processed its own yet
+            packed = rows_contiguous(packed[None])[0]
+        return byte_layout(packed)
 
     def dead_mask(self, layer, prefix: str) -> torch.Tensor:
         """[E] bool: experts whose `prefix` scales cannot dequantize."""
