@@ -279,14 +279,15 @@ def test_gemv_gpu_pipelined_steps(case, always_gemv, monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("scheme, G, act_order",
-                         [("w4a16", 128, False), ("w4a16", 128, True), ("nvfp4a16", None, False)],
-                         ids=["plain", "act-order", "nvfp4a16"])
+                         [("w4a16", 128, False), ("w4a16", 128, True), ("nvfp4a16", None, False),
+                          ("nvfp4", None, False)], ids=["plain", "act-order", "nvfp4a16", "nvfp4"])
 def test_gemv_gpu_graph_replay_with_split(scheme, G, act_order, always_gemv, monkeypatch):
     """GEMM1 (routing) -> GEMM2 captured in a CUDA graph with GEMM2 split in three (GEMM1 zeroes the split buffer
     and counters on every replay, the last program of a block casts it); with act-order routed_rows -> GEMM1 ->
     GEMM2, and for nvfp4a16 GEMM1 -> GEMM2 (its first weights loaded before it waits), chained as programmatic
-    dependents (forced on): replays with new inputs match eager forwards (fp32 atomics may add in another order: a
-    bf16 rounding apart at most) and the reference."""
+    dependents (forced on); nvfp4: x's quantizer -> GEMM1 -> its output's quantizer -> GEMM2, not chained:
+    replays with new inputs match eager forwards (fp32 atomics may add in another order: a bf16 rounding apart at
+    most) and the reference."""
     monkeypatch.setattr(gv, "OVERRIDE", {False: gv.GemvConfig(32, 1, 4), True: gv.GemvConfig(16, 1, 4, SPLIT_K=3)})
     monkeypatch.setattr(gv, "chain_pdl", lambda x, w13: gv.rows_launch_pdl(x))
     layer = build(scheme, G, act_order, False, torch.bfloat16, "cuda")

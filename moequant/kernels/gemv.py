@@ -589,12 +589,13 @@ def fused_experts_gemv(x, w13: GemvWeights, w2: GemvWeights, topk_weights, topk_
             x, w13.sort_idx, topk_ids, K, out=torch.empty(T * K, H, dtype=x.dtype, device=x.device))
         w13 = replace(w13, sort_idx=None)
     inter = torch.empty(T * K, I, dtype=inter_dtype or x.dtype, device=x.device)
-    # GEMM2's split buffers are zeroed by GEMM1 (A16 only: the split exists on the rows kernel)
-    plan2 = plan_gemv(w2, T, topk_ids, down=True, top_k=K, f32=w2.fmt == "fp4" and not uses_packed(w2, x)
-                      ) if quantize is None else None
+    # GEMM2's split buffers are zeroed by GEMM1, also for nvfp4 (fp4 activations, on the rows kernel too; GEMM2's
+    # input has the scale kind of GEMM1's): H200 Qwen3-30B nvfp4 M=1 37.21 -> 34.85 us, two memset launches fewer
+    plan2 = plan_gemv(w2, T, topk_ids, down=True, top_k=K, a_scale_kind=kind,
+                      f32=w2.fmt == "fp4" and not uses_packed(w2, x))
     if chain and w2.fmt == "fp4" and not plan2.cfg.PREFETCH:  # its first weights in flight before it waits
         plan2 = replace(plan2, cfg=replace(plan2.cfg, PREFETCH=True))
-    bufs = split_buffers(plan2, T, x.device) if plan2 is not None else None
+    bufs = split_buffers(plan2, T, x.device)
     gemv(a, w13, inter, topk_ids, down=False, top_k=K, activation=activation, a_scale=s, a_scale_kind=kind,
          bias=w13_bias, topk_weights=topk_weights if apply_router_weight_on_input else None, out_amax=out_amax,
          zero_bufs=bufs, a_per_slot=per_slot, route=route, pdl=pdl, trigger=chain)
