@@ -58,9 +58,9 @@ def test_fake_quant_matches_torch_twin_bit_for_bit(shape, scale, in_dtype, out_d
 
 
 def test_dynamic_scale_of_a_large_tensor_goes_through_torch_first(monkeypatch):
-    """Above SCAN_MAX_ELEMENTS the launch gets the dynamic scale from torch (one reduction) instead of every program
+    """Above SCAN_MAX_LOADS the launch gets the dynamic scale from torch (one reduction) instead of every program
     scanning the tensor: the same bits."""
-    monkeypatch.setattr(nvfp4_act, "SCAN_MAX_ELEMENTS", 100)
+    monkeypatch.setattr(nvfp4_act, "SCAN_MAX_LOADS", 100)
     gen = torch.Generator().manual_seed(3)
     a = (torch.randn(6, 64, generator=gen) * 3).to(DEVICE)
     s_in = torch.tensor([float("nan")], device=DEVICE)

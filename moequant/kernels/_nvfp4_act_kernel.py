@@ -9,8 +9,9 @@ Every division is IEEE round-to-nearest (div_rn) and the e4m3 conversion rounds 
 kernel's codes equal the reference's bit for bit (ties on an e2m1 boundary are common with bf16 inputs). EMULATE_CAST
 (the interpreter, whose fp32 -> e4m3 cast drops the carry when rounding up to the next power of two) rounds the block
 scale to the e4m3 grid in fp32 instead (_fp8_act_quant_kernel._round_to_e4m3_grid).
-One program per row; SCAN (small tensors only): with a NaN input scale every program first takes the amax of all R
-rows itself (no second launch, no cross-program reduction), and program 0 writes the scale it used to s_out.
+One program per row; SCAN (few rows of few columns: nvfp4_act.SCAN_MAX_LOADS): with a NaN input scale every program
+first takes the amax of all R rows itself (no second launch, no cross-program reduction), and program 0 writes the
+scale it used to s_out.
 """
 
 import triton

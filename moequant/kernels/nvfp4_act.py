@@ -15,21 +15,23 @@ import triton
 from moequant.kernels._nvfp4_act_kernel import nvfp4_fake_quant_kernel
 from moequant.quantize import fp4_math as f4
 
-SCAN_MAX_ELEMENTS = 1 << 16  # a dynamic scale taken inside the launch (every program scans the tensor) up to this
+# a dynamic scale taken inside the launch while the programs' scans of the whole tensor (R programs x R * C elements)
+# stay below this many loads (decode: Qwen3-30B's GEMM2 input 8 x 8 x 768); else torch takes it first
+SCAN_MAX_LOADS = 1 << 22
 MAX_CHUNK = 1024  # columns per program and step
 
 
 def fake_quant_act(a: torch.Tensor, input_scale: torch.Tensor, out_dtype: torch.dtype) -> tuple[torch.Tensor,
                                                                                                  torch.Tensor]:
-    """(a_q, s) as fp4_gemm.quantize_act_nvfp4 returns them, bit-exact with it. A dynamic scale (NaN) of a tensor of
-    more than SCAN_MAX_ELEMENTS is taken by torch first (one reduction; no host sync)."""
+    """(a_q, s) as fp4_gemm.quantize_act_nvfp4 returns them, bit-exact with it. A dynamic scale (NaN) of a tensor
+    whose in-launch scans would exceed SCAN_MAX_LOADS is taken by torch first (one reduction; no host sync)."""
     if a.dim() != 2 or a.shape[1] % f4.NVFP4_GROUP:
         raise ValueError(f"nvfp4 activation quantization: expected a [rows, columns] tensor with columns a multiple "
                          f"of {f4.NVFP4_GROUP}, got shape {tuple(a.shape)}")
     a = a if a.stride(1) == 1 else a.contiguous()
     R, C = a.shape
     s_in = input_scale.float().reshape(1)
-    scan = R * C <= SCAN_MAX_ELEMENTS
+    scan = R * R * C <= SCAN_MAX_LOADS
     if not scan:
         dyn = (a.float().abs().amax() / (f4.FP4_MAX * f4.FP8_MAX)).clamp(min=torch.finfo(torch.float32).tiny)
         s_in = torch.where(torch.isnan(s_in), dyn.reshape(1), s_in)
