@@ -14,9 +14,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 def torch_twin(a: torch.Tensor, input_scale: torch.Tensor, out_dtype: torch.dtype):
     """On the CPU, whose division by a Python scalar is IEEE (CUDA torch multiplies by the reciprocal: 1 ulp off)."""
     a, input_scale = a.cpu(), input_scale.cpu()
-    s = input_scale.float().reshape(1)
-    dyn = (a.float().abs().amax() / (f4.FP4_MAX * f4.FP8_MAX)).clamp(min=torch.finfo(torch.float32).tiny)
-    s = torch.where(torch.isnan(s), dyn.reshape(1), s)
+    s = f4.nvfp4_act_scale(a, input_scale)
     q, scale, _ = f4.nvfp4_act_codes(a, s)
     return (q * scale).reshape(a.shape).to(out_dtype), s
 

@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from moequant.kernels._fp8_act_quant_kernel import _round_to_e4m3_grid
+from moequant.kernels._gemv_fp8_rows import _rows_abs_max
 
 FP32_TINY = tl.constexpr(1.1754943508222875e-38)
 
@@ -36,25 +37,14 @@ def _e2m1_magnitude(m):
 
 
 @triton.jit
-def _tensor_amax(a_ptr, R, C, stride_ar, BC: tl.constexpr):
-    """max |a| over all R rows and C columns (SCAN: small tensors, 32-bit offsets)."""
-    cols = tl.arange(0, BC)
-    amax = tl.zeros((BC,), dtype=tl.float32)
-    for r in range(0, R):
-        for c0 in range(0, C, BC):
-            x = tl.load(a_ptr + r * stride_ar + c0 + cols, mask=c0 + cols < C, other=0.0)
-            amax = tl.maximum(amax, tl.abs(x.to(tl.float32)))
-    return tl.max(amax, axis=0)
-
-
-@triton.jit
 def nvfp4_fake_quant_kernel(a_ptr, out_ptr, s_ptr, s_out_ptr, R, C, stride_ar, stride_or, SCAN: tl.constexpr,
                             EMULATE_CAST: tl.constexpr, BC: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     s = tl.load(s_ptr).to(tl.float32)
     if SCAN:
         if s != s:  # NaN: dynamic per-tensor scale
-            s = tl.maximum(tl.math.div_rn(_tensor_amax(a_ptr, R, C, stride_ar, BC), 2688.0), FP32_TINY)
+            amax = tl.max(_rows_abs_max(tl.zeros((BC,), dtype=tl.float32), a_ptr, 0, R, C, stride_ar, 1, BC), axis=0)
+            s = tl.maximum(tl.math.div_rn(amax, 2688.0), FP32_TINY)
     if tl.program_id(0) == 0:
         tl.store(s_out_ptr, s)
     gs = tl.math.div_rn(1.0, s)

@@ -44,9 +44,7 @@ def quantize_act_nvfp4(a: torch.Tensor, input_scale: torch.Tensor,
     nvfp4 M=1 forward: see the results README), else torch. No host sync."""
     if a.is_cuda or os.environ.get("TRITON_INTERPRET") == "1":
         return fake_quant_act(a.reshape(-1, a.shape[-1]), input_scale, out_dtype or a.dtype)
-    s = input_scale.float().reshape(1)
-    dyn = (a.float().abs().amax() / (f4.FP4_MAX * f4.FP8_MAX)).clamp(min=torch.finfo(torch.float32).tiny)
-    s = torch.where(torch.isnan(s), dyn.reshape(1), s)
+    s = f4.nvfp4_act_scale(a, input_scale)
     q, scale, _ = f4.nvfp4_act_codes(a, s)
     return (q * scale).reshape(a.shape).to(out_dtype or a.dtype), s
 

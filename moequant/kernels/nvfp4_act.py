@@ -30,11 +30,8 @@ def fake_quant_act(a: torch.Tensor, input_scale: torch.Tensor, out_dtype: torch.
                          f"of {f4.NVFP4_GROUP}, got shape {tuple(a.shape)}")
     a = a if a.stride(1) == 1 else a.contiguous()
     R, C = a.shape
-    s_in = input_scale.float().reshape(1)
     scan = R * R * C <= SCAN_MAX_LOADS
-    if not scan:
-        dyn = (a.float().abs().amax() / (f4.FP4_MAX * f4.FP8_MAX)).clamp(min=torch.finfo(torch.float32).tiny)
-        s_in = torch.where(torch.isnan(s_in), dyn.reshape(1), s_in)
+    s_in = input_scale.float().reshape(1) if scan else f4.nvfp4_act_scale(a, input_scale)
     out = torch.empty(R, C, dtype=out_dtype, device=a.device)
     s_out = torch.empty(1, dtype=torch.float32, device=a.device)
     if R == 0:

@@ -310,8 +310,7 @@ class Nvfp4FusedMoEMethod(Nvfp4Base):
         s = getattr(layer, name).data
         if s.numel() != 1:
             raise _fail(layer, name, "process_weights_after_loading() has not run")
-        dyn = (a.float().abs().amax() / (f4.FP4_MAX * f4.FP8_MAX)).clamp(min=torch.finfo(torch.float32).tiny)
-        return torch.where(torch.isnan(s), dyn.reshape(1), s.float())
+        return f4.nvfp4_act_scale(a, s)
 
     def act_quant_ref(self, layer, a, stage):
         name = "w13_input_scale" if stage == 1 else "w2_input_scale"

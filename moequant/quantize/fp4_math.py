@@ -121,6 +121,14 @@ def nvfp4_act_codes(x: torch.Tensor, input_scale: torch.Tensor) -> tuple[torch.T
     return q, scale, gs
 
 
+def nvfp4_act_scale(x: torch.Tensor, input_scale: torch.Tensor) -> torch.Tensor:
+    """The activation's per-tensor scale [1] fp32: input_scale (ModelOpt meaning, amax / (6*448)), or where it is NaN
+    the dynamic one, max |x| / (6*448), at least fp32's smallest normal. No host sync."""
+    dyn = (x.float().abs().amax() / (FP4_MAX * FP8_MAX)).clamp(min=torch.finfo(torch.float32).tiny)
+    s = input_scale.float().reshape(1)
+    return torch.where(torch.isnan(s), dyn.reshape(1), s)
+
+
 def fake_quant_nvfp4_act(x: torch.Tensor, input_scale: torch.Tensor) -> torch.Tensor:
     """NVFP4 activation fake-quant (nvfp4_act_codes): q * scale / gs in x's dtype (math in fp32)."""
     q, scale, gs = nvfp4_act_codes(x, input_scale)
