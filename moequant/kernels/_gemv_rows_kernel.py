@@ -575,6 +575,8 @@ def gemv_rows_kernel(
             if not DOWN:
                 up0, up1, up2, up3 = _fp4_words(up0, up1, up2, up3, wb_base, sb_base, j4, g4, w_ok, g_ok,
                                                 stride_wk, stride_sn, stride_sg, a_lo, a_hi, SCALE_KIND, F32_PTX)
+        # summed one by one: as one reduction (join_rows first, as the bf16x2 GEMM1 does) H200 Qwen3-30B nvfp4 M=1
+        # measured 35.2 -> 38.0 us
         acc = rows_in_order(join_rows(_sum_steps(acc0), _sum_steps(acc1), _sum_steps(acc2), _sum_steps(acc3)))
         if not DOWN:
             up = rows_in_order(join_rows(_sum_steps(up0), _sum_steps(up1), _sum_steps(up2), _sum_steps(up3)))
