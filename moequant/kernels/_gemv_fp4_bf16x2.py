@@ -76,6 +76,12 @@ def rows_in_order(s):
 
 
 @triton.jit
+def interleave_rows(r0, r1, r2, r3):
+    """[PA, BQ] sums of rows 4q + r -> [PA, 4 BQ] in row order."""
+    return rows_in_order(join_rows(r0, r1, r2, r3))
+
+
+@triton.jit
 def _bf16_splat_scaled(p, SEL: tl.constexpr):
     """One bf16 of each int32 pair p twice (SEL 0x1010: the low one, 0x3232: the high one) as bf16x2, times 2^64
     (exact; see _fp4_words_dot_bf16)."""
@@ -359,8 +365,7 @@ def fp4_bf16x2_sums(w_ptr, s_ptr, a_ptr, a_rows, e, p_ok, c0, c1, N, NUM_G, stri
                                            x10, x11, x12, x13, x14, x15, U)
             up0, up1, up2, up3 = _scaled_add(up0, up1, up2, up3, s0, s1, s2, s3, swb, SCALE_KIND)
     if DOWN:  # four reductions: as one (below) GEMM2 measured slower (H200, Qwen3-30B nvfp4a16 M=1 +0.4 us)
-        acc = rows_in_order(join_rows(tl.sum(acc0, axis=1), tl.sum(acc1, axis=1), tl.sum(acc2, axis=1),
-                                      tl.sum(acc3, axis=1)))
+        acc = interleave_rows(tl.sum(acc0, axis=1), tl.sum(acc1, axis=1), tl.sum(acc2, axis=1), tl.sum(acc3, axis=1))
         return acc, acc
     # GEMM1: gate and up, all eight row sums, in one reduction (H200, Qwen3-30B M=1: nvfp4a16 16.54 -> 16.20 us,
     # mxfp4 19.45 -> 19.1)
