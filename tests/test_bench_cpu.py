@@ -280,3 +280,19 @@ def test_tuner_search_confirms_a_single_timing_win(monkeypatch):
     win, t_ch, t_inc = tm.confirmed(lambda c: ov.__setitem__("g", c), runner(ov, {"A": [5, 6, 7], "B": [6, 6, 6]}),
                                     "A", "B", n=3)
     assert (win, t_ch, t_inc, ov["g"]) == (False, 6, 6, "A")
+
+
+def test_fused_tuner_candidates_and_no_gpu(capsys):
+    """benchmarks/tune_fused.py: candidates keep GEMM1's BLOCK_N dividing I and its step within H (Qwen3-30B: every
+    combination; DeepSeek-V3's shard, I = 256: all BLOCK_N; the tiny shape: none past H = 64 columns per step), and
+    without a GPU the tuner says so and returns 2."""
+    from benchmarks import tune_fused
+
+    qwen = tune_fused.candidates(768, 2048, 16)
+    assert len(qwen) == 3 * 3 * 2 * 2 * 2 and all(c["UNIT"] == 8 for c in qwen)
+    assert {c["BLOCK_N"] for c in tune_fused.candidates(256, 7168, 16)} == {16, 32, 64}
+    assert {c["BLOCK_N"] for c in tune_fused.candidates(48, 2048, 16)} == {16}
+    assert not tune_fused.candidates(32, 64, 16)
+    if not torch.cuda.is_available():
+        assert tune_fused.main(["--shapes", "tiny"]) == 2
+        assert "needs a CUDA GPU" in capsys.readouterr().err

@@ -205,6 +205,32 @@ def _pairs(a_base, j3, ok, MASKED: tl.constexpr, U: tl.constexpr):
 
 
 @triton.jit
+def splat_pairs(p0, p1, p2, p3, p4, p5, p6, p7, U: tl.constexpr):
+    """The sixteen splat activations (_bf16_splat_scaled: low and high bf16 of each pair) of a tile element's U
+    activation pairs p_i; those past U repeat the first four."""
+    x0 = _bf16_splat_scaled(p0, 0x1010)
+    x1 = _bf16_splat_scaled(p0, 0x3232)
+    x2 = _bf16_splat_scaled(p1, 0x1010)
+    x3 = _bf16_splat_scaled(p1, 0x3232)
+    x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15 = x0, x1, x2, x3, x0, x1, x2, x3, x0, x1, x2, x3
+    if U >= 4:
+        x4 = _bf16_splat_scaled(p2, 0x1010)
+        x5 = _bf16_splat_scaled(p2, 0x3232)
+        x6 = _bf16_splat_scaled(p3, 0x1010)
+        x7 = _bf16_splat_scaled(p3, 0x3232)
+    if U >= 8:
+        x8 = _bf16_splat_scaled(p4, 0x1010)
+        x9 = _bf16_splat_scaled(p4, 0x3232)
+        x10 = _bf16_splat_scaled(p5, 0x1010)
+        x11 = _bf16_splat_scaled(p5, 0x3232)
+        x12 = _bf16_splat_scaled(p6, 0x1010)
+        x13 = _bf16_splat_scaled(p6, 0x3232)
+        x14 = _bf16_splat_scaled(p7, 0x1010)
+        x15 = _bf16_splat_scaled(p7, 0x3232)
+    return x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15
+
+
+@triton.jit
 def _step_cols(c, NU: tl.constexpr, U: tl.constexpr, UG: tl.constexpr):
     """Step c's first byte column j3 and scale group g3 of every tile element ([1, NU, 1])."""
     u3 = (c * NU + tl.arange(0, NU))[None, :, None]
@@ -338,25 +364,8 @@ def fp4_bf16x2_sums(w_ptr, s_ptr, a_ptr, a_rows, e, p_ok, c0, c1, N, NUM_G, stri
             cur = _step_loads(c, c1, wa, wb, sa, sb, a_base, ld_ok, pa_ok, NUM_G, stride_wk, stride_sg, DOWN, EVEN,
                               False, U, NU, UG)
         a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, b2, b3, b4, b5, b6, b7, swa, swb, p0, p1, p2, p3, p4, p5, p6, p7 = cur
-        x0 = _bf16_splat_scaled(p0, 0x1010)
-        x1 = _bf16_splat_scaled(p0, 0x3232)
-        x2 = _bf16_splat_scaled(p1, 0x1010)
-        x3 = _bf16_splat_scaled(p1, 0x3232)
-        x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15 = x0, x1, x2, x3, x0, x1, x2, x3, x0, x1, x2, x3
-        if U >= 4:
-            x4 = _bf16_splat_scaled(p2, 0x1010)
-            x5 = _bf16_splat_scaled(p2, 0x3232)
-            x6 = _bf16_splat_scaled(p3, 0x1010)
-            x7 = _bf16_splat_scaled(p3, 0x3232)
-        if U >= 8:
-            x8 = _bf16_splat_scaled(p4, 0x1010)
-            x9 = _bf16_splat_scaled(p4, 0x3232)
-            x10 = _bf16_splat_scaled(p5, 0x1010)
-            x11 = _bf16_splat_scaled(p5, 0x3232)
-            x12 = _bf16_splat_scaled(p6, 0x1010)
-            x13 = _bf16_splat_scaled(p6, 0x3232)
-            x14 = _bf16_splat_scaled(p7, 0x1010)
-            x15 = _bf16_splat_scaled(p7, 0x3232)
+        x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15 = splat_pairs(p0, p1, p2, p3, p4, p5, p6,
+                                                                                          p7, U)
         s0, s1, s2, s3 = _element_rows(a0, a1, a2, a3, a4, a5, a6, a7, x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10,
                                        x11, x12, x13, x14, x15, U)
         acc0, acc1, acc2, acc3 = _scaled_add(acc0, acc1, acc2, acc3, s0, s1, s2, s3, swa, SCALE_KIND)

@@ -19,6 +19,7 @@ from moequant.kernels._fp4_gemm_kernel import fp4_moe_gemm_kernel
 from moequant.kernels.align import moe_align
 from moequant.kernels.fp4_word_layout import check_word_rows
 from moequant.kernels.gemv import GemvWeights, fused_experts_gemv, use_gemv
+from moequant.kernels.gemv_fused import fused_decode_fp4, fuses
 from moequant.kernels.moe_gemm import _ACT_CODE, _dot_precision, moe_sum
 from moequant.kernels.nvfp4_act import fake_quant_act
 from moequant.kernels.tuning import get_config
@@ -114,6 +115,12 @@ def fused_experts_fp4(x, w13_packed, w13_scale, w2_packed, w2_scale, topk_weight
             a_q, s = quantize_act_nvfp4(a, w13_input_scale if stage == 1 else w2_input_scale, x.dtype)
             return a_q, s, "tensor"
 
+        if fuses(x, *ws, route, biases=w13_bias is not None or w2_bias is not None,
+                 quantize=quantize if act_fp4 else None, slot_rows=None,
+                 apply_router_weight_on_input=apply_router_weight_on_input):
+            out = fused_decode_fp4(x, *ws, route, activation)
+            if out is not None:
+                return out
         return fused_experts_gemv(x, *ws, topk_weights, topk_ids, activation=activation, w13_bias=w13_bias,
                                   w2_bias=w2_bias, apply_router_weight_on_input=apply_router_weight_on_input,
                                   quantize=quantize if act_fp4 else None,

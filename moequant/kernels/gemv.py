@@ -2,7 +2,8 @@
 A16 fp4 and fp8 weights whose activations it quantizes itself (_gemv_fp8_rows.py on the CUDA cores, _gemv_fp8_mma.py
 on the tensor cores: GemvConfig.MMA), _gemv_kernel.py for fp8 with
 pre-quantized activations and nvfp4 with fp4 activations; uses_rows_kernel picks). On the rows kernel GEMM1 can route
-itself (gemv_routes), and the forward is then two launches in all.
+itself (gemv_routes), and the forward is then two launches in all. nvfp4a16 at one token, on shapes tuned for it,
+is one launch instead (gemv_fused.py, which fp4_gemm calls first).
 
 For few token slots per expert the grouped GEMMs waste most of their work: one token is padded to 16 rows for the
 tensor cores, the align step costs a launch, the unpacked weights go through the tensor cores' operand layout, and the
