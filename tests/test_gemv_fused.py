@@ -135,3 +135,15 @@ def test_fused_graph_replays_and_capture_before_eager(launches, monkeypatch):
     g.replay()
     torch.cuda.synchronize()
     assert rel_err(out, layer(x, logits)) <= 4e-3
+
+
+def test_fused_declines_when_its_rows_do_not_divide_the_intermediate(launches, monkeypatch):
+    """A tuned BLOCK_N of 64 over I = 96: the one-launch path declines (None) and the two launches give the output."""
+    monkeypatch.setattr(gf, "_tuned", lambda w13, T: {**TUNED, "BLOCK_N": 64})
+    layer = build(6, 2, 256, 96)
+    x = torch.randn(1, 256, device="cuda").bfloat16()
+    logits = torch.randn(1, 6, device="cuda")
+    out = _forward(layer, x, logits, "auto", monkeypatch)
+    assert launches == [None]
+    layer.backend = "reference"
+    assert rel_err(out, layer(x.float(), logits).bfloat16()) <= 1e-2

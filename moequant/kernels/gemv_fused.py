@@ -93,7 +93,10 @@ def _tile(BI: int, G: int, H: int) -> tuple[int, int, int]:
     512), R accumulator rows per token; MOEQUANT_GEMV_FUSED_TILE="U2,BQ2,R" overrides."""
     env = os.environ.get("MOEQUANT_GEMV_FUSED_TILE")
     if env:
-        u2, bq2, r = (int(v) for v in env.split(","))
+        try:
+            u2, bq2, r = (int(v) for v in env.split(","))
+        except ValueError:
+            raise ValueError(f"MOEQUANT_GEMV_FUSED_TILE must be three integers U2,BQ2,R, got {env!r}") from None
         return u2, bq2, r
     return min(8, G // 2, BI // 2), min(512, triton.next_power_of_2(H // 4)), REPLICAS
 
@@ -106,7 +109,7 @@ def fused_decode_fp4(x: torch.Tensor, w13: GemvWeights, w2: GemvWeights, route, 
     K = route.top_k
     I = w13.data.shape[1] // 2
     cfg, pre2 = fused_config(w13, T, K, route.ids)
-    if I % cfg.BLOCK_N or I % 4:
+    if I % cfg.BLOCK_N:
         return None
     G = w13.group
     u2, bq2, r = _tile(cfg.BLOCK_N, G, H)
