@@ -115,8 +115,7 @@ def fused_experts_fp4(x, w13_packed, w13_scale, w2_packed, w2_scale, topk_weight
             a_q, s = quantize_act_nvfp4(a, w13_input_scale if stage == 1 else w2_input_scale, x.dtype)
             return a_q, s, "tensor"
 
-        if fuses(x, *ws, route, biases=w13_bias is not None or w2_bias is not None,
-                 quantize=quantize if act_fp4 else None, slot_rows=None,
+        if fuses(x, *ws, route, biases=w13_bias is not None or w2_bias is not None, act_quant=act_fp4,
                  apply_router_weight_on_input=apply_router_weight_on_input):
             out = fused_decode_fp4(x, *ws, route, activation)
             if out is not None:

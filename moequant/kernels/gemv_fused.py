@@ -35,21 +35,16 @@ CONFIG: tuple[GemvConfig, bool] | None = None  # (GEMM1's config, PRE2), set by 
 _WORKSPACE: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
-def fuses(x: torch.Tensor, w13: GemvWeights, w2: GemvWeights, route, *, biases: bool, quantize, slot_rows,
+def fuses(x: torch.Tensor, w13: GemvWeights, w2: GemvWeights, route, *, biases: bool, act_quant: bool,
           apply_router_weight_on_input: bool) -> bool:
-    """Whether the decode takes the one-launch path instead of fused_experts_gemv: nvfp4a16 weights (second-level
-    scales) on the bf16x2 path (bf16 activations in order, GPU), routing left to the kernel (route), no biases, no
-    act-order, up to MAX_TOKENS tokens where the tuned cache has an entry for the shape (it is only tuned where
-    measured faster than two launches; always: any number and shape); MOEQUANT_GEMV_FUSED=never turns it off."""
-    if MODE == "never" or route is None or biases or quantize is not None or slot_rows is not None:
+    """Whether fp4_gemm's decode (w13, w2: its fp4 GemvWeights, rows checked by check_word_rows) takes the one-launch
+    path instead of fused_experts_gemv: nvfp4a16 weights (second-level scales; mxfp4 has none, and routes first) on
+    the bf16x2 path (bf16 activations in order, GPU), routing left to the kernel (route), no biases, up to MAX_TOKENS
+    tokens where the tuned cache has an entry for the shape (it is only tuned where measured faster than two
+    launches; always: any number and shape); MOEQUANT_GEMV_FUSED=never turns it off."""
+    if MODE == "never" or route is None or biases or act_quant or apply_router_weight_on_input:
         return False
-    if apply_router_weight_on_input or w13.fmt != "fp4" or w2.fmt != "fp4":
-        return False
-    if w13.sort_idx is not None or w2.sort_idx is not None or w13.out_perm is not None:
-        return False
-    if w13.expert_scale is None or w2.expert_scale is None:  # nvfp4a16 (mxfp4 has none, and routes first)
-        return False
-    if not (uses_packed(w13, x) and uses_packed(w2, x)) or w2.data.shape[1] % 4:
+    if w13.expert_scale is None or w2.expert_scale is None or not (uses_packed(w13, x) and uses_packed(w2, x)):
         return False
     return MODE == "always" or x.shape[0] <= MAX_TOKENS and _tuned(w13, x.shape[0]) is not None
 
